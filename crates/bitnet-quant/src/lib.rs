@@ -1,0 +1,1 @@
+//! Quantizers for BitNet-style training in candle.

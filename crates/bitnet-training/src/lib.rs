@@ -1,0 +1,5 @@
+//! Quantization-aware training for BitNet models in candle.
+
+pub mod error;
+
+pub use error::TrainingError;
