@@ -1,0 +1,136 @@
+//! Storage access shared by the CPU kernels.
+
+use crate::error::QuantError;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+use std::borrow::Cow;
+
+/// The values of an f32 storage in logical (row-major) order: borrowed when contiguous, gathered
+/// through the strides otherwise (transposes, broadcasts, narrows).
+pub(crate) fn f32_values<'a>(op: &'static str, s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => {
+            return Err(QuantError::DType {
+                op,
+                dtype: other.dtype(),
+            }
+            .into())
+        }
+    };
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&data[a..b]));
+    }
+    Ok(Cow::Owned(gather(data, l.dims(), l.stride(), l.start_offset())))
+}
+
+fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let (inner, inner_stride) = match (dims.last(), stride.last()) {
+        (Some(&d), Some(&s)) => (d, s),
+        _ => (1, 1),
+    };
+    let outer = &dims[..dims.len().saturating_sub(1)];
+    let mut idx = vec![0usize; outer.len()];
+    let mut pos = offset;
+    for _ in 0..n / inner {
+        // The innermost dimension in one tight loop: a slice copy, a broadcast fill or a stride.
+        match inner_stride {
+            1 => out.extend_from_slice(&data[pos..pos + inner]),
+            0 => out.extend(std::iter::repeat_n(data[pos], inner)),
+            s => out.extend((0..inner).map(|i| data[pos + i * s])),
+        }
+        // Odometer increment over the outer dimensions.
+        for d in (0..outer.len()).rev() {
+            idx[d] += 1;
+            pos += stride[d];
+            if idx[d] < outer[d] {
+                break;
+            }
+            pos -= stride[d] * outer[d];
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// Values per parallel work item: 64 KiB of f32, large enough to amortise rayon's scheduling and
+/// small enough to keep both cores busy on a 256x784 layer.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// Calls `f(block, start, out_segment)` for every piece of `out` that lies inside one block of
+/// `block` consecutive values, where `start` is the segment's first index. Runs in parallel chunks
+/// once `out` reaches [`PAR_MIN`](super::PAR_MIN) values, on the calling thread below that.
+pub(crate) fn for_block_segments<F>(out: &mut [f32], block: usize, f: F)
+where
+    F: Fn(usize, usize, &mut [f32]) + Sync,
+{
+    let work = |start: usize, chunk: &mut [f32]| {
+        let mut pos = 0;
+        while pos < chunk.len() {
+            let g = start + pos;
+            let b = g / block;
+            let end = ((b + 1) * block - start).min(chunk.len());
+            f(b, g, &mut chunk[pos..end]);
+            pos = end;
+        }
+    };
+    if out.len() >= super::PAR_MIN {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, c)| work(i * CHUNK, c));
+    } else {
+        work(0, out);
+    }
+}
+
+/// Rejects empty tensors, which have no scale.
+pub(crate) fn non_empty(op: &'static str, l: &Layout) -> Result<()> {
+    if l.shape().elem_count() == 0 {
+        return Err(QuantError::Empty {
+            op,
+            shape: l.shape().clone(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The last dimension, 1 for a scalar.
+pub(crate) fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_every_index_once_with_its_block() {
+        for (n, block) in [(10, 3), (10, 10), (100_000, 7), (100_000, 100_000), (70_000, 20_000)] {
+            let mut out = vec![-1.0f32; n];
+            for_block_segments(&mut out, block, |b, start, seg| {
+                for (i, o) in seg.iter_mut().enumerate() {
+                    assert_eq!((start + i) / block, b);
+                    assert_eq!(*o, -1.0, "index {} visited twice", start + i);
+                    *o = b as f32;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &o)| o == (i / block) as f32));
+        }
+    }
+
+    #[test]
+    fn gather_follows_strides() {
+        // A 2x3 row-major buffer read as its transpose (3x2, strides [1, 3]).
+        let data = [0., 1., 2., 3., 4., 5.];
+        assert_eq!(gather(&data, &[3, 2], &[1, 3], 0), vec![0., 3., 1., 4., 2., 5.]);
+        // A broadcast row (stride 0) and an offset.
+        assert_eq!(gather(&data, &[2, 2], &[0, 1], 4), vec![4., 5., 4., 5.]);
+    }
+}

@@ -1,0 +1,232 @@
+//! The scalar formulas every kernel implements. The CPU kernels call these functions directly; the
+//! CUDA and Metal sources transcribe them line by line, and the device tests compare against them.
+
+use crate::scheme::{Estimator, Scheme, Threshold, EPS};
+
+/// A [`Scheme`] reduced to what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// `s * sign(x)`; `s = mean|x|` when scaled, else 1.
+    Binary { scaled: bool },
+    /// `g * clamp(round(x / (g + eps)), -1, 1)`.
+    Absmean,
+    /// `s * (x > D) - s * (x < -D)`; `fixed = None` means TWN's `D = 0.7 mean|x|`.
+    Threshold { fixed: Option<f32>, scaled: bool },
+    /// Symmetric integer grid `-(qmax + 1)..=qmax` with absmax scale (multi-bit and int8).
+    Int { qmax: f32 },
+}
+
+impl Kind {
+    /// The kernel view of a scheme.
+    pub fn of(s: &Scheme) -> Kind {
+        match *s {
+            Scheme::Binary { scaled } => Kind::Binary { scaled },
+            Scheme::TernaryAbsmean => Kind::Absmean,
+            Scheme::TernaryThreshold { threshold, scaled } => Kind::Threshold {
+                fixed: match threshold {
+                    Threshold::Fixed(d) => Some(d),
+                    Threshold::Twn => None,
+                },
+                scaled,
+            },
+            Scheme::MultiBit { bits } => Kind::Int {
+                qmax: ((1u32 << (bits - 1)) - 1) as f32,
+            },
+            Scheme::Int8PerToken => Kind::Int { qmax: 127.0 },
+        }
+    }
+
+    /// Whether the block parameters need the second pass over values above the threshold.
+    pub fn needs_above_pass(&self) -> bool {
+        matches!(self, Kind::Threshold { scaled: true, .. })
+    }
+
+    /// The threshold from the block's `mean|x|` (threshold kinds only).
+    pub fn threshold(&self, mean_abs: f32) -> f32 {
+        match *self {
+            Kind::Threshold { fixed: Some(d), .. } => d,
+            _ => 0.7 * mean_abs,
+        }
+    }
+
+    /// Block parameters `(s, aux)` from the block's `mean|x|`, `max|x|` and, for scaled
+    /// threshold kinds, the mean of `|x|` over values above the threshold (`above_mean`, 0 when
+    /// none is above). `aux` is the threshold `D` for threshold kinds and the clamped absmax `m`
+    /// for integer kinds, 0 otherwise.
+    pub fn params(&self, mean_abs: f32, max_abs: f32, above_mean: f32) -> (f32, f32) {
+        match *self {
+            Kind::Binary { scaled: true } => (mean_abs, 0.0),
+            Kind::Binary { scaled: false } => (1.0, 0.0),
+            Kind::Absmean => (mean_abs, 0.0),
+            Kind::Threshold { scaled, .. } => {
+                let s = if scaled { above_mean } else { 1.0 };
+                (s, self.threshold(mean_abs))
+            }
+            Kind::Int { qmax } => {
+                let m = max_abs.max(EPS);
+                (m / qmax, m)
+            }
+        }
+    }
+
+    /// The quantized value of `x` in a block with parameters `(s, aux)`.
+    #[inline(always)]
+    pub fn quantize(&self, x: f32, s: f32, aux: f32) -> f32 {
+        match *self {
+            Kind::Binary { .. } => {
+                if x >= 0.0 {
+                    s
+                } else {
+                    -s
+                }
+            }
+            Kind::Absmean => s * (x / (s + EPS)).round_ties_even().clamp(-1.0, 1.0),
+            Kind::Threshold { .. } => {
+                if x > aux {
+                    s
+                } else if x < -aux {
+                    -s
+                } else {
+                    0.0
+                }
+            }
+            Kind::Int { qmax } => {
+                let inv = qmax / aux;
+                (x * inv).round_ties_even().clamp(-qmax - 1.0, qmax) / inv
+            }
+        }
+    }
+
+    /// The integer level of `x` (the value before the scale multiplies it).
+    #[inline(always)]
+    pub fn level(&self, x: f32, s: f32, aux: f32) -> i32 {
+        match *self {
+            Kind::Binary { .. } => {
+                if x >= 0.0 {
+                    1
+                } else {
+                    -1
+                }
+            }
+            Kind::Absmean => (x / (s + EPS)).round_ties_even().clamp(-1.0, 1.0) as i32,
+            Kind::Threshold { .. } => {
+                if x > aux {
+                    1
+                } else if x < -aux {
+                    -1
+                } else {
+                    0
+                }
+            }
+            Kind::Int { qmax } => (x * (qmax / aux)).round_ties_even().clamp(-qmax - 1.0, qmax) as i32,
+        }
+    }
+
+    /// The range `n` that normalises `x` for the estimators (`r = x / n`); never 0.
+    #[inline(always)]
+    pub fn normalizer(&self, s: f32, aux: f32) -> f32 {
+        let n = match *self {
+            Kind::Binary { .. } | Kind::Threshold { .. } => s,
+            Kind::Absmean => s + EPS,
+            Kind::Int { .. } => aux,
+        };
+        // A zero scale only happens when every value of the block is 0, where r = 0 either way.
+        if n > 0.0 {
+            n
+        } else {
+            1.0
+        }
+    }
+
+    /// A stable integer code for device kernels: (code, fixed threshold or 0, qmax or 0).
+    pub fn device_code(&self) -> (u32, f32, f32) {
+        match *self {
+            Kind::Binary { scaled } => (scaled as u32, 0.0, 0.0),
+            Kind::Absmean => (2, 0.0, 0.0),
+            Kind::Threshold { fixed, scaled } => (3 + 2 * fixed.is_none() as u32 + scaled as u32, fixed.unwrap_or(0.0), 0.0),
+            Kind::Int { qmax } => (7, 0.0, qmax),
+        }
+    }
+}
+
+/// An [`Estimator`] reduced to what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EstKind {
+    Identity,
+    Clipped(f32),
+    SoftTanh(f32),
+    SoftSigmoid(f32),
+    ApproxSign,
+    SwishSign(f32),
+}
+
+impl EstKind {
+    /// The kernel view of an estimator.
+    pub fn of(e: &Estimator) -> EstKind {
+        match *e {
+            Estimator::Identity => EstKind::Identity,
+            Estimator::Clipped { clip } => EstKind::Clipped(clip),
+            Estimator::SoftTanh { temperature } => EstKind::SoftTanh(temperature),
+            Estimator::SoftSigmoid { temperature } => EstKind::SoftSigmoid(temperature),
+            Estimator::ApproxSign => EstKind::ApproxSign,
+            Estimator::SwishSign { beta } => EstKind::SwishSign(beta),
+        }
+    }
+
+    /// The local derivative `dq/dx` at the normalised input `r` (multiply by the upstream `u`).
+    #[inline(always)]
+    pub fn derivative(&self, r: f32) -> f32 {
+        match *self {
+            EstKind::Identity => 1.0,
+            EstKind::Clipped(c) => {
+                if r.abs() <= c {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            EstKind::SoftTanh(t) => {
+                let th = (t * r).tanh();
+                t * (1.0 - th * th)
+            }
+            EstKind::SoftSigmoid(t) => {
+                let sg = 1.0 / (1.0 + (-t * r).exp());
+                2.0 * t * sg * (1.0 - sg)
+            }
+            EstKind::ApproxSign => {
+                let a = r.abs();
+                if a <= 1.0 {
+                    2.0 - 2.0 * a
+                } else {
+                    0.0
+                }
+            }
+            EstKind::SwishSign(b) => {
+                let br = b * r;
+                b * (2.0 - br * (br / 2.0).tanh()) / (1.0 + br.cosh())
+            }
+        }
+    }
+
+    /// A stable integer code for device kernels: (code, parameter).
+    pub fn device_code(&self) -> (u32, f32) {
+        match *self {
+            EstKind::Identity => (0, 0.0),
+            EstKind::Clipped(c) => (1, c),
+            EstKind::SoftTanh(t) => (2, t),
+            EstKind::SoftSigmoid(t) => (3, t),
+            EstKind::ApproxSign => (4, 0.0),
+            EstKind::SwishSign(b) => (5, b),
+        }
+    }
+}
+
+/// The progressive blend `x + lambda (q - x)`; exactly `q` at `lambda = 1`.
+#[inline(always)]
+pub fn blend(x: f32, q: f32, lambda: f32) -> f32 {
+    if lambda == 1.0 {
+        q
+    } else {
+        x + lambda * (q - x)
+    }
+}

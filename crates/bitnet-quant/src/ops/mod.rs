@@ -1,0 +1,22 @@
+//! The quantizers as candle custom ops. One folder per op; in each, `mod.rs` is the candle glue
+//! and `cpu.rs` (later `cuda.rs`, `metal.rs`) the kernels, so every device's version of an op sits
+//! side by side. [`math`] holds the scalar formulas all kernels share.
+//!
+//! * [`scales`]: per-block parameters `[blocks, 2]` (scale, aux), no gradient (a constant, as in
+//!   the `x + (q - x).detach()` formulation of STE).
+//! * [`quantize`]: `(x, params) -> q`, backward = the configured estimator.
+//! * [`learnable`]: a soft-to-hard surrogate whose temperature is a `Var` (gradient w.r.t. `t`).
+//! * [`lsq`]: multi-bit quantization with a learned step size (LSQ).
+
+pub(crate) mod cpu_util;
+pub mod learnable;
+pub mod lsq;
+pub mod math;
+pub mod quantize;
+pub mod scales;
+
+pub use math::{EstKind, Kind};
+
+/// Below this many values a CPU kernel runs on the calling thread: rayon's fork/join costs a few
+/// microseconds, more than the whole kernel for a small layer's bias or a 256-wide row.
+pub const PAR_MIN: usize = 1 << 15;

@@ -1,0 +1,99 @@
+//! The quantize op: `(x, params) -> x + lambda (q(x) - x)` with `q` the scheme's quantizer and the
+//! estimator as its backward. `params` come from [`scales`](crate::ops::scales) and are constants.
+
+pub(crate) mod cpu;
+
+use crate::error::QuantError;
+use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
+use crate::ops::math::{EstKind, Kind};
+use crate::scheme::Granularity;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Forward of the quantizer, with the estimator as backward.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeOp {
+    pub kind: Kind,
+    pub estimator: EstKind,
+    pub granularity: Granularity,
+    /// Progressive blend factor in `[0, 1]`; 1 is plain quantization.
+    pub lambda: f32,
+}
+
+/// Block size of `x` and a check that `params` has one `(s, aux)` row per block.
+pub(crate) fn checked_block(op: &'static str, g: Granularity, lx: &Layout, lp: &Layout) -> Result<usize> {
+    non_empty(op, lx)?;
+    let n = lx.shape().elem_count();
+    let block = g.block_size(n, last_dim(lx))?;
+    if lp.shape().elem_count() != 2 * (n / block) {
+        return Err(QuantError::Shape {
+            op,
+            what: format!("{} blocks need params of shape [{}, 2], got {:?}", n / block, n / block, lp.shape()),
+        }
+        .into());
+    }
+    Ok(block)
+}
+
+impl CustomOp2 for QuantizeOp {
+    fn name(&self) -> &'static str {
+        "bitnet-quantize"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l2)?;
+        let xs = f32_values(self.name(), s1, l1)?;
+        let ps = f32_values(self.name(), s2, l2)?;
+        let out = cpu::forward(self.kind, &xs, &ps, block, self.lambda);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // (1 - lambda) + lambda * 1 = 1: the straight-through gradient is the upstream one as is.
+        if self.estimator == EstKind::Identity {
+            return Ok((Some(grad.clone()), None));
+        }
+        let g = x.apply_op3_no_bwd(params, grad, &QuantizeGradOp(*self))?;
+        Ok((Some(g), None))
+    }
+}
+
+/// The estimator's gradient as an op of `(x, params, upstream)`; only ever called from
+/// [`QuantizeOp::bwd`], so it has no backward of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeGradOp(pub QuantizeOp);
+
+impl CustomOp3 for QuantizeGradOp {
+    fn name(&self) -> &'static str {
+        "bitnet-quantize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let block = checked_block(self.name(), op.granularity, l1, l2)?;
+        if l3.shape() != l1.shape() {
+            return Err(QuantError::Shape {
+                op: self.name(),
+                what: format!("gradient {:?} vs input {:?}", l3.shape(), l1.shape()),
+            }
+            .into());
+        }
+        let xs = f32_values(self.name(), s1, l1)?;
+        let ps = f32_values(self.name(), s2, l2)?;
+        let us = f32_values(self.name(), s3, l3)?;
+        let out = cpu::backward(op.kind, op.estimator, &xs, &ps, &us, block, op.lambda);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Applies the op: `params` must be the `[blocks, 2]` output of [`scales`](crate::ops::scales::scales).
+pub fn quantize_with(x: &Tensor, params: &Tensor, op: QuantizeOp) -> Result<Tensor> {
+    x.apply_op2(params, op)
+}

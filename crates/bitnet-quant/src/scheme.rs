@@ -1,0 +1,159 @@
+//! What a quantizer computes: the scheme (forward), the granularity (which values share a scale)
+//! and the estimator (backward).
+
+use crate::error::{invalid, QuantError};
+use serde::{Deserialize, Serialize};
+
+/// Added to a mean before dividing by it, as in BitNet b1.58, so that an all-zero block stays finite.
+pub const EPS: f32 = 1e-5;
+
+/// How values are mapped to levels. `sign(0) = +1` everywhere; rounding is half-to-even (as
+/// `torch.round`, so results match the PyTorch references).
+///
+/// Each scheme works on blocks given by the [`Granularity`]; `s` is the block's scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Scheme {
+    /// `s * sign(x)`, `s = mean|x|` if `scaled` (XNOR-Net / BitNet b1), else 1.
+    Binary { scaled: bool },
+    /// BitNet b1.58: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
+    TernaryAbsmean,
+    /// `s * (x > D) - s * (x < -D)` (strict, so `|x| == D` gives 0). `s` is the mean of `|x|` over the
+    /// values above `D` when `scaled`, else 1.
+    TernaryThreshold { threshold: Threshold, scaled: bool },
+    /// Symmetric `bits`-bit: `s * clamp(round(x / s), -2^(bits-1), 2^(bits-1) - 1)`,
+    /// `s = max(max|x|, 1e-5) / (2^(bits-1) - 1)`. `bits` in 2..=8.
+    MultiBit { bits: u8 },
+    /// Activations, BitNet style: `clamp(round(x * 127 / m), -128, 127) * m / 127`,
+    /// `m = max(max|x|, 1e-5)`; per row of the last dimension by default.
+    Int8PerToken,
+}
+
+/// The threshold `D` of [`Scheme::TernaryThreshold`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Threshold {
+    /// A fixed `D >= 0`.
+    Fixed(f32),
+    /// Ternary Weight Networks: `D = 0.7 * mean|x|` of the block.
+    Twn,
+}
+
+/// Which values share one scale. Blocks always run along the last dimension, which is the input
+/// dimension of a linear layer's `[out, in]` weight and the feature dimension of activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granularity {
+    /// One scale for the whole tensor.
+    PerTensor,
+    /// One scale per row of the last dimension (per output channel of a weight, per token of
+    /// activations).
+    PerChannel,
+    /// One scale per `g` consecutive values of the last dimension; `g` must divide it.
+    PerGroup(usize),
+}
+
+/// The backward of a quantizer: the gradient it lets through, with `u` the upstream gradient and
+/// `r = x / n` the input normalised by its block's range `n` (`n = s` for binary and threshold
+/// schemes, `g + 1e-5` for absmean, `m` for multi-bit and int8; `n = 1` for unscaled binary, where
+/// `r = x` and the formulas are those of the papers).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Estimator {
+    /// Straight-through: `u`.
+    Identity,
+    /// `u * 1[|r| <= clip]` (Courbariaux et al.; Larq's `ste_sign`).
+    Clipped { clip: f32 },
+    /// `u * t * (1 - tanh(t r)^2)`, the derivative of `tanh(t r)`.
+    SoftTanh { temperature: f32 },
+    /// `u * 2 t * sig(t r) * (1 - sig(t r))`, the derivative of `2 sig(t r) - 1`.
+    SoftSigmoid { temperature: f32 },
+    /// Bi-Real Net: `u * (2 - 2|r|) * 1[|r| <= 1]`.
+    ApproxSign,
+    /// BNN+: `u * b (2 - b r tanh(b r / 2)) / (1 + cosh(b r))`.
+    SwishSign { beta: f32 },
+}
+
+fn positive_finite(field: &'static str, v: f32) -> Result<(), QuantError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, v, "a finite number > 0"))
+    }
+}
+
+impl Scheme {
+    /// Rejects out-of-range parameters, naming the field.
+    pub fn validate(&self) -> Result<(), QuantError> {
+        match *self {
+            Scheme::TernaryThreshold {
+                threshold: Threshold::Fixed(d),
+                ..
+            } if !(d.is_finite() && d >= 0.0) => {
+                Err(invalid("threshold", d, "a finite number >= 0"))
+            }
+            Scheme::MultiBit { bits } if !(2..=8).contains(&bits) => Err(invalid(
+                "bits",
+                bits,
+                "2..=8 (use Scheme::Binary for 1 bit)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The granularity a fresh quantizer of this scheme uses.
+    pub fn default_granularity(&self) -> Granularity {
+        match self {
+            Scheme::Int8PerToken => Granularity::PerChannel,
+            _ => Granularity::PerTensor,
+        }
+    }
+
+    /// The integer levels a block's values map to (before multiplying by the scale).
+    pub fn levels(&self) -> Vec<i32> {
+        match *self {
+            Scheme::Binary { .. } => vec![-1, 1],
+            Scheme::TernaryAbsmean | Scheme::TernaryThreshold { .. } => vec![-1, 0, 1],
+            Scheme::MultiBit { bits } => {
+                let h = 1i32 << (bits - 1);
+                (-h..h).collect()
+            }
+            Scheme::Int8PerToken => (-128..128).collect(),
+        }
+    }
+}
+
+impl Estimator {
+    /// Rejects out-of-range parameters, naming the field.
+    pub fn validate(&self) -> Result<(), QuantError> {
+        match *self {
+            Estimator::Identity | Estimator::ApproxSign => Ok(()),
+            Estimator::Clipped { clip } => positive_finite("clip", clip),
+            Estimator::SoftTanh { temperature } | Estimator::SoftSigmoid { temperature } => {
+                positive_finite("temperature", temperature)
+            }
+            Estimator::SwishSign { beta } => positive_finite("beta", beta),
+        }
+    }
+}
+
+impl Granularity {
+    /// Rejects a zero group size.
+    pub fn validate(&self) -> Result<(), QuantError> {
+        match *self {
+            Granularity::PerGroup(0) => Err(invalid("group_size", 0, "an integer >= 1 dividing the last dimension")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The number of consecutive values sharing a scale, for a tensor of `numel` values whose last
+    /// dimension is `last`.
+    pub fn block_size(&self, numel: usize, last: usize) -> Result<usize, QuantError> {
+        match *self {
+            Granularity::PerTensor => Ok(numel),
+            Granularity::PerChannel => Ok(last),
+            Granularity::PerGroup(g) if g > 0 && last % g == 0 => Ok(g),
+            Granularity::PerGroup(g) => Err(invalid(
+                "group_size",
+                format!("{g} (last dimension {last})"),
+                "an integer >= 1 dividing the last dimension",
+            )),
+        }
+    }
+}
