@@ -1,4 +1,18 @@
-//! bitnet
+//! bitnet-candle: 1-bit and 1.58-bit (BitNet) quantization-aware training for candle.
+//!
+//! This facade re-exports the three crates and holds the data loaders the examples use:
+//! * [`core`]: devices and the `HybridMemoryPool`;
+//! * [`quant`]: quantizers as candle custom ops, `BitLinear`, metrics;
+//! * [`training`]: STE variants, `QATLayer`, schedules, state tracking.
+
 pub use bitnet_core as core;
 pub use bitnet_quant as quant;
 pub use bitnet_training as training;
+
+pub mod datasets;
+
+/// The types most programs use: `use bitnet::prelude::*;`.
+pub mod prelude {
+    pub use bitnet_quant::{BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, Scheme, Threshold};
+    pub use bitnet_training::{QATConfig, QATLayer, STEConfig, STEVariant};
+}

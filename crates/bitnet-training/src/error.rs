@@ -10,6 +10,16 @@ pub enum TrainingError {
         value: String,
         allowed: &'static str,
     },
+    /// A configuration or log text that does not parse.
+    #[error("parse error: {0}")]
+    Parse(String),
+    /// A file that cannot be read or written, named.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Errors from candle, kept as they are.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,5 +1,19 @@
 //! Quantization-aware training for BitNet models in candle.
+//!
+//! * [`ste`]: straight-through estimator variants ([`STEVariant`], [`STEConfig`]).
+//! * [`QATConfig`] and [`QATLayer`]: wrap a `BitLinear`, train with quantization in the loop.
+//! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules.
+//! * [`state`]: per-layer statistics (level shares, flip ratio, SQNR, norms) as JSON lines.
 
+pub mod config;
 pub mod error;
+pub mod init;
+pub mod progressive;
+pub mod qat_layer;
+pub mod state;
+pub mod ste;
 
+pub use config::QATConfig;
 pub use error::TrainingError;
+pub use qat_layer::{QATLayer, QuantLinear};
+pub use ste::{STEConfig, STEVariant};

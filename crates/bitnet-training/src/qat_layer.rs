@@ -1,0 +1,138 @@
+//! [`QATLayer`]: a BitLinear (or any [`QuantLinear`]) trained under a [`QATConfig`].
+
+use crate::config::QATConfig;
+use bitnet_quant::{BitLinear, Quantizer};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A linear layer whose weight can be replaced by its quantized version in the forward.
+pub trait QuantLinear {
+    /// The latent full-precision weight `[out, in]` the optimizer updates.
+    fn latent_weight(&self) -> &Tensor;
+    /// The forward with `weight` (already quantized) and activations quantized by `act`.
+    fn forward_quantized(&self, x: &Tensor, weight: &Tensor, act: Option<&Quantizer>) -> Result<Tensor>;
+}
+
+impl QuantLinear for BitLinear {
+    fn latent_weight(&self) -> &Tensor {
+        self.weight()
+    }
+
+    fn forward_quantized(&self, x: &Tensor, weight: &Tensor, act: Option<&Quantizer>) -> Result<Tensor> {
+        let x = self.prepare_input(x, act)?;
+        self.project(&x, weight)
+    }
+}
+
+/// A layer trained with quantization in the loop: quantizers from the config, the progressive
+/// blend and hardness read from its schedules at the current step ([`QATLayer::set_step`]).
+///
+/// ```
+/// use bitnet_quant::BitLinear;
+/// use bitnet_training::{QATConfig, QATLayer};
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+/// # fn main() -> candle_core::Result<()> {
+/// let vm = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+/// let layer = QATLayer::new(BitLinear::new(8, 2, vb.pp("fc"))?, QATConfig::ternary(), vb.pp("fc"))?;
+/// let mut opt = SGD::new(vm.all_vars(), 0.1)?;
+/// let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
+/// let loss = layer.forward(&x)?.sqr()?.mean_all()?;
+/// opt.backward_step(&loss)?; // the latent weights move
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct QATLayer<M = BitLinear> {
+    inner: M,
+    config: QATConfig,
+    weight_q: Option<Quantizer>,
+    act_q: Option<Quantizer>,
+    temperature: Option<Tensor>,
+    step: AtomicUsize,
+    name: String,
+}
+
+impl<M: QuantLinear> QATLayer<M> {
+    /// Wraps `inner`. With a learnable STE the temperature is a variable `ste_temperature` under
+    /// `vb`, initialised to the config's temperature. The layer's name (for state tracking) is
+    /// `vb`'s prefix.
+    pub fn new(inner: M, config: QATConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let temperature = if config.ste.is_learnable() && config.weight.is_some() {
+            Some(vb.get_with_hints(1, "ste_temperature", candle_nn::Init::Const(config.ste.temperature as f64))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner,
+            weight_q: config.weight_quantizer()?,
+            act_q: config.activation_quantizer()?,
+            config,
+            temperature,
+            step: AtomicUsize::new(0),
+            name: vb.prefix(),
+        })
+    }
+
+    /// Tells the schedules which training step this is.
+    pub fn set_step(&self, step: usize) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    pub fn step(&self) -> usize {
+        self.step.load(Ordering::Relaxed)
+    }
+
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+
+    pub fn config(&self) -> &QATConfig {
+        &self.config
+    }
+
+    /// The layer's name (its VarBuilder prefix).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The learnable temperature, if the STE has one.
+    pub fn temperature(&self) -> Option<&Tensor> {
+        self.temperature.as_ref()
+    }
+
+    /// The weight quantizer at the current step (blend applied); `None` in full precision.
+    pub fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
+        let lambda = self.config.lambda.value(self.step());
+        self.weight_q.map(|q| q.with_lambda(lambda)).transpose()
+    }
+
+    /// The weight as the forward uses it at the current step.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        let w = self.inner.latent_weight();
+        match (self.weight_quantizer()?, &self.temperature) {
+            (None, _) => Ok(w.clone()),
+            (Some(q), Some(t)) => q.quantize_learnable(w, t, self.config.hardness.value(self.step())),
+            (Some(q), None) => q.quantize(w),
+        }
+    }
+}
+
+impl QATLayer<BitLinear> {
+    /// A BitNet b1.58 layer `in -> out` under `config`, variables under `vb`.
+    pub fn bitlinear(in_dim: usize, out_dim: usize, config: QATConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = BitLinear::new(in_dim, out_dim, vb.clone())?;
+        Self::new(inner, config, vb)
+    }
+}
+
+impl<M: QuantLinear> Module for QATLayer<M> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.effective_weight()?;
+        let lambda = self.config.lambda.value(self.step());
+        let act = self.act_q.map(|q| q.with_lambda(lambda)).transpose()?;
+        self.inner.forward_quantized(x, &w, act.as_ref())
+    }
+}

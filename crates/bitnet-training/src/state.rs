@@ -1,0 +1,200 @@
+//! Training state tracking: per layer and step, the level shares, the flip ratio, the quantization
+//! error, the scale and the norms of the latent weight and its gradient; written as JSON lines and
+//! summarised in a table at the end.
+
+use crate::error::TrainingError;
+use crate::qat_layer::{QATLayer, QuantLinear};
+use bitnet_quant::{metrics, Quantizer};
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// What the tracker needs from a layer.
+pub trait Tracked {
+    fn name(&self) -> &str;
+    fn latent_weight(&self) -> &Tensor;
+    /// The weight quantizer at the current step, `None` in full precision.
+    fn weight_quantizer(&self) -> Result<Option<Quantizer>>;
+}
+
+impl<M: QuantLinear> Tracked for QATLayer<M> {
+    fn name(&self) -> &str {
+        QATLayer::name(self)
+    }
+    fn latent_weight(&self) -> &Tensor {
+        self.inner().latent_weight()
+    }
+    fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
+        QATLayer::weight_quantizer(self)
+    }
+}
+
+/// One layer at one step.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerStats {
+    pub step: usize,
+    pub layer: String,
+    /// `(level, share of weights)`, sorted by level; empty in full precision.
+    pub level_shares: Vec<(i8, f64)>,
+    /// Fraction of quantized weights whose level changed since this layer's previous record
+    /// (Larq's flip ratio); `None` at the first record.
+    pub flip_ratio: Option<f64>,
+    /// `mean((w - q(w))^2)`.
+    pub mse: f64,
+    /// `10 log10(sum w^2 / sum (w - q(w))^2)`; JSON `null` when infinite.
+    pub sqnr_db: f64,
+    /// Mean of the block scales.
+    pub scale: f64,
+    /// L2 norm of the latent weight.
+    pub latent_norm: f64,
+    /// L2 norm of the latent weight's gradient, when a gradient store was given and has one.
+    pub grad_norm: Option<f64>,
+}
+
+fn l2(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt())
+}
+
+/// Records [`LayerStats`], keeps the previous levels for flip ratios, and optionally appends
+/// every record as a JSON line to a file.
+#[derive(Default)]
+pub struct StateTracker {
+    previous: BTreeMap<String, Vec<i8>>,
+    latest: BTreeMap<String, LayerStats>,
+    log: Option<(String, BufWriter<File>)>,
+}
+
+impl StateTracker {
+    /// A tracker keeping records in memory only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A tracker that also writes every record as one JSON line to `path` (created or truncated).
+    pub fn with_log(path: impl AsRef<Path>) -> std::result::Result<Self, TrainingError> {
+        let path = path.as_ref();
+        let io = |source| TrainingError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = File::create(path).map_err(io)?;
+        Ok(Self {
+            log: Some((path.display().to_string(), BufWriter::new(file))),
+            ..Self::default()
+        })
+    }
+
+    /// Computes one record per layer at `step`.
+    pub fn record(&mut self, step: usize, layers: &[&dyn Tracked], grads: Option<&GradStore>) -> Result<Vec<LayerStats>> {
+        let mut out = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let stats = self.layer_stats(step, *layer, grads)?;
+            if let Some((path, w)) = &mut self.log {
+                let line = serde_json::to_string(&stats).map_err(|e| TrainingError::Parse(e.to_string()))?;
+                writeln!(w, "{line}").map_err(|source| TrainingError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            self.latest.insert(stats.layer.clone(), stats.clone());
+            out.push(stats);
+        }
+        if let Some((path, w)) = &mut self.log {
+            // Flushed per record so that a crash loses nothing already recorded.
+            w.flush().map_err(|source| TrainingError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn layer_stats(&mut self, step: usize, layer: &dyn Tracked, grads: Option<&GradStore>) -> Result<LayerStats> {
+        let w = layer.latent_weight();
+        let grad_norm = grads.and_then(|g| g.get(w)).map(l2).transpose()?;
+        let latent_norm = l2(w)?;
+        let name = layer.name().to_string();
+        let Some(q) = layer.weight_quantizer()? else {
+            return Ok(LayerStats {
+                step,
+                layer: name,
+                level_shares: vec![],
+                flip_ratio: None,
+                mse: 0.0,
+                sqnr_db: f64::INFINITY,
+                scale: 1.0,
+                latent_norm,
+                grad_norm,
+            });
+        };
+        let qw = q.quantize(&w.detach())?;
+        let (levels, params) = q.levels(w)?;
+        let n = levels.len() as f64;
+        let level_shares = metrics::level_histogram(&levels)
+            .into_iter()
+            .map(|(l, c)| (l, c as f64 / n))
+            .collect();
+        let flip_ratio = self.previous.get(&name).filter(|p| p.len() == levels.len()).map(|prev| {
+            let flips = prev.iter().zip(&levels).filter(|(a, b)| a != b).count();
+            flips as f64 / n
+        });
+        let scales: Vec<f64> = params.chunks(2).map(|p| p[0] as f64).collect();
+        let scale = scales.iter().sum::<f64>() / scales.len() as f64;
+        let stats = LayerStats {
+            step,
+            layer: name.clone(),
+            level_shares,
+            flip_ratio,
+            mse: metrics::mse(w, &qw)?,
+            sqnr_db: metrics::sqnr_db(w, &qw)?,
+            scale,
+            latent_norm,
+            grad_norm,
+        };
+        self.previous.insert(name, levels);
+        Ok(stats)
+    }
+
+    /// The latest record of every layer.
+    pub fn latest(&self) -> impl Iterator<Item = &LayerStats> {
+        self.latest.values()
+    }
+
+    /// A plain-text table of the latest record of every layer.
+    pub fn summary_table(&self) -> String {
+        let mut s = format!(
+            "{:<16} {:>7} {:>22} {:>8} {:>9} {:>8} {:>9} {:>9}\n",
+            "layer", "step", "share -1/0/+1", "flips", "sqnr dB", "scale", "|w|", "|grad|"
+        );
+        for st in self.latest.values() {
+            let share = |l: i8| st.level_shares.iter().find(|(x, _)| *x == l).map_or(0.0, |(_, v)| *v);
+            let shares = if st.level_shares.is_empty() {
+                "fp".to_string()
+            } else if st.level_shares.iter().all(|(l, _)| (-1..=1).contains(l)) {
+                format!("{:.3}/{:.3}/{:.3}", share(-1), share(0), share(1))
+            } else {
+                format!("{} levels", st.level_shares.len())
+            };
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+            s += &format!(
+                "{:<16} {:>7} {:>22} {:>8} {:>9.2} {:>8.4} {:>9.3} {:>9}\n",
+                st.layer,
+                st.step,
+                shares,
+                opt(st.flip_ratio),
+                st.sqnr_db,
+                st.scale,
+                st.latent_norm,
+                opt(st.grad_norm)
+            );
+        }
+        s
+    }
+}

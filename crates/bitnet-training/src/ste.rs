@@ -1,0 +1,111 @@
+//! Straight-through estimator variants as a training-facing configuration, mapped onto the
+//! quantizer estimators of bitnet-quant.
+
+use crate::error::TrainingError;
+use bitnet_quant::Estimator;
+use serde::{Deserialize, Serialize};
+
+/// Which backward the weight quantizer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum STEVariant {
+    /// Identity gradient (BitNet, `x + (q(x) - x).detach()`).
+    Standard,
+    /// Identity inside `|x / s| <= clipping_threshold`, zero outside (BinaryConnect, Larq).
+    Clipped,
+    /// The derivative of `tanh(temperature * x / s)`.
+    Soft,
+    /// A soft-to-hard surrogate whose temperature is learned (a `Var` trained by the optimizer).
+    Learnable,
+}
+
+/// The estimator configuration of API.md.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct STEConfig {
+    pub variant: STEVariant,
+    /// The clip `c` of [`STEVariant::Clipped`]; > 0.
+    pub clipping_threshold: f32,
+    /// The (initial) temperature of [`STEVariant::Soft`] and [`STEVariant::Learnable`]; > 0.
+    pub temperature: f32,
+    /// Learn the temperature (implied by [`STEVariant::Learnable`]).
+    pub learnable_temperature: bool,
+}
+
+impl Default for STEConfig {
+    fn default() -> Self {
+        Self {
+            variant: STEVariant::Standard,
+            clipping_threshold: 1.0,
+            temperature: 1.0,
+            learnable_temperature: false,
+        }
+    }
+}
+
+impl STEConfig {
+    /// Rejects a non-positive clip or temperature, naming the field.
+    pub fn validate(&self) -> Result<(), TrainingError> {
+        let check = |field, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(TrainingError::InvalidConfig {
+                    field,
+                    value: v.to_string(),
+                    allowed: "a finite number > 0",
+                })
+            }
+        };
+        check("ste.clipping_threshold", self.clipping_threshold)?;
+        check("ste.temperature", self.temperature)
+    }
+
+    /// Whether the temperature is a trained `Var`.
+    pub fn is_learnable(&self) -> bool {
+        self.variant == STEVariant::Learnable || self.learnable_temperature
+    }
+
+    /// The quantizer estimator for the non-learnable variants (the learnable one replaces the
+    /// quantize op by the surrogate op altogether).
+    pub fn estimator(&self) -> Estimator {
+        match self.variant {
+            STEVariant::Standard | STEVariant::Learnable => Estimator::Identity,
+            STEVariant::Clipped => Estimator::Clipped {
+                clip: self.clipping_threshold,
+            },
+            STEVariant::Soft => Estimator::SoftTanh {
+                temperature: self.temperature,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_map_to_estimators() {
+        let c = |variant| STEConfig {
+            variant,
+            clipping_threshold: 0.5,
+            temperature: 3.0,
+            learnable_temperature: false,
+        };
+        let cases = [
+            (STEVariant::Standard, Estimator::Identity, false),
+            (STEVariant::Clipped, Estimator::Clipped { clip: 0.5 }, false),
+            (STEVariant::Soft, Estimator::SoftTanh { temperature: 3.0 }, false),
+            (STEVariant::Learnable, Estimator::Identity, true),
+        ];
+        for (v, e, learn) in cases {
+            assert_eq!(c(v).estimator(), e);
+            assert_eq!(c(v).is_learnable(), learn);
+        }
+        let bad = STEConfig {
+            temperature: 0.0,
+            ..STEConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("ste.temperature"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Loaders for the small real data sets the examples train on (copies live in `data/`).
+
+pub mod mnist;
