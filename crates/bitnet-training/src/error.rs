@@ -10,6 +10,17 @@ pub enum TrainingError {
         value: String,
         allowed: &'static str,
     },
+    /// An optimizer state entry that is missing, unknown, or of the wrong shape (see
+    /// `optim::OptimizerState::load_state`).
+    #[error("optimizer state entry `{entry}`: {reason}")]
+    OptimizerState { entry: String, reason: String },
+    /// A parameter routed to no optimizer, to two, or of a kind an optimizer cannot update.
+    #[error("parameter #{index} (shape {shape:?}): {reason}")]
+    Parameter {
+        index: usize,
+        shape: candle_core::Shape,
+        reason: String,
+    },
     /// Errors from candle, kept as they are.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
