@@ -2,11 +2,12 @@
 //! routing, schedules and bit-exact state resume.
 
 use bitnet_training::optim::schedule::{
-    bitnet_two_stage_lr, bitnet_two_stage_wd, Constant, Schedule, Sequence, WarmupCosine, WarmupLinear,
+    bitnet_two_stage_lr, bitnet_two_stage_wd, Constant, Schedule, Sequence, WarmupCosine,
+    WarmupLinear,
 };
 use bitnet_training::optim::{
-    Bop, CaseOptimizer, Cases, OptimizerState, ParamGroup, ParamsBop, ParamsQatAdamW, ParamsSgd, QatAdamW,
-    Selector, Sgd, DEFAULT_PAR_THRESHOLD,
+    Bop, CaseOptimizer, Cases, OptimizerState, ParamGroup, ParamsBop, ParamsQatAdamW, ParamsSgd,
+    QatAdamW, Selector, Sgd, DEFAULT_PAR_THRESHOLD,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
@@ -41,7 +42,12 @@ fn var_from(data: &[f32], shape: &Shape, dtype: DType) -> Result<Var> {
 fn grad(rng: &mut Rng, shape: &Shape, transposed: bool, dtype: DType) -> Result<Tensor> {
     let dims = shape.dims();
     let t = if transposed && dims.len() == 2 {
-        Tensor::from_vec(rng.vec(shape.elem_count()), (dims[1], dims[0]), &Device::Cpu)?.t()?
+        Tensor::from_vec(
+            rng.vec(shape.elem_count()),
+            (dims[1], dims[0]),
+            &Device::Cpu,
+        )?
+        .t()?
     } else {
         Tensor::from_vec(rng.vec(shape.elem_count()), shape, &Device::Cpu)?
     };
@@ -52,7 +58,10 @@ fn grad(rng: &mut Rng, shape: &Shape, transposed: bool, dtype: DType) -> Result<
 }
 
 fn values(v: &Var) -> Result<Vec<f32>> {
-    v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+    v.as_tensor()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
 }
 
 fn bits(v: &Var) -> Result<Vec<u32>> {
@@ -62,8 +71,8 @@ fn bits(v: &Var) -> Result<Vec<u32>> {
 #[test]
 fn qat_adamw_equals_candle_nn_adamw_after_10_steps() -> Result<()> {
     let above = (DEFAULT_PAR_THRESHOLD / 200) + 1; // rows so that 200 * rows > threshold
-    // (shape, transposed gradient, dtype): below and above the parallel threshold, strided
-    // gradients, and the tensor-op fallback (f64).
+                                                   // (shape, transposed gradient, dtype): below and above the parallel threshold, strided
+                                                   // gradients, and the tensor-op fallback (f64).
     let cases: Vec<(Vec<usize>, bool, DType)> = vec![
         (vec![1], false, DType::F32),
         (vec![10], false, DType::F32),
@@ -99,7 +108,10 @@ fn qat_adamw_equals_candle_nn_adamw_after_10_steps() -> Result<()> {
         assert!(moved, "case {ci}: the parameters did not move");
         for (i, (p, q)) in x.iter().zip(&y).enumerate() {
             let tol = 1e-6 * q.abs().max(1.0);
-            assert!((p - q).abs() <= tol, "case {ci} {dims:?}: element {i}: ours {p}, candle-nn {q}");
+            assert!(
+                (p - q).abs() <= tol,
+                "case {ci} {dims:?}: element {i}: ours {p}, candle-nn {q}"
+            );
         }
     }
     Ok(())
@@ -116,14 +128,20 @@ fn qat_adamw_first_step_by_hand() -> Result<()> {
         };
         let mut opt = QatAdamW::new(vec![theta.clone()], params)?;
         let mut g = GradStore::default();
-        g.insert(theta.as_tensor(), Tensor::new(&[0.5f32, -1.0, 0.0], &Device::Cpu)?.to_dtype(dtype)?);
+        g.insert(
+            theta.as_tensor(),
+            Tensor::new(&[0.5f32, -1.0, 0.0], &Device::Cpu)?.to_dtype(dtype)?,
+        );
         opt.step(&g)?;
         // Step 1: m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps) = lr * sign(g)
         // (0 where g = 0); decay factor 1 - 0.1 * 0.01 = 0.999.
         // 1 * 0.999 - 0.1 = 0.899; -2 * 0.999 + 0.1 = -1.898; 0.5 * 0.999 = 0.4995.
         let expected = [0.899f32, -1.898, 0.4995];
         for (got, want) in values(&theta)?.iter().zip(expected) {
-            assert!((got - want).abs() < 1e-6, "{dtype:?}: got {got}, want {want}");
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{dtype:?}: got {got}, want {want}"
+            );
         }
     }
     Ok(())
@@ -141,16 +159,32 @@ fn param_groups_use_their_own_lr_and_weight_decay() -> Result<()> {
         };
         let groups = vec![
             ParamGroup::new(vec![a.clone()]),
-            ParamGroup::new(vec![b.clone()]).lr_scale(0.5).no_weight_decay(),
+            ParamGroup::new(vec![b.clone()])
+                .lr_scale(0.5)
+                .no_weight_decay(),
         ];
         let mut opt = QatAdamW::with_groups(groups, params)?;
         let mut g = GradStore::default();
-        g.insert(a.as_tensor(), Tensor::new(&[1.0f32], &Device::Cpu)?.to_dtype(dtype)?);
-        g.insert(b.as_tensor(), Tensor::new(&[-1.0f32], &Device::Cpu)?.to_dtype(dtype)?);
+        g.insert(
+            a.as_tensor(),
+            Tensor::new(&[1.0f32], &Device::Cpu)?.to_dtype(dtype)?,
+        );
+        g.insert(
+            b.as_tensor(),
+            Tensor::new(&[-1.0f32], &Device::Cpu)?.to_dtype(dtype)?,
+        );
         opt.step(&g)?;
         // a: lr 0.1, wd 0.1: 2 * (1 - 0.01) - 0.1 = 1.88.  b: lr 0.05, wd 0: 2 + 0.05 = 2.05.
-        assert!((values(&a)?[0] - 1.88).abs() < 1e-6, "{dtype:?}: a = {:?}", values(&a)?);
-        assert!((values(&b)?[0] - 2.05).abs() < 1e-6, "{dtype:?}: b = {:?}", values(&b)?);
+        assert!(
+            (values(&a)?[0] - 1.88).abs() < 1e-6,
+            "{dtype:?}: a = {:?}",
+            values(&a)?
+        );
+        assert!(
+            (values(&b)?[0] - 2.05).abs() < 1e-6,
+            "{dtype:?}: b = {:?}",
+            values(&b)?
+        );
     }
     Ok(())
 }
@@ -165,14 +199,27 @@ fn clipping_keeps_latent_weights_in_range() -> Result<()> {
             weight_decay: 0.0,
             ..Default::default()
         };
-        let groups = vec![ParamGroup::new(vec![w.clone()]).clip(1.0), ParamGroup::new(vec![free.clone()])];
+        let groups = vec![
+            ParamGroup::new(vec![w.clone()]).clip(1.0),
+            ParamGroup::new(vec![free.clone()]),
+        ];
         let mut opt = QatAdamW::with_groups(groups, params)?;
         for _ in 0..5 {
             let mut g = GradStore::default();
-            g.insert(w.as_tensor(), Tensor::new(&[-1.0f32, 1.0, 0.0, -1.0], &Device::Cpu)?.to_dtype(dtype)?);
-            g.insert(free.as_tensor(), Tensor::new(&[-1.0f32], &Device::Cpu)?.to_dtype(dtype)?);
+            g.insert(
+                w.as_tensor(),
+                Tensor::new(&[-1.0f32, 1.0, 0.0, -1.0], &Device::Cpu)?.to_dtype(dtype)?,
+            );
+            g.insert(
+                free.as_tensor(),
+                Tensor::new(&[-1.0f32], &Device::Cpu)?.to_dtype(dtype)?,
+            );
             opt.step(&g)?;
-            assert!(values(&w)?.iter().all(|x| (-1.0..=1.0).contains(x)), "{dtype:?}: {:?}", values(&w)?);
+            assert!(
+                values(&w)?.iter().all(|x| (-1.0..=1.0).contains(x)),
+                "{dtype:?}: {:?}",
+                values(&w)?
+            );
         }
         // 0.95 + 0.1 clips to 1 at once; -0.95 to -1; 0.3 stays; 0 climbs 0.1 per step to 0.5.
         let got = values(&w)?;
@@ -203,21 +250,39 @@ fn vars_without_gradient_are_skipped() -> Result<()> {
 fn bop_flips_the_expected_signs() -> Result<()> {
     for dtype in [DType::F32, DType::F64] {
         let w = var_from(&[1.0, 1.0, -1.0, -1.0, 1.0, 1.0], &Shape::from(6), dtype)?;
-        let mut opt = Bop::new(vec![w.clone()], ParamsBop { gamma: 0.5, threshold: 0.1 })?;
+        let mut opt = Bop::new(
+            vec![w.clone()],
+            ParamsBop {
+                gamma: 0.5,
+                threshold: 0.1,
+            },
+        )?;
         let steps: [([f32; 6], [f32; 6]); 3] = [
             // step 1: m = 0.5 g = [0.5, -0.5, -0.5, 0.5, 0.15, 0.05];
             // w * m = [0.5, -0.5, 0.5, -0.5, 0.15, 0.05] > 0.1 at 0, 2, 4.
-            ([1.0, -1.0, -1.0, 1.0, 0.3, 0.1], [-1.0, 1.0, 1.0, -1.0, -1.0, 1.0]),
+            (
+                [1.0, -1.0, -1.0, 1.0, 0.3, 0.1],
+                [-1.0, 1.0, 1.0, -1.0, -1.0, 1.0],
+            ),
             // step 2: m = m + 0.5 (g - m) = [0.25, -0.25, -0.25, 0.25, 0.075, 0.075];
             // w * m = [-0.25, -0.25, -0.25, -0.25, -0.075, 0.075]: no flip.
-            ([0.0, 0.0, 0.0, 0.0, 0.0, 0.1], [-1.0, 1.0, 1.0, -1.0, -1.0, 1.0]),
+            (
+                [0.0, 0.0, 0.0, 0.0, 0.0, 0.1],
+                [-1.0, 1.0, 1.0, -1.0, -1.0, 1.0],
+            ),
             // step 3: m = [-0.875, -0.125, -0.125, 0.125, 0.0375, 0.1875];
             // w * m = [0.875, -0.125, -0.125, -0.125, -0.0375, 0.1875]: flips 0 and 5.
-            ([-2.0, 0.0, 0.0, 0.0, 0.0, 0.3], [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]),
+            (
+                [-2.0, 0.0, 0.0, 0.0, 0.0, 0.3],
+                [1.0, 1.0, 1.0, -1.0, -1.0, -1.0],
+            ),
         ];
         for (k, (g, want)) in steps.iter().enumerate() {
             let mut gs = GradStore::default();
-            gs.insert(w.as_tensor(), Tensor::new(g, &Device::Cpu)?.to_dtype(dtype)?);
+            gs.insert(
+                w.as_tensor(),
+                Tensor::new(g, &Device::Cpu)?.to_dtype(dtype)?,
+            );
             opt.step(&gs)?;
             assert_eq!(values(&w)?, want.to_vec(), "{dtype:?} step {}", k + 1);
         }
@@ -233,21 +298,34 @@ fn sgd_momentum_follows_the_pytorch_formula() -> Result<()> {
         // b = mu b + g; p -= lr b. b1 = [1, 2], p = [0.9, -1.2]; b2 = [1.4, 0.8], p = [0.76, -1.28];
         // b3 = [1.26, 0.72], p = [0.634, -1.352].
         (
-            ParamsSgd { lr: 0.1, momentum: 0.9, ..Default::default() },
+            ParamsSgd {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            },
             vec![1.0, -1.0],
             vec![vec![1.0, 2.0], vec![0.5, -1.0], vec![0.0, 0.0]],
             vec![0.634, -1.352],
         ),
         // Nesterov: b1 = 1, p = 1 - 0.1 (1 + 0.9) = 0.81; b2 = 1.9, p = 0.81 - 0.1 (1 + 1.71) = 0.539.
         (
-            ParamsSgd { lr: 0.1, momentum: 0.9, nesterov: true, ..Default::default() },
+            ParamsSgd {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+                ..Default::default()
+            },
             vec![1.0],
             vec![vec![1.0], vec![1.0]],
             vec![0.539],
         ),
         // Weight decay, no momentum: g' = 0.5 p: p = 2 - 0.1; p = 1.9 - 0.095 = 1.805.
         (
-            ParamsSgd { lr: 0.1, weight_decay: 0.5, ..Default::default() },
+            ParamsSgd {
+                lr: 0.1,
+                weight_decay: 0.5,
+                ..Default::default()
+            },
             vec![2.0],
             vec![vec![0.0], vec![0.0]],
             vec![1.805],
@@ -259,11 +337,17 @@ fn sgd_momentum_follows_the_pytorch_formula() -> Result<()> {
             let mut opt = Sgd::new(vec![p.clone()], params.clone())?;
             for g in gs {
                 let mut store = GradStore::default();
-                store.insert(p.as_tensor(), Tensor::new(g.as_slice(), &Device::Cpu)?.to_dtype(dtype)?);
+                store.insert(
+                    p.as_tensor(),
+                    Tensor::new(g.as_slice(), &Device::Cpu)?.to_dtype(dtype)?,
+                );
                 opt.step(&store)?;
             }
             for (got, w) in values(&p)?.iter().zip(want) {
-                assert!((got - w).abs() < 1e-6, "{dtype:?} case {ci}: got {got}, want {w}");
+                assert!(
+                    (got - w).abs() < 1e-6,
+                    "{dtype:?} case {ci}: got {got}, want {w}"
+                );
             }
         }
     }
@@ -285,10 +369,17 @@ fn case_optimizer_routing_errors() -> Result<()> {
     let vars = two_vars()?;
     let cases = Cases::new()
         .case("bop", Selector::predicate(|_, _| true), bop)
-        .case("adam", Selector::predicate(|_, v: &Var| v.rank() == 1), adam);
+        .case(
+            "adam",
+            Selector::predicate(|_, v: &Var| v.rank() == 1),
+            adam,
+        );
     let err = CaseOptimizer::new(vars, cases).unwrap_err().to_string();
     assert!(err.contains("parameter #1") && err.contains("[3]"), "{err}");
-    assert!(err.contains("claimed by two cases, `bop` and `adam`"), "{err}");
+    assert!(
+        err.contains("claimed by two cases, `bop` and `adam`"),
+        "{err}"
+    );
 
     // A var listed explicitly and matched by a predicate.
     let vars = two_vars()?;
@@ -296,13 +387,19 @@ fn case_optimizer_routing_errors() -> Result<()> {
         .case("bop", Selector::vars(vec![vars[0].clone()]), bop)
         .case("adam", Selector::predicate(|i, _| i == 0), adam);
     let err = CaseOptimizer::new(vars, cases).unwrap_err().to_string();
-    assert!(err.contains("parameter #0") && err.contains("claimed by two cases"), "{err}");
+    assert!(
+        err.contains("parameter #0") && err.contains("claimed by two cases"),
+        "{err}"
+    );
 
     // No Rest case: var #1 is claimed by none.
     let vars = two_vars()?;
     let cases = Cases::new().case("bop", Selector::predicate(|_, v: &Var| v.rank() == 2), bop);
     let err = CaseOptimizer::new(vars, cases).unwrap_err().to_string();
-    assert!(err.contains("parameter #1") && err.contains("claimed by no case"), "{err}");
+    assert!(
+        err.contains("parameter #1") && err.contains("claimed by no case"),
+        "{err}"
+    );
 
     // A var given twice.
     let vars = two_vars()?;
@@ -310,14 +407,27 @@ fn case_optimizer_routing_errors() -> Result<()> {
     let err = CaseOptimizer::new(dup, Cases::new().case("adam", Selector::Rest, adam))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("parameter #1") && err.contains("given twice"), "{err}");
+    assert!(
+        err.contains("parameter #1") && err.contains("given twice"),
+        "{err}"
+    );
 
     // Routing works: the rank-2 var goes to Bop (flips), the other to AdamW.
     let vars = two_vars()?;
     let cases = Cases::new()
-        .case("bop", Selector::predicate(|_, v: &Var| v.rank() == 2), |vars| {
-            Bop::new(vars, ParamsBop { gamma: 1.0, threshold: 0.0 })
-        })
+        .case(
+            "bop",
+            Selector::predicate(|_, v: &Var| v.rank() == 2),
+            |vars| {
+                Bop::new(
+                    vars,
+                    ParamsBop {
+                        gamma: 1.0,
+                        threshold: 0.0,
+                    },
+                )
+            },
+        )
         .case("adam", Selector::Rest, adam);
     let mut opt = CaseOptimizer::new(vars.clone(), cases)?;
     let loss = (vars[0].as_tensor().sum_all()? + vars[1].as_tensor().sum_all()?)?;
@@ -325,7 +435,10 @@ fn case_optimizer_routing_errors() -> Result<()> {
     assert_eq!(values(&vars[0])?, vec![-1.0; 6]); // m = g = 1, w * m = 1 > 0: all flip
     assert!(values(&vars[1])?.iter().all(|x| (x + 1e-3).abs() < 1e-6)); // AdamW: -lr
     assert!(opt.case_mut::<Bop>("adam").is_none());
-    assert_eq!(opt.case_ref::<QatAdamW>("adam").map(|o| o.step_count()), Some(1));
+    assert_eq!(
+        opt.case_ref::<QatAdamW>("adam").map(|o| o.step_count()),
+        Some(1)
+    );
     Ok(())
 }
 
@@ -365,7 +478,10 @@ fn schedules_at_hand_picked_steps() -> Result<()> {
     ];
     for (name, s, step, want) in table {
         let got = s.value(step);
-        assert!((got - want).abs() < 1e-12, "{name} at step {step}: got {got}, want {want}");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "{name} at step {step}: got {got}, want {want}"
+        );
     }
     Ok(())
 }
@@ -375,47 +491,126 @@ fn bad_configs_name_the_field() {
     let var = || Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
     let table: Vec<(&str, Result<()>)> = vec![
         ("peak", WarmupCosine::new(-1.0, 0, 10, 0.0).map(drop)),
-        ("warmup_steps", WarmupCosine::new(1.0, 20, 10, 0.0).map(drop)),
+        (
+            "warmup_steps",
+            WarmupCosine::new(1.0, 20, 10, 0.0).map(drop),
+        ),
         ("total_steps", WarmupLinear::new(1.0, 0, 0, 0.0).map(drop)),
         ("min_value", WarmupLinear::new(1.0, 0, 10, 2.0).map(drop)),
         ("value", Constant::new(f64::NAN).map(drop)),
         ("warmup_steps", bitnet_two_stage_lr(1.0, 60, 100).map(drop)),
-        ("lr", QatAdamW::new(vec![var()], ParamsQatAdamW { lr: -1.0, ..Default::default() }).map(drop)),
-        ("beta1", QatAdamW::new(vec![var()], ParamsQatAdamW { beta1: 1.0, ..Default::default() }).map(drop)),
-        ("eps", QatAdamW::new(vec![var()], ParamsQatAdamW { eps: 0.0, ..Default::default() }).map(drop)),
+        (
+            "lr",
+            QatAdamW::new(
+                vec![var()],
+                ParamsQatAdamW {
+                    lr: -1.0,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        ),
+        (
+            "beta1",
+            QatAdamW::new(
+                vec![var()],
+                ParamsQatAdamW {
+                    beta1: 1.0,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        ),
+        (
+            "eps",
+            QatAdamW::new(
+                vec![var()],
+                ParamsQatAdamW {
+                    eps: 0.0,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        ),
         (
             "ParamGroup.lr_scale",
-            QatAdamW::with_groups(vec![ParamGroup::new(vec![var()]).lr_scale(-1.0)], Default::default()).map(drop),
+            QatAdamW::with_groups(
+                vec![ParamGroup::new(vec![var()]).lr_scale(-1.0)],
+                Default::default(),
+            )
+            .map(drop),
         ),
         (
             "ParamGroup.clip",
-            QatAdamW::with_groups(vec![ParamGroup::new(vec![var()]).clip(0.0)], Default::default()).map(drop),
+            QatAdamW::with_groups(
+                vec![ParamGroup::new(vec![var()]).clip(0.0)],
+                Default::default(),
+            )
+            .map(drop),
         ),
-        ("nesterov", Sgd::new(vec![var()], ParamsSgd { nesterov: true, ..Default::default() }).map(drop)),
-        ("gamma", Bop::new(vec![var()], ParamsBop { gamma: 2.0, ..Default::default() }).map(drop)),
+        (
+            "nesterov",
+            Sgd::new(
+                vec![var()],
+                ParamsSgd {
+                    nesterov: true,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        ),
+        (
+            "gamma",
+            Bop::new(
+                vec![var()],
+                ParamsBop {
+                    gamma: 2.0,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+        ),
     ];
     for (field, result) in table {
         let err = result.expect_err(field).to_string();
-        assert!(err.contains(&format!("`{field}`")), "expected field {field}: {err}");
+        assert!(
+            err.contains(&format!("`{field}`")),
+            "expected field {field}: {err}"
+        );
         assert!(err.contains("allowed"), "{err}");
     }
     // Integer parameters are rejected, naming the parameter.
     let ints = Var::from_tensor(&Tensor::new(&[1u32, 2], &Device::Cpu).unwrap()).unwrap();
-    let err = QatAdamW::new(vec![var(), ints], Default::default()).unwrap_err().to_string();
+    let err = QatAdamW::new(vec![var(), ints], Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("parameter #1") && err.contains("U32"), "{err}");
     // A var in two groups.
     let v = var();
     let groups = vec![ParamGroup::new(vec![v.clone()]), ParamGroup::new(vec![v])];
-    let err = QatAdamW::with_groups(groups, Default::default()).unwrap_err().to_string();
-    assert!(err.contains("parameter #1") && err.contains("listed twice"), "{err}");
+    let err = QatAdamW::with_groups(groups, Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parameter #1") && err.contains("listed twice"),
+        "{err}"
+    );
 }
 
 /// Runs `steps` steps of `opt` on `vars` with gradients drawn from `rng`.
-fn run_steps(step: &mut dyn FnMut(&GradStore) -> Result<()>, vars: &[Var], rng: &mut Rng, steps: usize) -> Result<()> {
+fn run_steps(
+    step: &mut dyn FnMut(&GradStore) -> Result<()>,
+    vars: &[Var],
+    rng: &mut Rng,
+    steps: usize,
+) -> Result<()> {
     for _ in 0..steps {
         let mut g = GradStore::default();
         for v in vars {
-            g.insert(v.as_tensor(), Tensor::from_vec(rng.vec(v.elem_count()), v.shape(), &Device::Cpu)?);
+            g.insert(
+                v.as_tensor(),
+                Tensor::from_vec(rng.vec(v.elem_count()), v.shape(), &Device::Cpu)?,
+            );
         }
         step(&g)?;
     }
@@ -482,24 +677,64 @@ fn state_export_import_resumes_bit_identically() -> Result<()> {
     let adam = |vars: Vec<Var>| -> Result<Box<dyn Resumable>> {
         let groups = vec![
             ParamGroup::new(vars[..2].to_vec()).clip(0.9),
-            ParamGroup::new(vars[2..].to_vec()).lr_scale(0.3).no_weight_decay(),
+            ParamGroup::new(vars[2..].to_vec())
+                .lr_scale(0.3)
+                .no_weight_decay(),
         ];
-        Ok(Box::new(QatAdamW::with_groups(groups, ParamsQatAdamW { lr: 0.01, ..Default::default() })?))
+        Ok(Box::new(QatAdamW::with_groups(
+            groups,
+            ParamsQatAdamW {
+                lr: 0.01,
+                ..Default::default()
+            },
+        )?))
     };
     let sgd = |vars: Vec<Var>| -> Result<Box<dyn Resumable>> {
-        let p = ParamsSgd { lr: 0.01, momentum: 0.9, nesterov: true, weight_decay: 1e-3 };
+        let p = ParamsSgd {
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-3,
+        };
         Ok(Box::new(Sgd::new(vars, p)?))
     };
     let bop = |vars: Vec<Var>| -> Result<Box<dyn Resumable>> {
-        Ok(Box::new(Bop::new(vars, ParamsBop { gamma: 0.3, threshold: 0.05 })?))
+        Ok(Box::new(Bop::new(
+            vars,
+            ParamsBop {
+                gamma: 0.3,
+                threshold: 0.05,
+            },
+        )?))
     };
     let case = |vars: Vec<Var>| -> Result<Box<dyn Resumable>> {
         let cases = Cases::new()
-            .case("bop", Selector::predicate(|i, _| i == 0), |v| Bop::new(v, ParamsBop { gamma: 0.3, threshold: 0.05 }))
-            .case("adam", Selector::Rest, |v| QatAdamW::new(v, ParamsQatAdamW { lr: 0.01, ..Default::default() }));
+            .case("bop", Selector::predicate(|i, _| i == 0), |v| {
+                Bop::new(
+                    v,
+                    ParamsBop {
+                        gamma: 0.3,
+                        threshold: 0.05,
+                    },
+                )
+            })
+            .case("adam", Selector::Rest, |v| {
+                QatAdamW::new(
+                    v,
+                    ParamsQatAdamW {
+                        lr: 0.01,
+                        ..Default::default()
+                    },
+                )
+            });
         Ok(Box::new(CaseResumable(CaseOptimizer::new(vars, cases)?)))
     };
-    let harnesses: Vec<(&str, &dyn Harness)> = vec![("adamw", &adam), ("sgd", &sgd), ("bop", &bop), ("case", &case)];
+    let harnesses: Vec<(&str, &dyn Harness)> = vec![
+        ("adamw", &adam),
+        ("sgd", &sgd),
+        ("bop", &bop),
+        ("case", &case),
+    ];
     let (n, m) = (4, 5);
     for (name, h) in harnesses {
         // Straight: N + M steps.
@@ -529,8 +764,14 @@ fn state_export_import_resumes_bit_identically() -> Result<()> {
         run_steps(&mut |g| first.advance(g), &cold, &mut rng, n)?;
         let mut second = h.build(cold.clone())?;
         run_steps(&mut |g| second.advance(g), &cold, &mut rng, m)?;
-        let same = straight.iter().zip(&cold).all(|(a, b)| bits(a).unwrap() == bits(b).unwrap());
-        assert!(!same, "{name}: a fresh optimizer gave the same result, the test proves nothing");
+        let same = straight
+            .iter()
+            .zip(&cold)
+            .all(|(a, b)| bits(a).unwrap() == bits(b).unwrap());
+        assert!(
+            !same,
+            "{name}: a fresh optimizer gave the same result, the test proves nothing"
+        );
 
         // Bad states: an entry missing, an unknown one, a wrong shape.
         let mut opt = h.build(fresh_vars(7)?)?;
@@ -538,7 +779,10 @@ fn state_export_import_resumes_bit_identically() -> Result<()> {
         let dropped = missing.pop().unwrap().0;
         let err = opt.import(&missing).unwrap_err().to_string();
         let short = dropped.rsplit('/').next().unwrap();
-        assert!(err.contains(short) && err.contains("missing"), "{name}: {err}");
+        assert!(
+            err.contains(short) && err.contains("missing"),
+            "{name}: {err}"
+        );
         let mut unknown = state.clone();
         unknown.push(("bogus".to_string(), Tensor::new(0f32, &Device::Cpu)?));
         let err = opt.import(&unknown).unwrap_err().to_string();

@@ -54,10 +54,30 @@ impl From<candle_nn::ParamsAdamW> for ParamsQatAdamW {
 impl ParamsQatAdamW {
     /// Checks every field; the error names the field and its allowed range.
     pub fn validate(&self) -> Result<()> {
-        check("lr", self.lr, self.lr >= 0.0 && self.lr.is_finite(), "finite, >= 0")?;
-        check("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "[0, 1)")?;
-        check("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "[0, 1)")?;
-        check("eps", self.eps, self.eps > 0.0 && self.eps.is_finite(), "finite, > 0")?;
+        check(
+            "lr",
+            self.lr,
+            self.lr >= 0.0 && self.lr.is_finite(),
+            "finite, >= 0",
+        )?;
+        check(
+            "beta1",
+            self.beta1,
+            (0.0..1.0).contains(&self.beta1),
+            "[0, 1)",
+        )?;
+        check(
+            "beta2",
+            self.beta2,
+            (0.0..1.0).contains(&self.beta2),
+            "[0, 1)",
+        )?;
+        check(
+            "eps",
+            self.eps,
+            self.eps > 0.0 && self.eps.is_finite(),
+            "finite, > 0",
+        )?;
         check(
             "weight_decay",
             self.weight_decay,
@@ -305,7 +325,12 @@ impl OptimizerState for QatAdamW {
         for i in 0..self.slots.len() {
             let m_name = format!("m.{i}");
             let v_name = format!("v.{i}");
-            loaded.push((m_name.clone(), entries.take(&m_name)?, v_name.clone(), entries.take(&v_name)?));
+            loaded.push((
+                m_name.clone(),
+                entries.take(&m_name)?,
+                v_name.clone(),
+                entries.take(&v_name)?,
+            ));
         }
         entries.finish()?;
         for (slot, (mn, m, vn, v)) in self.slots.iter().zip(&loaded) {

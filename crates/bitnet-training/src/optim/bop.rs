@@ -30,7 +30,12 @@ impl Default for ParamsBop {
 impl ParamsBop {
     /// Checks every field; the error names the field and its allowed range.
     pub fn validate(&self) -> Result<()> {
-        check("gamma", self.gamma, (0.0..=1.0).contains(&self.gamma), "[0, 1]")?;
+        check(
+            "gamma",
+            self.gamma,
+            (0.0..=1.0).contains(&self.gamma),
+            "[0, 1]",
+        )?;
         check(
             "threshold",
             self.threshold,

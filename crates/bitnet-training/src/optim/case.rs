@@ -11,13 +11,16 @@ use super::state::state_error;
 use super::{check, OptimizerState};
 use crate::TrainingError;
 
+/// A predicate over `(index in the optimizer's list, var)`, used by [`Selector::Predicate`].
+pub type VarPredicate = Box<dyn Fn(usize, &Var) -> bool>;
+
 /// Which parameters a case claims.
 pub enum Selector {
     /// These vars (by identity).
     Vars(Vec<Var>),
     /// The vars for which the predicate, given the var's index in the optimizer's list and the var,
     /// returns true.
-    Predicate(Box<dyn Fn(usize, &Var) -> bool>),
+    Predicate(VarPredicate),
     /// Every var that no other case claims (at most one case may use it).
     Rest,
 }
@@ -155,7 +158,11 @@ impl CaseOptimizer {
         let mut index_of: HashMap<TensorId, usize> = HashMap::with_capacity(vars.len());
         for (i, var) in vars.iter().enumerate() {
             if index_of.insert(var.as_tensor().id(), i).is_some() {
-                return Err(param_error(i, var, "given twice to the CaseOptimizer".to_string()));
+                return Err(param_error(
+                    i,
+                    var,
+                    "given twice to the CaseOptimizer".to_string(),
+                ));
             }
         }
         let mut rest = None;
@@ -165,7 +172,12 @@ impl CaseOptimizer {
             }
             if let Selector::Rest = selector {
                 if rest.is_some() {
-                    check("Cases.selector", name, false, "at most one Selector::Rest case")?;
+                    check(
+                        "Cases.selector",
+                        name,
+                        false,
+                        "at most one Selector::Rest case",
+                    )?;
                 }
                 rest = Some(ci);
             }
@@ -224,7 +236,8 @@ impl CaseOptimizer {
                     return Err(param_error(
                         i,
                         &var,
-                        "claimed by no case (add a Selector::Rest case to catch the rest)".to_string(),
+                        "claimed by no case (add a Selector::Rest case to catch the rest)"
+                            .to_string(),
                     ))
                 }
             }
@@ -298,7 +311,12 @@ impl OptimizerState for CaseOptimizer {
             });
             match slot {
                 Some((i, rest)) => per_case[i].push((rest.to_string(), t.clone())),
-                None => return Err(state_error(entry, "names no case of this optimizer".to_string())),
+                None => {
+                    return Err(state_error(
+                        entry,
+                        "names no case of this optimizer".to_string(),
+                    ))
+                }
             }
         }
         for ((name, m), s) in self.members.iter_mut().zip(per_case) {

@@ -26,7 +26,13 @@ impl<U: SliceUpdate> InplaceOp2 for FusedOp<'_, U> {
         self.0.borrow().name()
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let name = self.name();
         if l1.shape() != l2.shape() {
             candle_core::bail!(
@@ -63,6 +69,10 @@ impl<U: SliceUpdate> InplaceOp2 for FusedOp<'_, U> {
 }
 
 /// Runs `update` on `param` (a CPU f32 tensor, updated in place) with gradient `grad`.
-pub(crate) fn apply_fused<U: SliceUpdate>(param: &Tensor, grad: &Tensor, update: &mut U) -> Result<()> {
+pub(crate) fn apply_fused<U: SliceUpdate>(
+    param: &Tensor,
+    grad: &Tensor,
+    update: &mut U,
+) -> Result<()> {
     param.inplace_op2(grad, &FusedOp(RefCell::new(update)))
 }

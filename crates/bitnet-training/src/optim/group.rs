@@ -102,7 +102,12 @@ impl ParamGroup {
             "finite, >= 0",
         )?;
         if let Some(c) = self.clip {
-            check("ParamGroup.clip", c, c > 0.0 && c.is_finite(), "finite, > 0")?;
+            check(
+                "ParamGroup.clip",
+                c,
+                c > 0.0 && c.is_finite(),
+                "finite, > 0",
+            )?;
         }
         Ok(())
     }

@@ -310,7 +310,13 @@ fn bop_dispatch(w: &mut [f32], m: &mut [f32], g: GradIter<'_>, c: &BopCoeffs) {
 }
 
 /// Fused Bop update (moving average of the gradient, sign flips) in place.
-pub(crate) fn bop(w: &mut [f32], grad: GradSrc<'_>, m: &mut [f32], c: &BopCoeffs, threshold: usize) {
+pub(crate) fn bop(
+    w: &mut [f32],
+    grad: GradSrc<'_>,
+    m: &mut [f32],
+    c: &BopCoeffs,
+    threshold: usize,
+) {
     drive!(threshold, w, grad, [m], |w, m, g| bop_dispatch(w, m, g, c));
 }
 
@@ -343,12 +349,23 @@ mod tests {
     #[test]
     fn parallel_and_sequential_agree_bitwise() {
         let n = 3 * CHUNK + 17;
-        let grad: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let theta0: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0).collect();
+        let grad: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let theta0: Vec<f32> = (0..n)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0)
+            .collect();
         let c = AdamCoeffs::new(1e-2, 0.9, 0.999, 1e-8, 0.01, 3, Some(4.0));
         let run = |threshold: usize| {
             let (mut t, mut m, mut v) = (theta0.clone(), vec![0.1f32; n], vec![0.2f32; n]);
-            adamw(&mut t, GradSrc::Contiguous(&grad), &mut m, &mut v, &c, threshold);
+            adamw(
+                &mut t,
+                GradSrc::Contiguous(&grad),
+                &mut m,
+                &mut v,
+                &c,
+                threshold,
+            );
             (t, m, v)
         };
         assert_eq!(run(usize::MAX), run(0));

@@ -35,7 +35,7 @@ mod state;
 
 pub use adamw::{ParamsQatAdamW, QatAdamW};
 pub use bop::{Bop, ParamsBop};
-pub use case::{CaseOptimizer, Cases, Selector};
+pub use case::{CaseOptimizer, Cases, Selector, VarPredicate};
 pub use group::ParamGroup;
 pub use kernels::DEFAULT_PAR_THRESHOLD;
 pub use schedule::{Schedule, Scheduler};

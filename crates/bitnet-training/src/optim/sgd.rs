@@ -36,8 +36,18 @@ impl Default for ParamsSgd {
 impl ParamsSgd {
     /// Checks every field; the error names the field and its allowed range.
     pub fn validate(&self) -> Result<()> {
-        check("lr", self.lr, self.lr >= 0.0 && self.lr.is_finite(), "finite, >= 0")?;
-        check("momentum", self.momentum, (0.0..1.0).contains(&self.momentum), "[0, 1)")?;
+        check(
+            "lr",
+            self.lr,
+            self.lr >= 0.0 && self.lr.is_finite(),
+            "finite, >= 0",
+        )?;
+        check(
+            "momentum",
+            self.momentum,
+            (0.0..1.0).contains(&self.momentum),
+            "[0, 1)",
+        )?;
         check(
             "weight_decay",
             self.weight_decay,

@@ -22,7 +22,10 @@ pub(crate) fn check_float(vars: &[Var], first_index: usize) -> Result<()> {
             return Err(TrainingError::Parameter {
                 index: first_index + i,
                 shape: var.shape().clone(),
-                reason: format!("dtype {:?} is not a float type, optimizers update float parameters", var.dtype()),
+                reason: format!(
+                    "dtype {:?} is not a float type, optimizers update float parameters",
+                    var.dtype()
+                ),
             }
             .into());
         }
@@ -131,7 +134,10 @@ impl<'a> Entries<'a> {
             DType::I64 => t.to_scalar::<i64>()?,
             DType::U32 => t.to_scalar::<u32>()? as i64,
             other => {
-                return Err(state_error(name, format!("dtype {other:?}, expected an i64 scalar")))
+                return Err(state_error(
+                    name,
+                    format!("dtype {other:?}, expected an i64 scalar"),
+                ))
             }
         };
         usize::try_from(step).map_err(|_| state_error(name, format!("negative step {step}")))
