@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod init;
+pub mod optim;
 pub mod progressive;
 pub mod qat_layer;
 pub mod state;
