@@ -14,9 +14,17 @@ const N: usize = 4096;
 fn candle_detach(x: &Tensor) -> Result<Tensor> {
     let g = x.abs()?.mean_all()?;
     let ge = (&g + 1e-5)?;
-    let q = x.broadcast_div(&ge)?.round()?.clamp(-1f32, 1f32)?.broadcast_mul(&g)?;
+    let q = x
+        .broadcast_div(&ge)?
+        .round()?
+        .clamp(-1f32, 1f32)?
+        .broadcast_mul(&g)?;
     // Clipped STE: the gradient passes where |x / g| <= 1.
-    let mask = x.broadcast_div(&ge)?.abs()?.le(1f64)?.to_dtype(candle_core::DType::F32)?;
+    let mask = x
+        .broadcast_div(&ge)?
+        .abs()?
+        .le(1f64)?
+        .to_dtype(candle_core::DType::F32)?;
     let xm = x.mul(&mask.detach())?;
     xm.add(&(q - &xm)?.detach())
 }
@@ -28,7 +36,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_quantize_4096x4096");
     g.throughput(Throughput::Bytes((N * N * 4 * 2) as u64));
     g.sample_size(20);
-    g.bench_function("ours_fwd", |b| b.iter(|| ours.quantize(x.as_tensor()).unwrap()));
+    g.bench_function("ours_fwd", |b| {
+        b.iter(|| ours.quantize(x.as_tensor()).unwrap())
+    });
     g.bench_function("copy", |b| b.iter(|| x.as_tensor().copy().unwrap()));
     g.bench_function("ours_fwd_bwd", |b| {
         b.iter(|| ours.quantize(x.as_tensor()).unwrap().backward().unwrap())

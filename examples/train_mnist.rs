@@ -9,9 +9,10 @@
 
 use bitnet::datasets::mnist;
 use bitnet::prelude::*;
+use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::state::{StateTracker, Tracked};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -57,7 +58,10 @@ fn parse_args() -> std::result::Result<Args, String> {
         }
     }
     if !["fp", "ternary", "binary"].contains(&a.mode.as_str()) {
-        return Err(format!("--mode must be fp, ternary or binary, got {}", a.mode));
+        return Err(format!(
+            "--mode must be fp, ternary or binary, got {}",
+            a.mode
+        ));
     }
     if a.batch == 0 || a.epochs == 0 {
         return Err("--batch and --epochs must be at least 1".into());
@@ -104,7 +108,10 @@ fn accuracy(model: &Mlp, images: &Tensor, labels: &Tensor) -> Result<f64> {
         let len = 1000.min(n - start);
         let logits = model.forward(&images.narrow(0, start, len)?)?;
         let pred = logits.argmax(D::Minus1)?;
-        let ok = pred.eq(&labels.narrow(0, start, len)?)?.to_dtype(DType::F32)?.sum_all()?;
+        let ok = pred
+            .eq(&labels.narrow(0, start, len)?)?
+            .to_dtype(DType::F32)?
+            .sum_all()?;
         correct += ok.to_scalar::<f32>()? as usize;
     }
     Ok(correct as f64 / n as f64)
@@ -121,7 +128,10 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let data = mnist::load(&args.data, &dev)?;
     let (train_x, train_y) = match args.train_limit {
-        Some(n) => (data.train_images.narrow(0, 0, n)?, data.train_labels.narrow(0, 0, n)?),
+        Some(n) => (
+            data.train_images.narrow(0, 0, n)?,
+            data.train_labels.narrow(0, 0, n)?,
+        ),
         None => (data.train_images.clone(), data.train_labels.clone()),
     };
     let cfg = match args.mode.as_str() {
@@ -132,9 +142,9 @@ fn main() -> Result<()> {
     let vm = VarMap::new();
     let model = Mlp::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     bitnet::training::init::reseed(&vm, args.seed)?;
-    let mut opt = AdamW::new(
+    let mut opt = QatAdamW::new(
         vm.all_vars(),
-        ParamsAdamW {
+        ParamsQatAdamW {
             lr: args.lr,
             weight_decay: 0.0,
             ..Default::default()
@@ -155,7 +165,10 @@ fn main() -> Result<()> {
     for epoch in 1..=args.epochs {
         order.shuffle(&mut rng);
         let bar = ProgressBar::new(steps_per_epoch as u64);
-        bar.set_style(ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {per_sec}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {per_sec}")
+                .expect("valid template"),
+        );
         bar.set_message(epoch.to_string());
         let t0 = Instant::now();
         let mut loss_sum = 0f64;
@@ -164,12 +177,14 @@ fn main() -> Result<()> {
             let x = train_x.index_select(&idx, 0)?;
             let y = train_y.index_select(&idx, 0)?;
             model.set_step(step);
-            let lr = args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
+            let lr =
+                args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
             opt.set_learning_rate(lr);
             let loss = loss::cross_entropy(&model.forward(&x)?, &y)?;
             let grads = loss.backward()?;
             if args.log.is_some() && step % 100 == 0 {
-                let layers: Vec<&dyn Tracked> = model.layers.iter().map(|l| l as &dyn Tracked).collect();
+                let layers: Vec<&dyn Tracked> =
+                    model.layers.iter().map(|l| l as &dyn Tracked).collect();
                 tracker.record(step, &layers, Some(&grads))?;
             }
             opt.step(&grads)?;

@@ -13,6 +13,8 @@ pub mod datasets;
 
 /// The types most programs use: `use bitnet::prelude::*;`.
 pub mod prelude {
-    pub use bitnet_quant::{BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, Scheme, Threshold};
+    pub use bitnet_quant::{
+        BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, Scheme, Threshold,
+    };
     pub use bitnet_training::{QATConfig, QATLayer, STEConfig, STEVariant};
 }

@@ -15,14 +15,21 @@ pub struct Mnist {
 
 /// The copy committed in this repository (`data/mnist`).
 pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("mnist")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("mnist")
 }
 
 fn read_file(dir: &Path, stem: &str) -> Result<Vec<u8>> {
     let gz = dir.join(format!("{stem}.gz"));
     let plain = dir.join(stem);
-    let (path, zipped) = if gz.exists() { (gz, true) } else { (plain, false) };
-    let raw = std::fs::read(&path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    let (path, zipped) = if gz.exists() {
+        (gz, true)
+    } else {
+        (plain, false)
+    };
+    let raw = std::fs::read(&path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
     if !zipped {
         return Ok(raw);
     }
@@ -51,7 +58,10 @@ fn parse_idx<'a>(name: &str, b: &'a [u8], magic: usize) -> Result<(Vec<usize>, &
     let dims: Vec<usize> = (0..ndim).map(|i| be_u32(b, 4 + 4 * i)).collect();
     let n: usize = dims.iter().product();
     if b.len() != header + n {
-        return Err(bad(format!("{} data bytes for dims {dims:?}", b.len() - header)));
+        return Err(bad(format!(
+            "{} data bytes for dims {dims:?}",
+            b.len() - header
+        )));
     }
     Ok((dims, &b[header..]))
 }
@@ -90,9 +100,15 @@ mod tests {
         let mut b = vec![0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9];
         let (dims, data) = parse_idx("x", &b, 0x801).unwrap();
         assert_eq!((dims, data), (vec![3], &[7u8, 8, 9][..]));
-        assert!(parse_idx("x", &b, 0x803).unwrap_err().to_string().contains("magic"));
+        assert!(parse_idx("x", &b, 0x803)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         b.pop();
-        assert!(parse_idx("x", &b, 0x801).unwrap_err().to_string().contains("data bytes"));
+        assert!(parse_idx("x", &b, 0x801)
+            .unwrap_err()
+            .to_string()
+            .contains("data bytes"));
     }
 
     #[test]

@@ -31,8 +31,11 @@ impl Default for BitLinearConfig {
             bias: false,
             norm: true,
             norm_eps: 1e-6,
-            weight: Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity).expect("valid default"),
-            activation: Some(Quantizer::new(Scheme::Int8PerToken, Estimator::Identity).expect("valid default")),
+            weight: Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)
+                .expect("valid default"),
+            activation: Some(
+                Quantizer::new(Scheme::Int8PerToken, Estimator::Identity).expect("valid default"),
+            ),
         }
     }
 }
@@ -72,8 +75,17 @@ impl BitLinear {
 
     /// A layer with another configuration. Weights start as candle-nn's `Linear` does (Kaiming
     /// normal, bias uniform in `±1/sqrt(in)`).
-    pub fn with_config(in_dim: usize, out_dim: usize, config: BitLinearConfig, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    pub fn with_config(
+        in_dim: usize,
+        out_dim: usize,
+        config: BitLinearConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let bias = if config.bias {
             let bound = 1.0 / (in_dim as f64).sqrt();
             Some(vb.get_with_hints(
@@ -101,7 +113,12 @@ impl BitLinear {
     }
 
     /// A layer from existing tensors (e.g. a pretrained `Linear` being converted).
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, norm: Option<RmsNorm>, config: BitLinearConfig) -> Self {
+    pub fn from_parts(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        norm: Option<RmsNorm>,
+        config: BitLinearConfig,
+    ) -> Self {
         Self {
             weight,
             bias,
@@ -158,7 +175,12 @@ impl BitLinear {
 
     /// The forward with other quantizers than the configured ones (schedules change them during
     /// training).
-    pub fn forward_with(&self, x: &Tensor, weight: &Quantizer, act: Option<&Quantizer>) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Quantizer,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor> {
         let x = self.prepare_input(x, act)?;
         let w = weight.quantize(&self.weight)?;
         self.project(&x, &w)

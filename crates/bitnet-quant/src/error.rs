@@ -36,7 +36,11 @@ impl From<QuantError> for candle_core::Error {
     }
 }
 
-pub(crate) fn invalid(field: &'static str, value: impl std::fmt::Display, allowed: &'static str) -> QuantError {
+pub(crate) fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Display,
+    allowed: &'static str,
+) -> QuantError {
     QuantError::InvalidConfig {
         field,
         value: value.to_string(),

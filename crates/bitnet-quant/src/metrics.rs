@@ -50,7 +50,11 @@ pub fn cosine_similarity(x: &Tensor, q: &Tensor) -> Result<f64> {
     let dot: f64 = a.iter().zip(&b).map(|(x, q)| x * q).sum();
     let na = a.iter().map(|v| v * v).sum::<f64>().sqrt();
     let nb = b.iter().map(|v| v * v).sum::<f64>().sqrt();
-    Ok(if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na * nb) })
+    Ok(if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    })
 }
 
 /// How often each integer level occurs: `(level, count)` for every level of `levels` present,
@@ -81,7 +85,10 @@ mod tests {
         assert!((sqnr_db(&x, &q).unwrap() - 10.0 * (25.0f64 / 16.0).log10()).abs() < 1e-12);
         assert!((cosine_similarity(&x, &q).unwrap() - 0.6).abs() < 1e-12);
         assert!(sqnr_db(&x, &x).unwrap().is_infinite());
-        assert_eq!(level_histogram(&[1, -1, 0, 1, 1, -128, 127]), vec![(-128, 1), (-1, 1), (0, 1), (1, 3), (127, 1)]);
+        assert_eq!(
+            level_histogram(&[1, -1, 0, 1, 1, -128, 127]),
+            vec![(-128, 1), (-1, 1), (0, 1), (1, 3), (127, 1)]
+        );
         let bad = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
         assert!(mse(&x, &bad).unwrap_err().to_string().contains("shape"));
     }

@@ -167,7 +167,11 @@ impl Quantizer {
 }
 
 /// Runs `f` on an f32 view of `x` and converts back.
-fn with_f32(x: &Tensor, op: &'static str, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+fn with_f32(
+    x: &Tensor,
+    op: &'static str,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     match x.dtype() {
         DType::F32 => f(x),
         DType::F16 | DType::BF16 | DType::F64 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
@@ -179,6 +183,10 @@ fn with_f32_host<T>(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<T>) -> Result<
     match x.dtype() {
         DType::F32 => f(x),
         DType::F16 | DType::BF16 | DType::F64 => f(&x.to_dtype(DType::F32)?),
-        dtype => Err(QuantError::DType { op: "levels", dtype }.into()),
+        dtype => Err(QuantError::DType {
+            op: "levels",
+            dtype,
+        }
+        .into()),
     }
 }

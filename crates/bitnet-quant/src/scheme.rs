@@ -137,7 +137,11 @@ impl Granularity {
     /// Rejects a zero group size.
     pub fn validate(&self) -> Result<(), QuantError> {
         match *self {
-            Granularity::PerGroup(0) => Err(invalid("group_size", 0, "an integer >= 1 dividing the last dimension")),
+            Granularity::PerGroup(0) => Err(invalid(
+                "group_size",
+                0,
+                "an integer >= 1 dividing the last dimension",
+            )),
             _ => Ok(()),
         }
     }

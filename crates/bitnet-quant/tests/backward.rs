@@ -29,7 +29,9 @@ fn design_formula(e: Estimator, r: f32) -> f32 {
                 0.0
             }
         }
-        Estimator::SwishSign { beta: b } => b * (2.0 - b * r * (b * r / 2.0).tanh()) / (1.0 + (b * r).cosh()),
+        Estimator::SwishSign { beta: b } => {
+            b * (2.0 - b * r * (b * r / 2.0).tanh()) / (1.0 + (b * r).cosh())
+        }
     }
 }
 
@@ -49,14 +51,29 @@ fn grad_through(q: &Quantizer, xs: &[f32], us: &[f32], shape: (usize, usize)) ->
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::from_slice(xs, shape, &dev).unwrap()).unwrap();
     let u = Tensor::from_slice(us, shape, &dev).unwrap();
-    let loss = q.quantize(x.as_tensor()).unwrap().mul(&u).unwrap().sum_all().unwrap();
+    let loss = q
+        .quantize(x.as_tensor())
+        .unwrap()
+        .mul(&u)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
-    grads.get(&x).expect("the Var got no gradient").flatten_all().unwrap().to_vec1().unwrap()
+    grads
+        .get(&x)
+        .expect("the Var got no gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{name}[{i}]: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{name}[{i}]: got {g}, want {w}"
+        );
     }
 }
 
@@ -83,7 +100,11 @@ fn every_estimator_on_every_scheme_gives_the_formula() {
         for est in ESTIMATORS {
             let q = Quantizer::new(scheme, est).unwrap();
             let got = grad_through(&q, &XS, &US, (1, 10));
-            let want: Vec<f32> = XS.iter().zip(&US).map(|(&x, &u)| u * design_formula(est, x / n)).collect();
+            let want: Vec<f32> = XS
+                .iter()
+                .zip(&US)
+                .map(|(&x, &u)| u * design_formula(est, x / n))
+                .collect();
             assert_close(&format!("{scheme:?} {est:?}"), &got, &want, 1e-5);
         }
     }
@@ -94,10 +115,13 @@ fn estimator_gradient_uses_each_blocks_own_scale() {
     // Two rows with very different ranges: clipping at 1 must compare x / s_row.
     let xs = [0.1f32, -0.3, 0.05, 0.9, 10.0, -30.0, 5.0, 2.0];
     let us = [1.0f32; 8];
-    let q = Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Clipped { clip: 1.0 })
-        .unwrap()
-        .with_granularity(Granularity::PerChannel)
-        .unwrap();
+    let q = Quantizer::new(
+        Scheme::Binary { scaled: true },
+        Estimator::Clipped { clip: 1.0 },
+    )
+    .unwrap()
+    .with_granularity(Granularity::PerChannel)
+    .unwrap();
     let got = grad_through(&q, &xs, &us, (2, 4));
     // Row means 0.3375 and 11.75: |x / s| <= 1 for 0.1, 0.3, 0.05, 10, 5, 2; not for 0.9, -30.
     assert_eq!(got, vec![1., 1., 1., 0., 1., 0., 1., 1.]);
@@ -107,7 +131,10 @@ fn estimator_gradient_uses_each_blocks_own_scale() {
 fn blended_gradient_mixes_identity_and_estimator() {
     let lambda = 0.25f32;
     let est = Estimator::SoftTanh { temperature: 2.0 };
-    let q = Quantizer::new(Scheme::Binary { scaled: false }, est).unwrap().with_lambda(lambda).unwrap();
+    let q = Quantizer::new(Scheme::Binary { scaled: false }, est)
+        .unwrap()
+        .with_lambda(lambda)
+        .unwrap();
     let got = grad_through(&q, &XS, &US, (2, 5));
     let want: Vec<f32> = XS
         .iter()
@@ -122,32 +149,58 @@ fn soft_estimators_are_the_derivatives_of_their_surrogates() {
     // Finite differences of tanh(t x) and 2 sig(t x) - 1 against the kernels' gradients.
     let h = 1e-3f64;
     for (est, f) in [
-        (Estimator::SoftTanh { temperature: 1.5 }, (|t: f64, x: f64| (t * x).tanh()) as fn(f64, f64) -> f64),
-        (Estimator::SoftSigmoid { temperature: 1.5 }, |t, x| 2.0 / (1.0 + (-t * x).exp()) - 1.0),
+        (
+            Estimator::SoftTanh { temperature: 1.5 },
+            (|t: f64, x: f64| (t * x).tanh()) as fn(f64, f64) -> f64,
+        ),
+        (Estimator::SoftSigmoid { temperature: 1.5 }, |t, x| {
+            2.0 / (1.0 + (-t * x).exp()) - 1.0
+        }),
     ] {
         let q = Quantizer::new(Scheme::Binary { scaled: false }, est).unwrap();
         let got = grad_through(&q, &XS, &[1.0; 10], (1, 10));
         for (i, &x) in XS.iter().enumerate() {
             let fd = (f(1.5, x as f64 + h) - f(1.5, x as f64 - h)) / (2.0 * h);
-            assert!((got[i] as f64 - fd).abs() < 1e-4, "{est:?} at {x}: {} vs fd {fd}", got[i]);
+            assert!(
+                (got[i] as f64 - fd).abs() < 1e-4,
+                "{est:?} at {x}: {} vs fd {fd}",
+                got[i]
+            );
         }
     }
 }
 
 #[test]
 fn non_contiguous_gradients_match() {
-    let x0 = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().affine(0.2, -1.1).unwrap().reshape((3, 4)).unwrap();
+    let x0 = Tensor::arange(0f32, 12., &Device::Cpu)
+        .unwrap()
+        .affine(0.2, -1.1)
+        .unwrap()
+        .reshape((3, 4))
+        .unwrap();
     let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::ApproxSign)
         .unwrap()
         .with_granularity(Granularity::PerChannel)
         .unwrap();
-    let u = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((4, 3)).unwrap();
+    let u = Tensor::arange(0f32, 12., &Device::Cpu)
+        .unwrap()
+        .reshape((4, 3))
+        .unwrap();
     let g = |contiguous: bool| {
         let x = Var::from_tensor(&x0).unwrap();
         let xt = x.as_tensor().t().unwrap();
-        let xt = if contiguous { xt.contiguous().unwrap() } else { xt };
+        let xt = if contiguous {
+            xt.contiguous().unwrap()
+        } else {
+            xt
+        };
         let loss = q.quantize(&xt).unwrap().mul(&u).unwrap().sum_all().unwrap();
-        loss.backward().unwrap().get(&x).unwrap().to_vec2::<f32>().unwrap()
+        loss.backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
     };
     assert_eq!(g(false), g(true));
 }
@@ -156,12 +209,31 @@ fn non_contiguous_gradients_match() {
 fn candle_round_gives_no_gradient_but_our_op_does() {
     // The reason the quantizers are custom ops: `round` has a zero gradient in candle.
     let x = Var::new(&[0.3f32, -0.7, 1.2], &Device::Cpu).unwrap();
-    let plain = x.as_tensor().round().unwrap().sum_all().unwrap().backward().unwrap();
+    let plain = x
+        .as_tensor()
+        .round()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let plain = plain.get(&x).map(|g| g.to_vec1::<f32>().unwrap());
-    assert!(plain.as_ref().is_none_or(|g| g.iter().all(|&v| v == 0.0)), "{plain:?}");
+    assert!(
+        plain.as_ref().is_none_or(|g| g.iter().all(|&v| v == 0.0)),
+        "{plain:?}"
+    );
     let q = Quantizer::new(Scheme::MultiBit { bits: 4 }, Estimator::Identity).unwrap();
-    let ours = q.quantize(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(ours.get(&x).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 1.0, 1.0]);
+    let ours = q
+        .quantize(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        ours.get(&x).unwrap().to_vec1::<f32>().unwrap(),
+        vec![1.0, 1.0, 1.0]
+    );
 }
 
 #[test]
@@ -170,22 +242,36 @@ fn learnable_temperature_gradients_match_finite_differences() {
     let xs = [-1.2f32, -0.4, -0.05, 0.0, 0.3, 0.8, 1.5, -2.0];
     let us = [0.5f32, -1.0, 2.0, 1.0, 0.3, -0.7, 1.2, 0.9];
     let u = Tensor::new(&us, &dev).unwrap();
-    for scheme in [Scheme::Binary { scaled: false }, Scheme::Binary { scaled: true }, Scheme::TernaryAbsmean] {
+    for scheme in [
+        Scheme::Binary { scaled: false },
+        Scheme::Binary { scaled: true },
+        Scheme::TernaryAbsmean,
+    ] {
         let q = Quantizer::new(scheme, Estimator::Identity).unwrap();
         let x = Var::new(&xs, &dev).unwrap();
         let t = Var::new(&[1.7f32], &dev).unwrap();
         let loss = |x: &Tensor, t: &Tensor| -> f64 {
             let y = q.quantize_learnable(x, t, 0.0).unwrap();
-            y.mul(&u).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+            y.mul(&u)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
-        let y = q.quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0).unwrap();
+        let y = q
+            .quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0)
+            .unwrap();
         let grads = y.mul(&u).unwrap().sum_all().unwrap().backward().unwrap();
         let gt = grads.get(&t).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         let h = 1e-2f32;
         let tp = Tensor::new(&[1.7f32 + h], &dev).unwrap();
         let tm = Tensor::new(&[1.7f32 - h], &dev).unwrap();
         let fd_t = (loss(x.as_tensor(), &tp) - loss(x.as_tensor(), &tm)) / (2.0 * h as f64);
-        assert!((gt - fd_t).abs() < 2e-3 * fd_t.abs().max(1.0), "{scheme:?} dt: {gt} vs fd {fd_t}");
+        assert!(
+            (gt - fd_t).abs() < 2e-3 * fd_t.abs().max(1.0),
+            "{scheme:?} dt: {gt} vs fd {fd_t}"
+        );
         // d/dx with the scale held fixed is only exact for unscaled binary (the scale is a
         // constant for autograd but moves under finite differences).
         if scheme == (Scheme::Binary { scaled: false }) {
@@ -198,7 +284,11 @@ fn learnable_temperature_gradients_match_finite_differences() {
                 let fd = (loss(&Tensor::new(&p, &dev).unwrap(), t.as_tensor())
                     - loss(&Tensor::new(&m, &dev).unwrap(), t.as_tensor()))
                     / (2.0 * h as f64);
-                assert!((gx[i] as f64 - fd).abs() < 2e-3, "dx[{i}]: {} vs fd {fd}", gx[i]);
+                assert!(
+                    (gx[i] as f64 - fd).abs() < 2e-3,
+                    "dx[{i}]: {} vs fd {fd}",
+                    gx[i]
+                );
             }
         }
     }
@@ -210,9 +300,17 @@ fn learnable_binary_matches_design_formula_and_hardness_reaches_the_hard_quantiz
     let q = Quantizer::new(Scheme::Binary { scaled: false }, Estimator::Identity).unwrap();
     let x = Var::new(&XS, &dev).unwrap();
     let t = Var::new(&[2.0f32], &dev).unwrap();
-    let y = q.quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0).unwrap();
+    let y = q
+        .quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0)
+        .unwrap();
     let yv = y.to_vec1::<f32>().unwrap();
-    let grads = y.mul(&Tensor::new(&US, &dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = y
+        .mul(&Tensor::new(&US, &dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let gx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
     let gt = grads.get(&t).unwrap().to_vec1::<f32>().unwrap()[0];
     let mut want_t = 0f32;
@@ -222,13 +320,25 @@ fn learnable_binary_matches_design_formula_and_hardness_reaches_the_hard_quantiz
         want_t += US[i] * XS[i] * sech2(2.0 * XS[i]);
     }
     assert!((gt - want_t).abs() < 1e-5, "{gt} vs {want_t}");
-    let hard = q.quantize_learnable(x.as_tensor(), t.as_tensor(), 1.0).unwrap().to_vec1::<f32>().unwrap();
-    let sign: Vec<f32> = XS.iter().map(|&v| if v >= 0.0 { 1.0 } else { -1.0 }).collect();
+    let hard = q
+        .quantize_learnable(x.as_tensor(), t.as_tensor(), 1.0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let sign: Vec<f32> = XS
+        .iter()
+        .map(|&v| if v >= 0.0 { 1.0 } else { -1.0 })
+        .collect();
     assert_eq!(hard, sign);
-    let e = q.quantize_learnable(x.as_tensor(), t.as_tensor(), 1.5).unwrap_err().to_string();
+    let e = q
+        .quantize_learnable(x.as_tensor(), t.as_tensor(), 1.5)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`hardness`"), "{e}");
     let multi = Quantizer::new(Scheme::MultiBit { bits: 4 }, Estimator::Identity).unwrap();
-    assert!(multi.quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0).is_err());
+    assert!(multi
+        .quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0)
+        .is_err());
 }
 
 #[test]
@@ -241,9 +351,21 @@ fn lsq_gradients_follow_the_paper() {
     let x = Var::new(&xs, &dev).unwrap();
     let s = Var::new(&[0.5f32], &dev).unwrap();
     let y = lsq_quantize(x.as_tensor(), s.as_tensor(), op).unwrap();
-    assert_eq!(y.to_vec1::<f32>().unwrap(), vec![-2.0, -0.5, 0.0, 0.5, 1.0, 1.5]);
-    let grads = y.mul(&Tensor::new(&us, &dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>().unwrap(), vec![0.0, 2.0, -1.0, 0.5, 1.0, 0.0]);
+    assert_eq!(
+        y.to_vec1::<f32>().unwrap(),
+        vec![-2.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    );
+    let grads = y
+        .mul(&Tensor::new(&us, &dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.0, 2.0, -1.0, 0.5, 1.0, 0.0]
+    );
     // ds: u * (qmin | round(r) - r | qmax): 1*-4 + 2*(-1+1.2) + -1*(0-0.3) + .5*(1-.8) + 1*(2-1.5) + 3*3
     let raw = -4.0 + 2.0 * 0.2 + 0.3 + 0.5 * 0.2 + 0.5 + 9.0;
     let want = raw / (6.0f32 * 3.0).sqrt();

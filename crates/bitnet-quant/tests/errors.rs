@@ -31,19 +31,51 @@ fn invalid_configs_name_their_field() {
                 id,
             ),
         ),
-        ("clip", Quantizer::new(ter, Estimator::Clipped { clip: 0.0 })),
-        ("temperature", Quantizer::new(ter, Estimator::SoftTanh { temperature: -1.0 })),
-        ("temperature", Quantizer::new(ter, Estimator::SoftSigmoid { temperature: f32::INFINITY })),
-        ("beta", Quantizer::new(ter, Estimator::SwishSign { beta: 0.0 })),
-        ("group_size", Quantizer::new(ter, id).and_then(|q| q.with_granularity(Granularity::PerGroup(0)))),
-        ("lambda", Quantizer::new(ter, id).and_then(|q| q.with_lambda(1.5))),
+        (
+            "clip",
+            Quantizer::new(ter, Estimator::Clipped { clip: 0.0 }),
+        ),
+        (
+            "temperature",
+            Quantizer::new(ter, Estimator::SoftTanh { temperature: -1.0 }),
+        ),
+        (
+            "temperature",
+            Quantizer::new(
+                ter,
+                Estimator::SoftSigmoid {
+                    temperature: f32::INFINITY,
+                },
+            ),
+        ),
+        (
+            "beta",
+            Quantizer::new(ter, Estimator::SwishSign { beta: 0.0 }),
+        ),
+        (
+            "group_size",
+            Quantizer::new(ter, id).and_then(|q| q.with_granularity(Granularity::PerGroup(0))),
+        ),
+        (
+            "lambda",
+            Quantizer::new(ter, id).and_then(|q| q.with_lambda(1.5)),
+        ),
     ];
     for (field, r) in cases {
         let e = r.expect_err(field).to_string();
-        assert!(e.contains(&format!("`{field}`")), "error for {field} does not name it: {e}");
-        assert!(e.contains("allowed"), "error for {field} gives no range: {e}");
+        assert!(
+            e.contains(&format!("`{field}`")),
+            "error for {field} does not name it: {e}"
+        );
+        assert!(
+            e.contains("allowed"),
+            "error for {field} gives no range: {e}"
+        );
     }
-    assert!(LsqOp::new(1, Granularity::PerTensor).unwrap_err().to_string().contains("`bits`"));
+    assert!(LsqOp::new(1, Granularity::PerTensor)
+        .unwrap_err()
+        .to_string()
+        .contains("`bits`"));
 }
 
 #[test]
@@ -53,17 +85,32 @@ fn bad_inputs_are_errors() {
     let grouped = qz.with_granularity(Granularity::PerGroup(3)).unwrap();
     let x4 = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
     let e = grouped.quantize(&x4).unwrap_err().to_string();
-    assert!(e.contains("group_size") && e.contains("last dimension 4"), "{e}");
+    assert!(
+        e.contains("group_size") && e.contains("last dimension 4"),
+        "{e}"
+    );
 
     let empty = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
-    assert!(qz.quantize(&empty).unwrap_err().to_string().contains("empty"));
+    assert!(qz
+        .quantize(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
 
     let ints = Tensor::new(&[1u32, 2], &dev).unwrap();
-    assert!(qz.quantize(&ints).unwrap_err().to_string().contains("dtype"));
+    assert!(qz
+        .quantize(&ints)
+        .unwrap_err()
+        .to_string()
+        .contains("dtype"));
 
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let x = Tensor::new(&[0.5f32, bad, 1.0, bad], &dev).unwrap();
-        for scheme in [Scheme::TernaryAbsmean, Scheme::Binary { scaled: false }, Scheme::Int8PerToken] {
+        for scheme in [
+            Scheme::TernaryAbsmean,
+            Scheme::Binary { scaled: false },
+            Scheme::Int8PerToken,
+        ] {
             let q = Quantizer::new(scheme, Estimator::Identity).unwrap();
             let e = q.quantize(&x).unwrap_err().to_string();
             assert!(e.contains("2 NaN or infinite"), "{scheme:?} {bad}: {e}");

@@ -9,7 +9,12 @@ fn q(scheme: Scheme, g: Granularity, x: &[f32], shape: (usize, usize)) -> Vec<f3
         .unwrap()
         .with_granularity(g)
         .unwrap();
-    qz.quantize(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    qz.quantize(&t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -60,7 +65,10 @@ fn forward_table() {
         let got = q(scheme, gran, &x, shape);
         assert_eq!(got.len(), want.len(), "{name}");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{name}[{i}]: got {g}, want {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{name}[{i}]: got {g}, want {w}"
+            );
         }
     }
 }
@@ -70,13 +78,21 @@ fn absmean_rounds_at_half_of_the_scale() {
     // Values just below and above half of (g + eps) round to 0 and 1.
     let g = 1.0f32;
     let half = 0.5 * (g + EPS);
-    let x = [half * 0.999, half * 1.001, -half * 1.001, 4.0 - half * 0.999 - half * 1.001 - half * 1.001];
+    let x = [
+        half * 0.999,
+        half * 1.001,
+        -half * 1.001,
+        4.0 - half * 0.999 - half * 1.001 - half * 1.001,
+    ];
     // mean|x| = 1 by construction of the last value.
     let got = q(Scheme::TernaryAbsmean, Granularity::PerTensor, &x, (1, 4));
     let s: f32 = x.iter().map(|v| v.abs()).sum::<f32>() / 4.0;
     assert!((s - 1.0).abs() < 1e-6);
     assert_eq!(got[0], 0.0);
-    assert!((got[1] - s).abs() < 1e-6 && (got[2] + s).abs() < 1e-6, "{got:?}");
+    assert!(
+        (got[1] - s).abs() < 1e-6 && (got[2] + s).abs() < 1e-6,
+        "{got:?}"
+    );
 }
 
 #[test]
@@ -104,11 +120,26 @@ fn non_contiguous_input_matches_its_contiguous_copy() {
         .unwrap();
     let xt = x.t().unwrap(); // 6 x 4, strided
     assert!(!xt.is_contiguous());
-    for scheme in [Scheme::TernaryAbsmean, Scheme::Int8PerToken, Scheme::MultiBit { bits: 4 }] {
-        for g in [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(2)] {
-            let qz = Quantizer::new(scheme, Estimator::Identity).unwrap().with_granularity(g).unwrap();
+    for scheme in [
+        Scheme::TernaryAbsmean,
+        Scheme::Int8PerToken,
+        Scheme::MultiBit { bits: 4 },
+    ] {
+        for g in [
+            Granularity::PerTensor,
+            Granularity::PerChannel,
+            Granularity::PerGroup(2),
+        ] {
+            let qz = Quantizer::new(scheme, Estimator::Identity)
+                .unwrap()
+                .with_granularity(g)
+                .unwrap();
             let a = qz.quantize(&xt).unwrap().to_vec2::<f32>().unwrap();
-            let b = qz.quantize(&xt.contiguous().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            let b = qz
+                .quantize(&xt.contiguous().unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             assert_eq!(a, b, "{scheme:?} {g:?}");
         }
     }
@@ -120,10 +151,20 @@ fn blend_interpolates_between_input_and_quantized() {
     let base = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity).unwrap();
     let full = base.quantize(&x).unwrap().to_vec2::<f32>().unwrap()[0].clone();
     for lambda in [0.0f32, 0.25, 0.5, 1.0] {
-        let y = base.with_lambda(lambda).unwrap().quantize(&x).unwrap().to_vec2::<f32>().unwrap();
+        let y = base
+            .with_lambda(lambda)
+            .unwrap()
+            .quantize(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for (i, xv) in [0.4f32, -0.1, 0.0, -0.9].iter().enumerate() {
             let want = xv + lambda * (full[i] - xv);
-            assert!((y[0][i] - want).abs() < 1e-6, "lambda {lambda}: {} vs {want}", y[0][i]);
+            assert!(
+                (y[0][i] - want).abs() < 1e-6,
+                "lambda {lambda}: {} vs {want}",
+                y[0][i]
+            );
         }
     }
 }

@@ -23,7 +23,13 @@ fn schemes() -> impl Strategy<Value = Scheme> {
 }
 
 fn matrix() -> impl Strategy<Value = (usize, usize, Vec<f32>)> {
-    (1usize..6, 1usize..9).prop_flat_map(|(r, c)| (Just(r), Just(c), proptest::collection::vec(-3.0f32..3.0, r * c)))
+    (1usize..6, 1usize..9).prop_flat_map(|(r, c)| {
+        (
+            Just(r),
+            Just(c),
+            proptest::collection::vec(-3.0f32..3.0, r * c),
+        )
+    })
 }
 
 proptest! {

@@ -79,14 +79,16 @@ impl QATConfig {
 
     /// Parses TOML and validates.
     pub fn from_toml_str(s: &str) -> Result<Self, TrainingError> {
-        let cfg: Self = toml::from_str(s).map_err(|e| TrainingError::Parse(format!("QATConfig TOML: {e}")))?;
+        let cfg: Self =
+            toml::from_str(s).map_err(|e| TrainingError::Parse(format!("QATConfig TOML: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses JSON and validates.
     pub fn from_json_str(s: &str) -> Result<Self, TrainingError> {
-        let cfg: Self = serde_json::from_str(s).map_err(|e| TrainingError::Parse(format!("QATConfig JSON: {e}")))?;
+        let cfg: Self = serde_json::from_str(s)
+            .map_err(|e| TrainingError::Parse(format!("QATConfig JSON: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -112,7 +114,9 @@ impl QATConfig {
     /// The weight quantizer this config describes (`None` for full precision).
     pub fn weight_quantizer(&self) -> Result<Option<Quantizer>, TrainingError> {
         self.weight
-            .map(|s| Quantizer::new(s, self.ste.estimator())?.with_granularity(self.weight_granularity))
+            .map(|s| {
+                Quantizer::new(s, self.ste.estimator())?.with_granularity(self.weight_granularity)
+            })
             .transpose()
             .map_err(TrainingError::from)
     }
@@ -120,7 +124,10 @@ impl QATConfig {
     /// The activation quantizer (straight-through; `None` for full precision).
     pub fn activation_quantizer(&self) -> Result<Option<Quantizer>, TrainingError> {
         self.activation
-            .map(|s| Quantizer::new(s, Estimator::Identity)?.with_granularity(self.activation_granularity))
+            .map(|s| {
+                Quantizer::new(s, Estimator::Identity)?
+                    .with_granularity(self.activation_granularity)
+            })
             .transpose()
             .map_err(TrainingError::from)
     }
@@ -132,7 +139,12 @@ impl QATConfig {
         self.hardness.validate()?;
         self.weight_quantizer()?;
         self.activation_quantizer()?;
-        if self.ste.is_learnable() && matches!(self.weight, Some(Scheme::MultiBit { .. } | Scheme::Int8PerToken)) {
+        if self.ste.is_learnable()
+            && matches!(
+                self.weight,
+                Some(Scheme::MultiBit { .. } | Scheme::Int8PerToken)
+            )
+        {
             return Err(TrainingError::InvalidConfig {
                 field: "ste.variant",
                 value: "Learnable".into(),

@@ -33,7 +33,9 @@ pub fn reseed(vm: &VarMap, seed: u64) -> Result<()> {
         if name.ends_with("weight") && dims.len() == 2 {
             let std = (2.0 / dims[1] as f64).sqrt();
             let v = normal(&mut rng, dims[0] * dims[1], std);
-            var.set(&Tensor::from_vec(v, (dims[0], dims[1]), var.device())?.to_dtype(var.dtype())?)?;
+            var.set(
+                &Tensor::from_vec(v, (dims[0], dims[1]), var.device())?.to_dtype(var.dtype())?,
+            )?;
         } else if name.ends_with("bias") && dims.len() == 1 {
             let fan_in = name
                 .strip_suffix("bias")
@@ -41,7 +43,9 @@ pub fn reseed(vm: &VarMap, seed: u64) -> Result<()> {
                 .and_then(|w| w.dims().get(1).copied())
                 .unwrap_or(dims[0]);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let v: Vec<f32> = (0..dims[0]).map(|_| rng.random_range(-bound..bound) as f32).collect();
+            let v: Vec<f32> = (0..dims[0])
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
             var.set(&Tensor::from_vec(v, dims[0], var.device())?.to_dtype(var.dtype())?)?;
         }
     }
@@ -62,7 +66,14 @@ mod tests {
             candle_nn::linear(400, 300, vb.pp("fc")).unwrap();
             reseed(&vm, seed).unwrap();
             let d = vm.data().lock().unwrap();
-            (d["fc.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), d["fc.bias"].to_vec1::<f32>().unwrap())
+            (
+                d["fc.weight"]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                d["fc.bias"].to_vec1::<f32>().unwrap(),
+            )
         };
         let (a, ab) = build(7);
         let (b, _) = build(7);
@@ -73,7 +84,10 @@ mod tests {
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
         let std = (a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         let want = (2.0f64 / 400.0).sqrt();
-        assert!(mean.abs() < 3e-3 && (std - want).abs() < 0.01 * want, "mean {mean} std {std} want {want}");
+        assert!(
+            mean.abs() < 3e-3 && (std - want).abs() < 0.01 * want,
+            "mean {mean} std {std} want {want}"
+        );
         assert!(ab.iter().all(|&v| v.abs() <= 0.05) && ab.iter().any(|&v| v.abs() > 0.04));
     }
 }

@@ -52,7 +52,9 @@ impl LambdaSchedule {
             {
                 Err(invalid("lambda.steps", steps, "an integer >= 1"))
             }
-            LambdaSchedule::Exponential { k, .. } | LambdaSchedule::Sigmoid { k, .. } if !(k.is_finite() && k > 0.0) => {
+            LambdaSchedule::Exponential { k, .. } | LambdaSchedule::Sigmoid { k, .. }
+                if !(k.is_finite() && k > 0.0) =>
+            {
                 Err(invalid("lambda.k", k, "a finite number > 0"))
             }
             _ => Ok(()),
@@ -84,7 +86,10 @@ pub struct HardnessSchedule {
 
 impl Default for HardnessSchedule {
     fn default() -> Self {
-        Self { start: 0.0, steps: 1000 }
+        Self {
+            start: 0.0,
+            steps: 1000,
+        }
     }
 }
 
@@ -129,11 +134,26 @@ mod tests {
             (LambdaSchedule::Step { steps: 10 }, 10, 1.0),
         ];
         for (s, step, want) in cases {
-            assert!((s.value(step) - want).abs() < 1e-6, "{s:?} at {step}: {}", s.value(step));
+            assert!(
+                (s.value(step) - want).abs() < 1e-6,
+                "{s:?} at {step}: {}",
+                s.value(step)
+            );
         }
         assert!((sig_mid - 0.5).abs() < 1e-6);
-        assert!(LambdaSchedule::Linear { steps: 0 }.validate().unwrap_err().to_string().contains("lambda.steps"));
+        assert!(LambdaSchedule::Linear { steps: 0 }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lambda.steps"));
         assert!(LambdaSchedule::Constant { value: 2.0 }.validate().is_err());
-        assert_eq!(HardnessSchedule { start: 0.2, steps: 10 }.value(5), 0.6);
+        assert_eq!(
+            HardnessSchedule {
+                start: 0.2,
+                steps: 10
+            }
+            .value(5),
+            0.6
+        );
     }
 }

@@ -11,7 +11,12 @@ pub trait QuantLinear {
     /// The latent full-precision weight `[out, in]` the optimizer updates.
     fn latent_weight(&self) -> &Tensor;
     /// The forward with `weight` (already quantized) and activations quantized by `act`.
-    fn forward_quantized(&self, x: &Tensor, weight: &Tensor, act: Option<&Quantizer>) -> Result<Tensor>;
+    fn forward_quantized(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor>;
 }
 
 impl QuantLinear for BitLinear {
@@ -19,7 +24,12 @@ impl QuantLinear for BitLinear {
         self.weight()
     }
 
-    fn forward_quantized(&self, x: &Tensor, weight: &Tensor, act: Option<&Quantizer>) -> Result<Tensor> {
+    fn forward_quantized(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor> {
         let x = self.prepare_input(x, act)?;
         self.project(&x, weight)
     }
@@ -61,7 +71,11 @@ impl<M: QuantLinear> QATLayer<M> {
     pub fn new(inner: M, config: QATConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let temperature = if config.ste.is_learnable() && config.weight.is_some() {
-            Some(vb.get_with_hints(1, "ste_temperature", candle_nn::Init::Const(config.ste.temperature as f64))?)
+            Some(vb.get_with_hints(
+                1,
+                "ste_temperature",
+                candle_nn::Init::Const(config.ste.temperature as f64),
+            )?)
         } else {
             None
         };
@@ -114,7 +128,9 @@ impl<M: QuantLinear> QATLayer<M> {
         let w = self.inner.latent_weight();
         match (self.weight_quantizer()?, &self.temperature) {
             (None, _) => Ok(w.clone()),
-            (Some(q), Some(t)) => q.quantize_learnable(w, t, self.config.hardness.value(self.step())),
+            (Some(q), Some(t)) => {
+                q.quantize_learnable(w, t, self.config.hardness.value(self.step()))
+            }
             (Some(q), None) => q.quantize(w),
         }
     }
@@ -122,7 +138,12 @@ impl<M: QuantLinear> QATLayer<M> {
 
 impl QATLayer<BitLinear> {
     /// A BitNet b1.58 layer `in -> out` under `config`, variables under `vb`.
-    pub fn bitlinear(in_dim: usize, out_dim: usize, config: QATConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn bitlinear(
+        in_dim: usize,
+        out_dim: usize,
+        config: QATConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let inner = BitLinear::new(in_dim, out_dim, vb.clone())?;
         Self::new(inner, config, vb)
     }

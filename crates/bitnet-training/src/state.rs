@@ -56,7 +56,11 @@ pub struct LayerStats {
 }
 
 fn l2(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt())
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .sqrt())
 }
 
 /// Records [`LayerStats`], keeps the previous levels for flip ratios, and optionally appends
@@ -92,12 +96,18 @@ impl StateTracker {
     }
 
     /// Computes one record per layer at `step`.
-    pub fn record(&mut self, step: usize, layers: &[&dyn Tracked], grads: Option<&GradStore>) -> Result<Vec<LayerStats>> {
+    pub fn record(
+        &mut self,
+        step: usize,
+        layers: &[&dyn Tracked],
+        grads: Option<&GradStore>,
+    ) -> Result<Vec<LayerStats>> {
         let mut out = Vec::with_capacity(layers.len());
         for layer in layers {
             let stats = self.layer_stats(step, *layer, grads)?;
             if let Some((path, w)) = &mut self.log {
-                let line = serde_json::to_string(&stats).map_err(|e| TrainingError::Parse(e.to_string()))?;
+                let line = serde_json::to_string(&stats)
+                    .map_err(|e| TrainingError::Parse(e.to_string()))?;
                 writeln!(w, "{line}").map_err(|source| TrainingError::Io {
                     path: path.clone(),
                     source,
@@ -116,7 +126,12 @@ impl StateTracker {
         Ok(out)
     }
 
-    fn layer_stats(&mut self, step: usize, layer: &dyn Tracked, grads: Option<&GradStore>) -> Result<LayerStats> {
+    fn layer_stats(
+        &mut self,
+        step: usize,
+        layer: &dyn Tracked,
+        grads: Option<&GradStore>,
+    ) -> Result<LayerStats> {
         let w = layer.latent_weight();
         let grad_norm = grads.and_then(|g| g.get(w)).map(l2).transpose()?;
         let latent_norm = l2(w)?;
@@ -141,10 +156,14 @@ impl StateTracker {
             .into_iter()
             .map(|(l, c)| (l, c as f64 / n))
             .collect();
-        let flip_ratio = self.previous.get(&name).filter(|p| p.len() == levels.len()).map(|prev| {
-            let flips = prev.iter().zip(&levels).filter(|(a, b)| a != b).count();
-            flips as f64 / n
-        });
+        let flip_ratio = self
+            .previous
+            .get(&name)
+            .filter(|p| p.len() == levels.len())
+            .map(|prev| {
+                let flips = prev.iter().zip(&levels).filter(|(a, b)| a != b).count();
+                flips as f64 / n
+            });
         let scales: Vec<f64> = params.chunks(2).map(|p| p[0] as f64).collect();
         let scale = scales.iter().sum::<f64>() / scales.len() as f64;
         let stats = LayerStats {
@@ -174,7 +193,12 @@ impl StateTracker {
             "layer", "step", "share -1/0/+1", "flips", "sqnr dB", "scale", "|w|", "|grad|"
         );
         for st in self.latest.values() {
-            let share = |l: i8| st.level_shares.iter().find(|(x, _)| *x == l).map_or(0.0, |(_, v)| *v);
+            let share = |l: i8| {
+                st.level_shares
+                    .iter()
+                    .find(|(x, _)| *x == l)
+                    .map_or(0.0, |(_, v)| *v)
+            };
             let shares = if st.level_shares.is_empty() {
                 "fp".to_string()
             } else if st.level_shares.iter().all(|(l, _)| (-1..=1).contains(l)) {

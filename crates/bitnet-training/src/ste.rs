@@ -95,7 +95,11 @@ mod tests {
         let cases = [
             (STEVariant::Standard, Estimator::Identity, false),
             (STEVariant::Clipped, Estimator::Clipped { clip: 0.5 }, false),
-            (STEVariant::Soft, Estimator::SoftTanh { temperature: 3.0 }, false),
+            (
+                STEVariant::Soft,
+                Estimator::SoftTanh { temperature: 3.0 },
+                false,
+            ),
             (STEVariant::Learnable, Estimator::Identity, true),
         ];
         for (v, e, learn) in cases {
@@ -106,6 +110,10 @@ mod tests {
             temperature: 0.0,
             ..STEConfig::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("ste.temperature"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ste.temperature"));
     }
 }

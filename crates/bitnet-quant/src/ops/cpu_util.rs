@@ -7,7 +7,11 @@ use std::borrow::Cow;
 
 /// The values of an f32 storage in logical (row-major) order: borrowed when contiguous, gathered
 /// through the strides otherwise (transposes, broadcasts, narrows).
-pub(crate) fn f32_values<'a>(op: &'static str, s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+pub(crate) fn f32_values<'a>(
+    op: &'static str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<Cow<'a, [f32]>> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => {
@@ -21,7 +25,12 @@ pub(crate) fn f32_values<'a>(op: &'static str, s: &'a CpuStorage, l: &Layout) ->
     if let Some((a, b)) = l.contiguous_offsets() {
         return Ok(Cow::Borrowed(&data[a..b]));
     }
-    Ok(Cow::Owned(gather(data, l.dims(), l.stride(), l.start_offset())))
+    Ok(Cow::Owned(gather(
+        data,
+        l.dims(),
+        l.stride(),
+        l.start_offset(),
+    )))
 }
 
 fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<f32> {
@@ -112,7 +121,13 @@ mod tests {
 
     #[test]
     fn segments_cover_every_index_once_with_its_block() {
-        for (n, block) in [(10, 3), (10, 10), (100_000, 7), (100_000, 100_000), (70_000, 20_000)] {
+        for (n, block) in [
+            (10, 3),
+            (10, 10),
+            (100_000, 7),
+            (100_000, 100_000),
+            (70_000, 20_000),
+        ] {
             let mut out = vec![-1.0f32; n];
             for_block_segments(&mut out, block, |b, start, seg| {
                 for (i, o) in seg.iter_mut().enumerate() {
@@ -121,7 +136,10 @@ mod tests {
                     *o = b as f32;
                 }
             });
-            assert!(out.iter().enumerate().all(|(i, &o)| o == (i / block) as f32));
+            assert!(out
+                .iter()
+                .enumerate()
+                .all(|(i, &o)| o == (i / block) as f32));
         }
     }
 
@@ -129,7 +147,10 @@ mod tests {
     fn gather_follows_strides() {
         // A 2x3 row-major buffer read as its transpose (3x2, strides [1, 3]).
         let data = [0., 1., 2., 3., 4., 5.];
-        assert_eq!(gather(&data, &[3, 2], &[1, 3], 0), vec![0., 3., 1., 4., 2., 5.]);
+        assert_eq!(
+            gather(&data, &[3, 2], &[1, 3], 0),
+            vec![0., 3., 1., 4., 2., 5.]
+        );
         // A broadcast row (stride 0) and an offset.
         assert_eq!(gather(&data, &[2, 2], &[0, 1], 4), vec![4., 5., 4., 5.]);
     }

@@ -118,7 +118,9 @@ impl Kind {
                     0
                 }
             }
-            Kind::Int { qmax } => (x * (qmax / aux)).round_ties_even().clamp(-qmax - 1.0, qmax) as i32,
+            Kind::Int { qmax } => (x * (qmax / aux))
+                .round_ties_even()
+                .clamp(-qmax - 1.0, qmax) as i32,
         }
     }
 
@@ -143,7 +145,11 @@ impl Kind {
         match *self {
             Kind::Binary { scaled } => (scaled as u32, 0.0, 0.0),
             Kind::Absmean => (2, 0.0, 0.0),
-            Kind::Threshold { fixed, scaled } => (3 + 2 * fixed.is_none() as u32 + scaled as u32, fixed.unwrap_or(0.0), 0.0),
+            Kind::Threshold { fixed, scaled } => (
+                3 + 2 * fixed.is_none() as u32 + scaled as u32,
+                fixed.unwrap_or(0.0),
+                0.0,
+            ),
             Kind::Int { qmax } => (7, 0.0, qmax),
         }
     }

@@ -182,7 +182,10 @@ impl CustomOp3 for LearnableGradOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let block = self.0.granularity.block_size(n, crate::ops::cpu_util::last_dim(l1))?;
+        let block = self
+            .0
+            .granularity
+            .block_size(n, crate::ops::cpu_util::last_dim(l1))?;
         let t = temperature(self.name(), s2, l2)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let rest = f32_values(self.name(), s3, l3)?;
@@ -194,6 +197,11 @@ impl CustomOp3 for LearnableGradOp {
 
 /// Applies the learnable surrogate: `t` is a one-value tensor (usually a `Var`), `params` the
 /// `[blocks, 2]` output of [`scales`](crate::ops::scales::scales).
-pub fn learnable_quantize(x: &Tensor, t: &Tensor, params: &Tensor, op: LearnableOp) -> Result<Tensor> {
+pub fn learnable_quantize(
+    x: &Tensor,
+    t: &Tensor,
+    params: &Tensor,
+    op: LearnableOp,
+) -> Result<Tensor> {
     x.apply_op3(t, params, op)
 }

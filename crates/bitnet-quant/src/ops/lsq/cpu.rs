@@ -27,7 +27,11 @@ pub(crate) fn backward(qmax: f32, xs: &[f32], steps: &[f32], us: &[f32], block: 
         let s = steps[b].max(EPS);
         for (i, o) in seg.iter_mut().enumerate() {
             let r = xs[start + i] / s;
-            *o = if (qmin..=qmax).contains(&r) { us[start + i] } else { 0.0 };
+            *o = if (qmin..=qmax).contains(&r) {
+                us[start + i]
+            } else {
+                0.0
+            };
         }
     });
     // LSQ's gradient scale keeps the step's updates in proportion to the weights' (Esser et al.).

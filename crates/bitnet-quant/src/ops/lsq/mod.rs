@@ -37,7 +37,12 @@ impl LsqOp {
         if ls.shape().elem_count() != n / block {
             return Err(QuantError::Shape {
                 op: name,
-                what: format!("{} blocks need {} step sizes, got shape {:?}", n / block, n / block, ls.shape()),
+                what: format!(
+                    "{} blocks need {} step sizes, got shape {:?}",
+                    n / block,
+                    n / block,
+                    ls.shape()
+                ),
             }
             .into());
         }
@@ -59,14 +64,29 @@ impl CustomOp2 for LsqOp {
         "bitnet-lsq"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let block = self.block(self.name(), l1, l2)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ss = f32_values(self.name(), s2, l2)?;
-        Ok((CpuStorage::F32(cpu::forward(self.qmax, &xs, &ss, block)), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(cpu::forward(self.qmax, &xs, &ss, block)),
+            l1.shape().clone(),
+        ))
     }
 
-    fn bwd(&self, x: &Tensor, s: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = x.elem_count();
         let both = x.apply_op3_no_bwd(s, grad, &LsqGradOp(*self))?;
         let gx = both.narrow(0, 0, n)?.reshape(x.shape())?;

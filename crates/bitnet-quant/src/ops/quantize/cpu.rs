@@ -4,17 +4,29 @@ use crate::ops::cpu_util::for_block_segments;
 use crate::ops::math::{blend, EstKind, Kind};
 
 /// `blend(x, q(x), lambda)` for every value, `params` holding `(s, aux)` per block.
-pub(crate) fn forward(kind: Kind, xs: &[f32], params: &[f32], block: usize, lambda: f32) -> Vec<f32> {
+pub(crate) fn forward(
+    kind: Kind,
+    xs: &[f32],
+    params: &[f32],
+    block: usize,
+    lambda: f32,
+) -> Vec<f32> {
     let mut out = vec![0f32; xs.len()];
     for_block_segments(&mut out, block, |b, start, seg| {
         let (s, aux) = (params[2 * b], params[2 * b + 1]);
         let xs = &xs[start..start + seg.len()];
         // One arm per kind so that each inner loop is branch-free and vectorises.
         match kind {
-            Kind::Binary { .. } => map(seg, xs, lambda, |x| Kind::Binary { scaled: true }.quantize(x, s, aux)),
+            Kind::Binary { .. } => map(seg, xs, lambda, |x| {
+                Kind::Binary { scaled: true }.quantize(x, s, aux)
+            }),
             Kind::Absmean => map(seg, xs, lambda, |x| Kind::Absmean.quantize(x, s, aux)),
             Kind::Threshold { .. } => map(seg, xs, lambda, |x| {
-                Kind::Threshold { fixed: None, scaled: true }.quantize(x, s, aux)
+                Kind::Threshold {
+                    fixed: None,
+                    scaled: true,
+                }
+                .quantize(x, s, aux)
             }),
             Kind::Int { qmax } => map(seg, xs, lambda, |x| Kind::Int { qmax }.quantize(x, s, aux)),
         }

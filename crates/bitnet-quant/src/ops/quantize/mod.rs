@@ -20,14 +20,24 @@ pub struct QuantizeOp {
 }
 
 /// Block size of `x` and a check that `params` has one `(s, aux)` row per block.
-pub(crate) fn checked_block(op: &'static str, g: Granularity, lx: &Layout, lp: &Layout) -> Result<usize> {
+pub(crate) fn checked_block(
+    op: &'static str,
+    g: Granularity,
+    lx: &Layout,
+    lp: &Layout,
+) -> Result<usize> {
     non_empty(op, lx)?;
     let n = lx.shape().elem_count();
     let block = g.block_size(n, last_dim(lx))?;
     if lp.shape().elem_count() != 2 * (n / block) {
         return Err(QuantError::Shape {
             op,
-            what: format!("{} blocks need params of shape [{}, 2], got {:?}", n / block, n / block, lp.shape()),
+            what: format!(
+                "{} blocks need params of shape [{}, 2], got {:?}",
+                n / block,
+                n / block,
+                lp.shape()
+            ),
         }
         .into());
     }
@@ -39,7 +49,13 @@ impl CustomOp2 for QuantizeOp {
         "bitnet-quantize"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let block = checked_block(self.name(), self.granularity, l1, l2)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ps = f32_values(self.name(), s2, l2)?;
@@ -47,7 +63,13 @@ impl CustomOp2 for QuantizeOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // (1 - lambda) + lambda * 1 = 1: the straight-through gradient is the upstream one as is.
         if self.estimator == EstKind::Identity {
             return Ok((Some(grad.clone()), None));

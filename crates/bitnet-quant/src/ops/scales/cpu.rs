@@ -57,7 +57,10 @@ fn check_finite(op: &'static str, sum: f64, xs: &[f32]) -> Result<(), QuantError
     }
     let count = xs.iter().filter(|v| !v.is_finite()).count();
     // A finite input can only overflow the sum past f64::MAX, which f32 values cannot reach.
-    Err(QuantError::NonFinite { op, count: count.max(1) })
+    Err(QuantError::NonFinite {
+        op,
+        count: count.max(1),
+    })
 }
 
 fn finish(kind: Kind, xs: &[f32], sum: f64, max: f32, par: bool) -> (f32, f32) {
@@ -84,7 +87,12 @@ fn finish(kind: Kind, xs: &[f32], sum: f64, max: f32, par: bool) -> (f32, f32) {
 }
 
 /// Block parameters, `(s, aux)` per block of `block` consecutive values, flattened.
-pub(crate) fn block_params(op: &'static str, kind: Kind, xs: &[f32], block: usize) -> Result<Vec<f32>, QuantError> {
+pub(crate) fn block_params(
+    op: &'static str,
+    kind: Kind,
+    xs: &[f32],
+    block: usize,
+) -> Result<Vec<f32>, QuantError> {
     let one = |b: &[f32]| -> Result<(f32, f32), QuantError> {
         let (sum, max) = abs_stats(b);
         check_finite(op, sum, b)?;

@@ -22,7 +22,9 @@ pub struct ScalesOp {
 impl ScalesOp {
     /// Values per block for an input of this layout.
     pub fn block_size(&self, l: &Layout) -> Result<usize> {
-        Ok(self.granularity.block_size(l.shape().elem_count(), last_dim(l))?)
+        Ok(self
+            .granularity
+            .block_size(l.shape().elem_count(), last_dim(l))?)
     }
 }
 
