@@ -18,3 +18,8 @@ pub mod prelude {
     };
     pub use bitnet_training::{QATConfig, QATLayer, STEConfig, STEVariant};
 }
+
+/// The README's usage example, compiled and run as a doctest so that it cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

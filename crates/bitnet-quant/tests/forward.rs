@@ -17,6 +17,16 @@ fn q(scheme: Scheme, g: Granularity, x: &[f32], shape: (usize, usize)) -> Vec<f3
         .unwrap()
 }
 
+/// (name, scheme, granularity, input, shape, expected output)
+type Case = (
+    &'static str,
+    Scheme,
+    Granularity,
+    Vec<f32>,
+    (usize, usize),
+    Vec<f32>,
+);
+
 #[test]
 fn forward_table() {
     use Granularity::*;
@@ -32,7 +42,7 @@ fn forward_table() {
     // absmean: g = mean|x| = (0.5 + 0.5 + 1.5 + 0) / 4 = 0.625; x / g = 0.8, -0.8, 2.4, 0.
     let g = 0.625f32;
     #[rustfmt::skip]
-    let cases: Vec<(&str, Scheme, Granularity, Vec<f32>, (usize, usize), Vec<f32>)> = vec![
+    let cases: Vec<Case> = vec![
         // sign(0) = +1, including -0.0.
         ("binary unscaled", bin(false), PerTensor, vec![0.0, -0.0, 0.5, -0.5, 2.0, -1e-8], (1, 6), vec![1., 1., 1., -1., 1., -1.]),
         // s = mean|x| = 6 / 4.
