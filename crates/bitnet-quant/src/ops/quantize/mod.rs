@@ -2,6 +2,8 @@
 //! estimator as its backward. `params` come from [`scales`](crate::ops::scales) and are constants.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
@@ -20,18 +22,40 @@ pub struct QuantizeOp {
 }
 
 /// Block size of `x` and a check that `params` has one `(s, aux)` row per block.
-pub(crate) fn checked_block(op: &'static str, g: Granularity, lx: &Layout, lp: &Layout) -> Result<usize> {
+pub(crate) fn checked_block(
+    op: &'static str,
+    g: Granularity,
+    lx: &Layout,
+    lp: &Layout,
+) -> Result<usize> {
     non_empty(op, lx)?;
     let n = lx.shape().elem_count();
     let block = g.block_size(n, last_dim(lx))?;
     if lp.shape().elem_count() != 2 * (n / block) {
         return Err(QuantError::Shape {
             op,
-            what: format!("{} blocks need params of shape [{}, 2], got {:?}", n / block, n / block, lp.shape()),
+            what: format!(
+                "{} blocks need params of shape [{}, 2], got {:?}",
+                n / block,
+                n / block,
+                lp.shape()
+            ),
         }
         .into());
     }
     Ok(block)
+}
+
+/// The upstream gradient must have the input's shape.
+fn same_shape(op: &'static str, lx: &Layout, lu: &Layout) -> Result<()> {
+    if lu.shape() != lx.shape() {
+        return Err(QuantError::Shape {
+            op,
+            what: format!("gradient {:?} vs input {:?}", lu.shape(), lx.shape()),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 impl CustomOp2 for QuantizeOp {
@@ -39,7 +63,13 @@ impl CustomOp2 for QuantizeOp {
         "bitnet-quantize"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let block = checked_block(self.name(), self.granularity, l1, l2)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ps = f32_values(self.name(), s2, l2)?;
@@ -47,7 +77,33 @@ impl CustomOp2 for QuantizeOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l2)?;
+        let out = cuda::forward(
+            self.name(),
+            self.kind,
+            (s1, l1),
+            (s2, l2),
+            block,
+            self.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // (1 - lambda) + lambda * 1 = 1: the straight-through gradient is the upstream one as is.
         if self.estimator == EstKind::Identity {
             return Ok((Some(grad.clone()), None));
@@ -78,18 +134,38 @@ impl CustomOp3 for QuantizeGradOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
         let block = checked_block(self.name(), op.granularity, l1, l2)?;
-        if l3.shape() != l1.shape() {
-            return Err(QuantError::Shape {
-                op: self.name(),
-                what: format!("gradient {:?} vs input {:?}", l3.shape(), l1.shape()),
-            }
-            .into());
-        }
+        same_shape(self.name(), l1, l3)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ps = f32_values(self.name(), s2, l2)?;
         let us = f32_values(self.name(), s3, l3)?;
         let out = cpu::backward(op.kind, op.estimator, &xs, &ps, &us, block, op.lambda);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = self.0;
+        let block = checked_block(self.name(), op.granularity, l1, l2)?;
+        same_shape(self.name(), l1, l3)?;
+        let out = cuda::backward(
+            self.name(),
+            op.kind,
+            op.estimator,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+            op.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 }
 
