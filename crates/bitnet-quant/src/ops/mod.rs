@@ -1,5 +1,5 @@
-//! The quantizers as candle custom ops. One folder per op; in each, `mod.rs` is the candle glue
-//! and `cpu.rs` (later `cuda.rs`, `metal.rs`) the kernels, so every device's version of an op sits
+//! The quantizers as candle custom ops. One folder per op; in each, `mod.rs` is the candle glue,
+//! `cpu.rs` and `cuda.rs` (feature `cuda`) the kernels, so every device's version of an op sits
 //! side by side. [`math`] holds the scalar formulas all kernels share.
 //!
 //! * [`scales`]: per-block parameters `[blocks, 2]` (scale, aux), no gradient (a constant, as in
@@ -9,6 +9,8 @@
 //! * [`lsq`]: multi-bit quantization with a learned step size (LSQ).
 
 pub(crate) mod cpu_util;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_util;
 pub mod learnable;
 pub mod lsq;
 pub mod math;

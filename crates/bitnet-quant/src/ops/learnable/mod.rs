@@ -11,6 +11,8 @@
 //! `u * t * (1 - tanh(t x)^2)` and `u * x * (1 - tanh(t x)^2)`.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::f32_values;
@@ -123,6 +125,19 @@ fn temperature(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<f32> {
     }
 }
 
+/// The temperature tensor must hold exactly one value (checked without reading it).
+#[cfg(feature = "cuda")]
+fn one_value(op: &'static str, l: &Layout) -> Result<()> {
+    if l.shape().elem_count() != 1 {
+        return Err(QuantError::Shape {
+            op,
+            what: format!("temperature must hold one value, got shape {:?}", l.shape()),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl CustomOp3 for LearnableOp {
     fn name(&self) -> &'static str {
         "bitnet-learnable"
@@ -143,6 +158,32 @@ impl CustomOp3 for LearnableOp {
         let ps = f32_values(self.name(), s3, l3)?;
         let out = cpu::forward(&self.surrogate, &xs, &ps, block, t);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// On CUDA the temperature's shape is checked but not its value: reading it would copy it to
+    /// the host on every call, so a `t <= 0` or non-finite `t` gives the formula's value there
+    /// instead of the CPU's error.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l3)?;
+        one_value(self.name(), l2)?;
+        let out = cuda::forward(
+            self.name(),
+            &self.surrogate,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -192,6 +233,45 @@ impl CustomOp3 for LearnableGradOp {
         let (ps, us) = rest.split_at(2 * (n / block));
         let out = cpu::backward(&self.0.surrogate, &xs, ps, us, block, t);
         Ok((CpuStorage::F32(out), Shape::from(n + 1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::cpu_util::non_empty(self.name(), l1)?;
+        let n = l1.shape().elem_count();
+        let block = self
+            .0
+            .granularity
+            .block_size(n, crate::ops::cpu_util::last_dim(l1))?;
+        one_value(self.name(), l2)?;
+        if l3.shape().elem_count() != 2 * (n / block) + n {
+            return Err(QuantError::Shape {
+                op: self.name(),
+                what: format!(
+                    "params and gradient need {} values, got {:?}",
+                    2 * (n / block) + n,
+                    l3.shape()
+                ),
+            }
+            .into());
+        }
+        let out = cuda::backward(
+            self.name(),
+            &self.0.surrogate,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        Ok((out, Shape::from(n + 1)))
     }
 }
 

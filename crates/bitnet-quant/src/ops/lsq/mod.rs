@@ -6,6 +6,8 @@
 //! Steps below 1e-5 are used as 1e-5.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
@@ -80,6 +82,19 @@ impl CustomOp2 for LsqOp {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let block = self.block(self.name(), l1, l2)?;
+        let out = cuda::forward(self.name(), self.qmax, (s1, l1), (s2, l2), block)?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -120,6 +135,36 @@ impl candle_core::CustomOp3 for LsqGradOp {
         let out = cpu::backward(self.0.qmax, &xs, &ss, &us, block);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let block = self.0.block(self.name(), l1, l2)?;
+        if l3.shape() != l1.shape() {
+            return Err(QuantError::Shape {
+                op: self.name(),
+                what: format!("gradient {:?} vs input {:?}", l3.shape(), l1.shape()),
+            }
+            .into());
+        }
+        let out = cuda::backward(
+            self.name(),
+            self.0.qmax,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
     }
 }
 

@@ -2,6 +2,8 @@
 //! estimator as its backward. `params` come from [`scales`](crate::ops::scales) and are constants.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
@@ -44,6 +46,18 @@ pub(crate) fn checked_block(
     Ok(block)
 }
 
+/// The upstream gradient must have the input's shape.
+fn same_shape(op: &'static str, lx: &Layout, lu: &Layout) -> Result<()> {
+    if lu.shape() != lx.shape() {
+        return Err(QuantError::Shape {
+            op,
+            what: format!("gradient {:?} vs input {:?}", lu.shape(), lx.shape()),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl CustomOp2 for QuantizeOp {
     fn name(&self) -> &'static str {
         "bitnet-quantize"
@@ -61,6 +75,26 @@ impl CustomOp2 for QuantizeOp {
         let ps = f32_values(self.name(), s2, l2)?;
         let out = cpu::forward(self.kind, &xs, &ps, block, self.lambda);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l2)?;
+        let out = cuda::forward(
+            self.name(),
+            self.kind,
+            (s1, l1),
+            (s2, l2),
+            block,
+            self.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -100,18 +134,38 @@ impl CustomOp3 for QuantizeGradOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
         let block = checked_block(self.name(), op.granularity, l1, l2)?;
-        if l3.shape() != l1.shape() {
-            return Err(QuantError::Shape {
-                op: self.name(),
-                what: format!("gradient {:?} vs input {:?}", l3.shape(), l1.shape()),
-            }
-            .into());
-        }
+        same_shape(self.name(), l1, l3)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ps = f32_values(self.name(), s2, l2)?;
         let us = f32_values(self.name(), s3, l3)?;
         let out = cpu::backward(op.kind, op.estimator, &xs, &ps, &us, block, op.lambda);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = self.0;
+        let block = checked_block(self.name(), op.granularity, l1, l2)?;
+        same_shape(self.name(), l1, l3)?;
+        let out = cuda::backward(
+            self.name(),
+            op.kind,
+            op.estimator,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+            op.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 }
 

@@ -6,6 +6,8 @@
 //! scale in BitNet's `x + (q(x) - x).detach()`.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
 use crate::ops::math::Kind;
@@ -40,6 +42,19 @@ impl CustomOp1 for ScalesOp {
         let params = cpu::block_params(self.name(), self.kind, &xs, block)?;
         let blocks = params.len() / 2;
         Ok((CpuStorage::F32(params), Shape::from((blocks, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        non_empty(self.name(), l)?;
+        let block = self.block_size(l)?;
+        let blocks = l.shape().elem_count() / block;
+        let params = cuda::block_params(self.name(), self.kind, s, l, block)?;
+        Ok((params, Shape::from((blocks, 2))))
     }
 }
 
