@@ -28,6 +28,20 @@ pub enum QuantError {
     /// Two tensors that must agree in shape do not.
     #[error("{op}: shape mismatch, {what}")]
     Shape { op: &'static str, what: String },
+    /// A valid configuration that an operation has no implementation for (e.g. per-channel
+    /// scales in the single-scale Hugging Face layout).
+    #[error("{op}: unsupported, {what}")]
+    Unsupported { op: &'static str, what: String },
+    /// Packed data or a packed-weights file that is malformed; `what` names the part.
+    #[error("bad packed data: {what}")]
+    BadData { what: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<QuantError> for candle_core::Error {

@@ -5,6 +5,8 @@
 //!   [`Estimator`] for the backward. Every quantizer is a candle custom op with our own kernels,
 //!   because candle's autograd gives no gradient through `round` or `sign`.
 //! * [`BitLinear`]: BitNet b1.58's linear layer (RMSNorm, int8 activations, ternary weights).
+//! * [`packed`]: inference with 2-bit packed weights ([`PackedTernary`], [`PackedBitLinear`]),
+//!   their SIMD kernels and a safetensors file format.
 //! * [`ops`]: the ops themselves (block scales, quantize, learnable temperature, LSQ) and the
 //!   scalar formulas all kernels share.
 //!
@@ -24,12 +26,14 @@ pub mod bitlinear;
 pub mod error;
 pub mod metrics;
 pub mod ops;
+pub mod packed;
 pub mod quantizer;
 pub mod rms_norm;
 pub mod scheme;
 
 pub use bitlinear::{BitLinear, BitLinearConfig};
 pub use error::QuantError;
+pub use packed::{PackedBitLinear, PackedTernary};
 pub use quantizer::Quantizer;
 pub use rms_norm::RmsNorm;
 pub use scheme::{Estimator, Granularity, Scheme, Threshold, EPS};

@@ -1,0 +1,322 @@
+//! [`PackedBitLinear`]: the inference form of a trained [`BitLinear`].
+
+use super::kernels::Kernel;
+use super::layout::PackedTernary;
+use crate::error::{invalid, QuantError};
+use crate::ops::math::Kind;
+use crate::rms_norm::RmsNorm;
+use crate::scheme::{Granularity, Scheme};
+use crate::BitLinear;
+use bitnet_core::{global_pool, Category};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use rayon::prelude::*;
+
+/// Below this many multiply-adds (`tokens * out * padded in`) the forward stays on the calling
+/// thread: rayon's fork/join costs microseconds, more than a small layer's whole product.
+pub const PAR_MIN_MACS: usize = 1 << 18;
+
+/// Output rows per rayon task: enough work (16 rows x 4096 inputs = 16 KiB of codes) to
+/// amortise the task, small enough to balance across cores.
+const ROWS_PER_TASK: usize = 16;
+
+/// BitNet b1.58 inference: RMSNorm (f32), int8 absmax activations per token, 2-bit ternary
+/// weights, integer dot products, one dequantizing multiply per output, plus bias.
+///
+/// `y[t, r] = (sum_seg s[r, seg] * sum_i q[t, i] * level[r, i]) * m[t] / 127 + b[r]`, with
+/// `m[t] = max(max_i |x[t, i]|, 1e-5)` and `q = clamp(round_ties_even(x * 127 / m), -128, 127)`,
+/// exactly the training forward of [`BitLinear`] up to f32 rounding (the training forward
+/// multiplies dequantized f32 values; here the sum is exact in i32).
+///
+/// Runs on the CPU: input on another device is copied to the CPU and the output copied back.
+///
+/// ```
+/// use bitnet_quant::packed::PackedBitLinear;
+/// use bitnet_quant::BitLinear;
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> candle_core::Result<()> {
+/// let vm = VarMap::new();
+/// let layer = BitLinear::new(200, 24, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let packed = PackedBitLinear::from_trained(&layer)?;
+/// let x = Tensor::randn(0f32, 1.0, (3, 200), &Device::Cpu)?;
+/// let diff = (packed.forward(&x)? - layer.forward(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PackedBitLinear {
+    weight: PackedTernary,
+    bias: Option<Vec<f32>>,
+    norm: Option<RmsNorm>,
+    kernel: Kernel,
+}
+
+impl PackedBitLinear {
+    /// Packs a trained layer. Its weight quantizer must be binary or ternary (any granularity)
+    /// and its activation quantizer int8 per token ([`Scheme::Int8PerToken`] per row), both with
+    /// `lambda = 1`; other configurations have no integer inference path and are an error naming
+    /// the field.
+    pub fn from_trained(layer: &BitLinear) -> Result<Self> {
+        let cfg = layer.config();
+        match cfg.activation {
+            Some(q) if q.scheme() == Scheme::Int8PerToken && q.granularity() == Granularity::PerChannel && q.lambda() == 1.0 => {}
+            other => {
+                return Err(invalid(
+                    "activation",
+                    format!("{other:?}"),
+                    "Some(Int8PerToken per token, lambda 1): the packed kernels multiply int8 activations",
+                )
+                .into())
+            }
+        }
+        let weight = PackedTernary::pack(&layer.weight().detach(), &cfg.weight)?;
+        let bias = layer.bias().map(|b| b.detach());
+        let norm = layer
+            .norm()
+            .map(|n| RmsNorm::from_weight(n.weight().detach(), n.eps()));
+        Self::from_parts(weight, bias.as_ref(), norm)
+    }
+
+    /// Assembles a layer from a packed weight, an optional bias `[out]` and an optional norm
+    /// (weight `[in]`), checking their shapes. Bias and norm weight are kept in f32.
+    pub fn from_parts(
+        weight: PackedTernary,
+        bias: Option<&Tensor>,
+        norm: Option<RmsNorm>,
+    ) -> Result<Self> {
+        const OP: &str = "PackedBitLinear";
+        let bias = match bias {
+            Some(b) => {
+                if b.dims() != [weight.out_features()] {
+                    return Err(QuantError::Shape {
+                        op: OP,
+                        what: format!("bias {:?}, expected [{}]", b.dims(), weight.out_features()),
+                    }
+                    .into());
+                }
+                Some(
+                    b.to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?
+                        .to_vec1::<f32>()?,
+                )
+            }
+            None => None,
+        };
+        let norm = match norm {
+            Some(n) => {
+                if n.weight().dims() != [weight.in_features()] {
+                    return Err(QuantError::Shape {
+                        op: OP,
+                        what: format!(
+                            "norm weight {:?}, expected [{}]",
+                            n.weight().dims(),
+                            weight.in_features()
+                        ),
+                    }
+                    .into());
+                }
+                let w = n.weight().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+                Some(RmsNorm::from_weight(w, n.eps()))
+            }
+            None => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            norm,
+            kernel: Kernel::detect(),
+        })
+    }
+
+    /// The same layer computing with another kernel (an unavailable one falls back to
+    /// [`Kernel::Scalar`]); for tests and benches.
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The kernel in use.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// The packed weight.
+    pub fn weight(&self) -> &PackedTernary {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The RMSNorm applied before activation quantization, if any.
+    pub fn norm(&self) -> Option<&RmsNorm> {
+        self.norm.as_ref()
+    }
+
+    /// `(in, out)` features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.weight.in_features(), self.weight.out_features())
+    }
+
+    /// Quantizes `tokens` rows of `xs` into the padded segment layout of the weight, returning
+    /// per-token `m / 127` and per-(token, segment) sums of the int8 values.
+    fn quantize_input(&self, xs: &[f32], tokens: usize, xq: &mut [i8]) -> (Vec<f32>, Vec<i32>) {
+        let w = &self.weight;
+        let (inp, seg, segp, nseg) = (
+            w.in_features(),
+            w.segment_len(),
+            w.segment_padded(),
+            w.segments_per_row(),
+        );
+        let kind = Kind::of(&Scheme::Int8PerToken);
+        let mut m = vec![0f32; tokens];
+        let mut sums = vec![0i32; tokens * nseg];
+        let work = |((x, q), (mt, st)): ((&[f32], &mut [i8]), (&mut f32, &mut [i32]))| {
+            let max_abs = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // The same formulas as the Int8PerToken quantizer, so the levels are identical.
+            let (s, aux) = kind.params(0.0, max_abs, 0.0);
+            *mt = aux / 127.0;
+            for (k, (xseg, qseg)) in x
+                .chunks_exact(seg)
+                .zip(q.chunks_exact_mut(segp))
+                .enumerate()
+            {
+                let mut sum = 0i32;
+                for (v, d) in xseg.iter().zip(qseg.iter_mut()) {
+                    let l = kind.level(*v, s, aux);
+                    *d = l as i8;
+                    sum += l;
+                }
+                qseg[seg..].fill(0);
+                st[k] = sum;
+            }
+        };
+        if tokens * inp >= crate::ops::PAR_MIN {
+            xs.par_chunks_exact(inp)
+                .zip(xq.par_chunks_exact_mut(nseg * segp))
+                .zip(m.par_iter_mut().zip(sums.par_chunks_exact_mut(nseg)))
+                .for_each(work);
+        } else {
+            xs.chunks_exact(inp)
+                .zip(xq.chunks_exact_mut(nseg * segp))
+                .zip(m.iter_mut().zip(sums.chunks_exact_mut(nseg)))
+                .for_each(work);
+        }
+        (m, sums)
+    }
+
+    /// Output row `r` for all tokens into `out[t]`.
+    fn row(&self, r: usize, xq: &[i8], m: &[f32], sums: &[i32], out: &mut [f32]) {
+        let w = &self.weight;
+        let (segp, nseg, rb) = (w.segment_padded(), w.segments_per_row(), w.row_bytes());
+        let seg_bytes = segp / 4;
+        let row = &w.data()[r * rb..(r + 1) * rb];
+        let xrow = nseg * segp;
+        let bias = self.bias.as_ref().map_or(0.0, |b| b[r]);
+        let tokens = out.len();
+        let mut t = 0;
+        let finish = |t: usize, acc: f32| acc * m[t] + bias;
+        while t + 4 <= tokens {
+            let mut acc = [0f32; 4];
+            for s in 0..nseg {
+                let wseg = &row[s * seg_bytes..(s + 1) * seg_bytes];
+                let xs: [&[i8]; 4] = std::array::from_fn(|u| {
+                    &xq[(t + u) * xrow + s * segp..(t + u) * xrow + (s + 1) * segp]
+                });
+                let d = self.kernel.dot4(wseg, xs);
+                let scale = w.scale(r, s);
+                for (u, (a, d)) in acc.iter_mut().zip(d).enumerate() {
+                    *a += (d - sums[(t + u) * nseg + s]) as f32 * scale;
+                }
+            }
+            for (u, (o, a)) in out[t..t + 4].iter_mut().zip(acc).enumerate() {
+                *o = finish(t + u, a);
+            }
+            t += 4;
+        }
+        while t < tokens {
+            let mut acc = 0f32;
+            for s in 0..nseg {
+                let wseg = &row[s * seg_bytes..(s + 1) * seg_bytes];
+                let x = &xq[t * xrow + s * segp..t * xrow + (s + 1) * segp];
+                acc += (self.kernel.dot(wseg, x) - sums[t * nseg + s]) as f32 * w.scale(r, s);
+            }
+            out[t] = finish(t, acc);
+            t += 1;
+        }
+    }
+}
+
+impl Module for PackedBitLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        const OP: &str = "PackedBitLinear::forward";
+        let (device, dtype) = (x.device().clone(), x.dtype());
+        if !dtype.is_float() {
+            return Err(QuantError::DType { op: OP, dtype }.into());
+        }
+        let (inp, out) = self.dims();
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&inp) {
+            return Err(QuantError::Shape {
+                op: OP,
+                what: format!("input {dims:?}, expected last dimension {inp}"),
+            }
+            .into());
+        }
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().expect("checked above") = out;
+        let x = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let x = match &self.norm {
+            Some(n) => n.forward(&x)?,
+            None => x,
+        };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let tokens = xs.len() / inp;
+        if tokens == 0 {
+            return Tensor::zeros(out_dims, dtype, &device);
+        }
+        let bad = xs.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(QuantError::NonFinite { op: OP, count: bad }.into());
+        }
+        let w = &self.weight;
+        let xrow = w.segments_per_row() * w.segment_padded();
+        let mut xq_buf = global_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
+        let xq = xq_buf.as_mut_slice_of::<i8>();
+        let (m, sums) = self.quantize_input(&xs, tokens, xq);
+        let xq: &[i8] = xq;
+        // Rows outer, tokens inner: each weight row is read from memory once per call and its
+        // codes are reused for every token while they sit in L1.
+        let mut yt = vec![0f32; out * tokens];
+        let macs = tokens * out * xrow;
+        if macs >= PAR_MIN_MACS {
+            yt.par_chunks_mut(ROWS_PER_TASK * tokens)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    for (k, o) in chunk.chunks_exact_mut(tokens).enumerate() {
+                        self.row(c * ROWS_PER_TASK + k, xq, &m, &sums, o);
+                    }
+                });
+        } else {
+            for (r, o) in yt.chunks_exact_mut(tokens).enumerate() {
+                self.row(r, xq, &m, &sums, o);
+            }
+        }
+        let y = if tokens == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; out * tokens];
+            for (r, col) in yt.chunks_exact(tokens).enumerate() {
+                for (t, v) in col.iter().enumerate() {
+                    y[t * out + r] = *v;
+                }
+            }
+            y
+        };
+        Tensor::from_vec(y, out_dims, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)
+    }
+}

@@ -1,0 +1,494 @@
+//! Packed inference: layout round trips, the Hugging Face layout, equality with the training
+//! forward, the file format and its loader's errors.
+
+use bitnet_quant::packed::{
+    self, load_packed, load_packed_bytes, save_packed, Kernel, PackedBitLinear, PackedTernary,
+};
+use bitnet_quant::{
+    BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme, Threshold,
+};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn weight_quantizers() -> Vec<Quantizer> {
+    let schemes = [
+        Scheme::TernaryAbsmean,
+        Scheme::TernaryThreshold {
+            threshold: Threshold::Twn,
+            scaled: true,
+        },
+        Scheme::Binary { scaled: true },
+    ];
+    schemes
+        .into_iter()
+        .map(|s| Quantizer::new(s, Estimator::Identity).unwrap())
+        .collect()
+}
+
+fn randn(shape: (usize, usize), seed: u64) -> Tensor {
+    // Deterministic values without a seeded candle RNG: a cheap hash spread over [-1, 1].
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let h =
+                (i ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let h = (h ^ (h >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn text(e: &candle_core::Error) -> String {
+    format!("{e} {e:?}")
+}
+
+#[test]
+fn unpack_equals_quantize_for_every_scheme_and_granularity() -> Result<()> {
+    for (k, &(out, inp)) in [(5, 7), (3, 130), (17, 256), (4, 384), (9, 64)]
+        .iter()
+        .enumerate()
+    {
+        for q in weight_quantizers() {
+            let mut grans = vec![Granularity::PerTensor, Granularity::PerChannel];
+            if inp % 32 == 0 {
+                grans.push(Granularity::PerGroup(32));
+            }
+            if inp % 192 == 0 {
+                grans.push(Granularity::PerGroup(192));
+            }
+            for g in grans {
+                let q = q.with_granularity(g)?;
+                let w = randn((out, inp), k as u64);
+                let p = PackedTernary::pack(&w, &q)?;
+                assert_eq!(
+                    max_abs_diff(&p.unpack()?, &q.quantize(&w)?),
+                    0.0,
+                    "{q:?} {out}x{inp}"
+                );
+                let (levels, _) = q.levels(&w)?;
+                assert_eq!(p.levels(), levels);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn kernel_layout_matches_the_documentation() -> Result<()> {
+    // One row of 128 weights: weight i has level (i % 3) - 1. Byte b holds weights b, b+32,
+    // b+64, b+96 in bits 0-1, 2-3, 4-5, 6-7, code = level + 1.
+    let levels: Vec<f32> = (0..128).map(|i| (i % 3) as f32 - 1.0).collect();
+    let w = Tensor::from_vec(levels, (1, 128), &Device::Cpu)?;
+    let q = Quantizer::new(
+        Scheme::TernaryThreshold {
+            threshold: Threshold::Fixed(0.5),
+            scaled: false,
+        },
+        Estimator::Identity,
+    )?;
+    let p = PackedTernary::pack(&w, &q)?;
+    let expect: Vec<u8> = (0..32)
+        .map(|b| (0..4).map(|j| ((b + 32 * j) % 3) << (2 * j)).sum::<usize>() as u8)
+        .collect();
+    assert_eq!(p.data(), &expect[..]);
+    assert_eq!(p.scales(), &[1.0]);
+    Ok(())
+}
+
+#[test]
+fn hf_layout_matches_a_hand_made_example() -> Result<()> {
+    // Levels of a [5, 2] weight; mean|w| = 0.7 so absmean gives back exactly these levels.
+    let w = Tensor::new(
+        &[[1f32, -1.], [0., 1.], [-1., 0.], [1., 1.], [0., -1.]],
+        &Device::Cpu,
+    )?;
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    let p = PackedTernary::pack(&w, &q)?;
+    let (packed, scale) = p.to_hf()?;
+    // ceil(5 / 4) = 2 packed rows. Packed row 0 holds original rows 0, 2, 4 (slots 0, 1, 2);
+    // row 1 holds rows 1 and 3. Codes: r0 [2, 0], r1 [1, 2], r2 [0, 1], r3 [2, 2], r4 [1, 0].
+    let expect: [[u8; 2]; 2] = [
+        [2 | (0 << 2) | (1 << 4), (1 << 2)], // [18, 4]
+        [1 | (2 << 2), 2 | (2 << 2)],        // [9, 10]
+    ];
+    assert_eq!(packed.to_vec2::<u8>()?, expect.map(|r| r.to_vec()).to_vec());
+    assert_eq!(expect, [[18, 4], [9, 10]]);
+    let ws = scale.to_vec1::<f32>()?;
+    assert!((ws[0] - 1.0 / 0.7).abs() < 1e-5, "{ws:?}");
+    let back = PackedTernary::from_hf(&packed, &scale, 5)?;
+    assert_eq!(back.levels(), p.levels());
+    assert!(max_abs_diff(&back.unpack()?, &p.unpack()?) < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn hf_round_trip_on_random_weights_and_errors() -> Result<()> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    for (out, inp) in [(1, 3), (4, 5), (7, 130), (33, 64)] {
+        let p = PackedTernary::pack(&randn((out, inp), 3), &q)?;
+        let (packed, scale) = p.to_hf()?;
+        assert_eq!(packed.dims(), &[out.div_ceil(4), inp]);
+        let back = PackedTernary::from_hf(
+            &packed,
+            &scale.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+            out,
+        )?;
+        assert_eq!(back.levels(), p.levels());
+    }
+    let p = PackedTernary::pack(
+        &randn((8, 8), 1),
+        &q.with_granularity(Granularity::PerChannel)?,
+    )?;
+    assert!(text(&p.to_hf().unwrap_err()).contains("unsupported"));
+    let bad = Tensor::from_vec(vec![3u8; 8], (2, 4), &Device::Cpu)?;
+    let one = Tensor::new(&[1f32], &Device::Cpu)?;
+    assert!(text(&PackedTernary::from_hf(&bad, &one, 8).unwrap_err()).contains("code 3"));
+    let ok = Tensor::zeros((2, 4), DType::U8, &Device::Cpu)?;
+    assert!(text(&PackedTernary::from_hf(&ok, &one, 9).unwrap_err()).contains("output rows"));
+    let zero = Tensor::new(&[0f32], &Device::Cpu)?;
+    assert!(text(&PackedTernary::from_hf(&ok, &zero, 8).unwrap_err()).contains("weight_scale"));
+    Ok(())
+}
+
+fn layer(inp: usize, out: usize, cfg: BitLinearConfig, seed: u64) -> BitLinear {
+    let w = randn((out, inp), seed);
+    let bias = cfg
+        .bias
+        .then(|| randn((1, out), seed + 1).flatten_all().unwrap());
+    let norm = cfg.norm.then(|| {
+        let nw = (randn((1, inp), seed + 2).flatten_all().unwrap() + 1.5).unwrap();
+        RmsNorm::from_weight(nw, cfg.norm_eps)
+    });
+    BitLinear::from_parts(w, bias, norm, cfg)
+}
+
+#[test]
+fn packed_forward_equals_bitlinear_forward() -> Result<()> {
+    let shapes = [
+        (7, 5),
+        (33, 13),
+        (128, 4),
+        (130, 31),
+        (300, 64),
+        (1000, 3),
+        (512, 256),
+    ];
+    let mut checked = 0;
+    for (k, &(inp, out)) in shapes.iter().enumerate() {
+        for q in weight_quantizers() {
+            for gran in [
+                Granularity::PerTensor,
+                Granularity::PerChannel,
+                Granularity::PerGroup(inp.min(128)),
+            ] {
+                if inp % inp.min(128) != 0 && matches!(gran, Granularity::PerGroup(_)) {
+                    continue;
+                }
+                for (bias, norm) in [(false, true), (true, false), (true, true)] {
+                    let cfg = BitLinearConfig {
+                        bias,
+                        norm,
+                        weight: q.with_granularity(gran)?,
+                        ..Default::default()
+                    };
+                    let l = layer(inp, out, cfg, k as u64 * 7);
+                    let p = PackedBitLinear::from_trained(&l)?;
+                    for batch in [vec![1, inp], vec![5, inp], vec![2, 3, inp], vec![16, inp]] {
+                        let x = (Tensor::randn(0f32, 1.0, batch.clone(), &Device::Cpu)? * 3.0)?;
+                        let want = l.forward(&x)?;
+                        let scale = want
+                            .abs()?
+                            .flatten_all()?
+                            .max(0)?
+                            .to_scalar::<f32>()?
+                            .max(1.0);
+                        for kern in Kernel::available() {
+                            let got = p.clone().with_kernel(kern).forward(&x)?;
+                            assert_eq!(got.dims(), want.dims());
+                            let d = max_abs_diff(&got, &want);
+                            assert!(d <= 2e-5 * scale, "{inp}x{out} {q:?} {gran:?} bias={bias} norm={norm} {batch:?} {kern:?}: {d} (scale {scale})");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 200);
+    Ok(())
+}
+
+#[test]
+fn forward_rejects_bad_input() -> Result<()> {
+    let p = PackedBitLinear::from_trained(&layer(16, 4, BitLinearConfig::default(), 1))?;
+    let e = p
+        .forward(&Tensor::zeros((2, 15), DType::F32, &Device::Cpu)?)
+        .unwrap_err();
+    assert!(text(&e).contains("last dimension 16"));
+    let e = p
+        .forward(&Tensor::zeros((2, 16), DType::U8, &Device::Cpu)?)
+        .unwrap_err();
+    assert!(text(&e).contains("dtype"));
+    let nan = Tensor::from_vec(vec![f32::NAN; 16], (1, 16), &Device::Cpu)?;
+    assert!(text(&p.forward(&nan).unwrap_err()).contains("NaN"));
+    assert_eq!(
+        p.forward(&Tensor::zeros((0, 16), DType::F32, &Device::Cpu)?)?
+            .dims(),
+        &[0, 4]
+    );
+    // Activations kept in full precision have no integer path.
+    let cfg = BitLinearConfig {
+        activation: None,
+        ..Default::default()
+    };
+    let e = PackedBitLinear::from_trained(&layer(16, 4, cfg, 1)).unwrap_err();
+    assert!(text(&e).contains("activation"));
+    let cfg = BitLinearConfig {
+        weight: Quantizer::new(Scheme::MultiBit { bits: 4 }, Estimator::Identity)?,
+        ..Default::default()
+    };
+    assert!(
+        text(&PackedBitLinear::from_trained(&layer(16, 4, cfg, 1)).unwrap_err())
+            .contains("weight.scheme")
+    );
+    Ok(())
+}
+
+#[test]
+fn packed_size_is_at_most_027_bytes_per_weight() -> Result<()> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    // Rows of the benchmark shapes (4096 and 6912 inputs); the size per weight does not depend
+    // on the number of rows beyond the per-tensor scale.
+    for (out, inp) in [(64, 4096), (32, 6912), (256, 2560)] {
+        for g in [
+            Granularity::PerTensor,
+            Granularity::PerChannel,
+            Granularity::PerGroup(128),
+        ] {
+            let p = PackedTernary::pack(&randn((out, inp), 5), &q.with_granularity(g)?)?;
+            assert!(
+                p.bytes_per_weight() <= 0.27,
+                "{out}x{inp} {g:?}: {}",
+                p.bytes_per_weight()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "bitnet-packed-{}-{name}.safetensors",
+        std::process::id()
+    ))
+}
+
+fn sample_layers() -> Result<Vec<(String, PackedBitLinear)>> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    Ok(vec![
+        (
+            "a".into(),
+            PackedBitLinear::from_trained(&layer(
+                130,
+                9,
+                BitLinearConfig {
+                    bias: true,
+                    ..Default::default()
+                },
+                1,
+            ))?,
+        ),
+        (
+            "b.c".into(),
+            PackedBitLinear::from_trained(&layer(
+                256,
+                5,
+                BitLinearConfig {
+                    norm: false,
+                    weight: q.with_granularity(Granularity::PerGroup(64))?,
+                    ..Default::default()
+                },
+                2,
+            ))?,
+        ),
+    ])
+}
+
+#[test]
+fn save_load_round_trip() -> Result<()> {
+    let layers = sample_layers()?;
+    let path = tmp("roundtrip");
+    let refs: Vec<(&str, &PackedBitLinear)> = layers.iter().map(|(n, l)| (n.as_str(), l)).collect();
+    save_packed(&path, &refs)?;
+    let dir = std::fs::read_dir(std::env::temp_dir()).unwrap();
+    assert!(!dir
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".tmp-")
+            && e.file_name()
+                .to_string_lossy()
+                .contains(&format!("bitnet-packed-{}-roundtrip", std::process::id()))));
+    let loaded = load_packed(&path)?;
+    std::fs::remove_file(&path).ok();
+    assert_eq!(loaded.len(), 2);
+    for ((n, l), (m, k)) in layers.iter().zip(&loaded) {
+        assert_eq!(n, m);
+        assert_eq!(l.weight().data(), k.weight().data());
+        assert_eq!(l.weight().scales(), k.weight().scales());
+        assert_eq!(l.bias(), k.bias());
+        let x = Tensor::randn(0f32, 1.0, (3, l.dims().0), &Device::Cpu)?;
+        assert_eq!(max_abs_diff(&l.forward(&x)?, &k.forward(&x)?), 0.0);
+    }
+    let e = load_packed(tmp("does-not-exist")).unwrap_err();
+    assert!(text(&e).contains("does-not-exist"));
+    Ok(())
+}
+
+/// A file built by hand from the parts of a valid one, with `edit` applied first.
+fn crafted(
+    edit: impl FnOnce(
+        &mut HashMap<String, String>,
+        &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ),
+) -> Vec<u8> {
+    let layers = sample_layers().unwrap();
+    let refs: Vec<(&str, &PackedBitLinear)> = layers.iter().map(|(n, l)| (n.as_str(), l)).collect();
+    let good = packed::io::to_bytes(&refs).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&good).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, Some(meta)).unwrap()
+}
+
+#[test]
+fn loader_names_what_is_wrong() {
+    let expect = |bytes: Vec<u8>, needle: &str| {
+        let e = load_packed_bytes(&bytes)
+            .err()
+            .unwrap_or_else(|| panic!("accepted a file that should fail with `{needle}`"));
+        assert!(text(&e).contains(needle), "`{needle}` not in {}", text(&e));
+    };
+    assert!(load_packed_bytes(&crafted(|_, _| {})).is_ok());
+    expect(
+        crafted(|m, _| {
+            m.insert("version".into(), "2".into());
+        }),
+        "metadata `version` is `2`",
+    );
+    expect(
+        crafted(|m, _| {
+            m.insert("layout".into(), "hf".into());
+        }),
+        "metadata `layout`",
+    );
+    expect(
+        crafted(|m, _| {
+            m.remove("format");
+        }),
+        "metadata `format` missing",
+    );
+    expect(
+        crafted(|m, _| {
+            m.insert("layers".into(), "{".into());
+        }),
+        "metadata `layers` is not valid",
+    );
+    expect(
+        crafted(|_, t| t.retain(|x| x.0 != "a.bias")),
+        "missing tensor `a.bias`",
+    );
+    expect(
+        crafted(|_, t| t.push(("zzz".into(), safetensors::Dtype::U8, vec![1], vec![0]))),
+        "unexpected tensor `zzz`",
+    );
+    expect(
+        crafted(|_, t| {
+            let x = t.iter_mut().find(|x| x.0 == "a.weight_scale").unwrap();
+            x.1 = safetensors::Dtype::I32;
+        }),
+        "tensor `a.weight_scale` has dtype I32",
+    );
+    expect(
+        crafted(|_, t| {
+            let x = t.iter_mut().find(|x| x.0 == "a.bias").unwrap();
+            x.2 = vec![3, 3];
+            x.3.truncate(36);
+        }),
+        "tensor `a.bias` has shape [3, 3]",
+    );
+    expect(
+        crafted(|_, t| t.iter_mut().find(|x| x.0 == "a.weight_packed").unwrap().3[0] = 0xFF),
+        "code 3",
+    );
+    expect(
+        crafted(|_, t| {
+            t.iter_mut().find(|x| x.0 == "b.c.weight_scale").unwrap().3[0..4]
+                .copy_from_slice(&f32::NAN.to_le_bytes())
+        }),
+        "scale 0 is NaN",
+    );
+    // Padding (130 inputs pad to 256) must hold zero codes.
+    expect(
+        crafted(|_, t| t.iter_mut().find(|x| x.0 == "a.weight_packed").unwrap().3[63] = 0),
+        "padding",
+    );
+    expect(b"not a file".to_vec(), "not a safetensors file");
+}
+
+fn valid_file() -> Vec<u8> {
+    crafted(|_, _| {})
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn loader_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = load_packed_bytes(&bytes);
+    }
+
+    #[test]
+    fn loader_never_panics_on_truncated_files(cut in 0usize..4000) {
+        let f = valid_file();
+        let _ = load_packed_bytes(&f[..cut.min(f.len())]);
+    }
+
+    #[test]
+    fn loader_never_panics_on_bit_flips(flips in proptest::collection::vec((any::<usize>(), 0u8..8), 1..6)) {
+        let mut f = valid_file();
+        let n = f.len();
+        for (i, b) in flips {
+            f[i % n] ^= 1 << b;
+        }
+        let _ = load_packed_bytes(&f);
+    }
+}
