@@ -4,13 +4,17 @@
 //! * [`QATConfig`] and [`QATLayer`]: wrap a `BitLinear`, train with quantization in the loop.
 //! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules.
 //! * [`state`]: per-layer statistics (level shares, flip ratio, SQNR, norms) as JSON lines.
+//! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
+//! * [`policy`]: mixed precision, layer-name patterns to schemes.
 
 pub mod config;
 pub mod error;
 pub mod init;
 pub mod optim;
+pub mod policy;
 pub mod progressive;
 pub mod qat_layer;
+pub mod regularization;
 pub mod state;
 pub mod ste;
 
