@@ -5,9 +5,11 @@
 //! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules.
 //! * [`state`]: per-layer statistics (level shares, flip ratio, SQNR, norms) as JSON lines.
 //! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
+//! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].
 //! * [`policy`]: mixed precision, layer-name patterns to schemes.
 
 pub mod config;
+pub mod distillation;
 pub mod error;
 pub mod init;
 pub mod optim;
