@@ -7,7 +7,9 @@
 //! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
 //! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].
 //! * [`policy`]: mixed precision, layer-name patterns to schemes.
+//! * [`checkpoint`]: atomic save and bit-exact resume.
 
+pub mod checkpoint;
 pub mod config;
 pub mod distillation;
 pub mod error;
