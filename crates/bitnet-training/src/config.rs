@@ -1,7 +1,7 @@
 //! [`QATConfig`]: what a [`QATLayer`](crate::QATLayer) quantizes and how, loadable from TOML or JSON.
 
 use crate::error::TrainingError;
-use crate::progressive::{HardnessSchedule, LambdaSchedule};
+use crate::progressive::{BitSchedule, HardnessSchedule, LambdaSchedule};
 use crate::ste::STEConfig;
 use bitnet_quant::{Estimator, Granularity, Quantizer, Scheme};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub struct QATConfig {
     pub lambda: LambdaSchedule,
     /// Soft-to-hard schedule of the learnable-temperature surrogate.
     pub hardness: HardnessSchedule,
+    /// Bit-width reduction: when set, it decides the weight scheme at every step (and `weight` is
+    /// not used), e.g. 8-bit, then 4-bit, then ternary. `None` keeps `weight` throughout.
+    pub bit_schedule: Option<BitSchedule>,
 }
 
 impl Default for QATConfig {
@@ -57,6 +60,7 @@ impl QATConfig {
             ste: STEConfig::default(),
             lambda: LambdaSchedule::default(),
             hardness: HardnessSchedule::default(),
+            bit_schedule: None,
         }
     }
 
@@ -121,6 +125,25 @@ impl QATConfig {
             .map_err(TrainingError::from)
     }
 
+    /// The weight scheme at `step`: the bit schedule's if there is one, else `weight`.
+    pub fn weight_scheme_at(&self, step: usize) -> Option<Scheme> {
+        match &self.bit_schedule {
+            Some(b) => Some(b.scheme_at(step)),
+            None => self.weight,
+        }
+    }
+
+    /// The weight quantizer at `step` (see [`QATConfig::weight_scheme_at`]); `None` for full
+    /// precision.
+    pub fn weight_quantizer_at(&self, step: usize) -> Result<Option<Quantizer>, TrainingError> {
+        self.weight_scheme_at(step)
+            .map(|s| {
+                Quantizer::new(s, self.ste.estimator())?.with_granularity(self.weight_granularity)
+            })
+            .transpose()
+            .map_err(TrainingError::from)
+    }
+
     /// The activation quantizer (straight-through; `None` for full precision).
     pub fn activation_quantizer(&self) -> Result<Option<Quantizer>, TrainingError> {
         self.activation
@@ -139,12 +162,15 @@ impl QATConfig {
         self.hardness.validate()?;
         self.weight_quantizer()?;
         self.activation_quantizer()?;
-        if self.ste.is_learnable()
-            && matches!(
-                self.weight,
-                Some(Scheme::MultiBit { .. } | Scheme::Int8PerToken)
-            )
-        {
+        let mut schemes: Vec<Option<Scheme>> = vec![self.weight];
+        if let Some(b) = &self.bit_schedule {
+            b.validate()?;
+            schemes = b.stages().iter().map(|s| Some(s.scheme)).collect();
+        }
+        let multi_bit = schemes
+            .iter()
+            .any(|s| matches!(s, Some(Scheme::MultiBit { .. } | Scheme::Int8PerToken)));
+        if self.ste.is_learnable() && multi_bit {
             return Err(TrainingError::InvalidConfig {
                 field: "ste.variant",
                 value: "Learnable".into(),
@@ -180,6 +206,45 @@ mod tests {
             ("wieght = \"TernaryAbsmean\"", "unknown field"),
         ];
         for (text, field) in cases {
+            let e = QATConfig::from_toml_str(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn bit_schedule_round_trips_and_is_validated() {
+        use crate::progressive::BitSchedule;
+        let mut cfg = QATConfig::ternary();
+        cfg.bit_schedule = Some(
+            BitSchedule::new(&[
+                (0, Scheme::MultiBit { bits: 8 }),
+                (100, Scheme::MultiBit { bits: 4 }),
+                (200, Scheme::TernaryAbsmean),
+            ])
+            .unwrap(),
+        );
+        let toml_text = cfg.to_toml_string().unwrap();
+        assert_eq!(
+            QATConfig::from_toml_str(&toml_text).unwrap(),
+            cfg,
+            "{toml_text}"
+        );
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+        assert_eq!(
+            cfg.weight_scheme_at(150),
+            Some(Scheme::MultiBit { bits: 4 })
+        );
+        assert_eq!(
+            QATConfig::ternary().weight_scheme_at(150),
+            Some(Scheme::TernaryAbsmean)
+        );
+        let bad = [
+            ("[[bit_schedule]]\nfrom_step = 0\nscheme = \"TernaryAbsmean\"\n[[bit_schedule]]\nfrom_step = 0\nscheme = \"TernaryAbsmean\"", "bit_schedule.from_step"),
+            ("[[bit_schedule]]\nfrom_step = 0\nscheme = \"TernaryAbsmean\"\nbits = 3", "unknown field"),
+            ("[ste]\nvariant = \"Learnable\"\n[[bit_schedule]]\nfrom_step = 0\nscheme = { MultiBit = { bits = 4 } }", "ste.variant"),
+        ];
+        for (text, field) in bad {
             let e = QATConfig::from_toml_str(text).unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");
         }

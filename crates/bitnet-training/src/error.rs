@@ -42,6 +42,15 @@ pub enum TrainingError {
         /// What is wrong.
         reason: String,
     },
+    /// A checkpoint file that is missing pieces, truncated, corrupt or does not fit the model,
+    /// named.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Errors from candle, kept as they are.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -4,13 +4,21 @@
 //! * [`QATConfig`] and [`QATLayer`]: wrap a `BitLinear`, train with quantization in the loop.
 //! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules.
 //! * [`state`]: per-layer statistics (level shares, flip ratio, SQNR, norms) as JSON lines.
+//! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
+//! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].
+//! * [`policy`]: mixed precision, layer-name patterns to schemes.
+//! * [`checkpoint`]: atomic save and bit-exact resume.
 
+pub mod checkpoint;
 pub mod config;
+pub mod distillation;
 pub mod error;
 pub mod init;
 pub mod optim;
+pub mod policy;
 pub mod progressive;
 pub mod qat_layer;
+pub mod regularization;
 pub mod state;
 pub mod ste;
 

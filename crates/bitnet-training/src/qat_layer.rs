@@ -70,7 +70,8 @@ impl<M: QuantLinear> QATLayer<M> {
     /// `vb`'s prefix.
     pub fn new(inner: M, config: QATConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let temperature = if config.ste.is_learnable() && config.weight.is_some() {
+        let quantized = config.weight.is_some() || config.bit_schedule.is_some();
+        let temperature = if config.ste.is_learnable() && quantized {
             Some(vb.get_with_hints(
                 1,
                 "ste_temperature",
@@ -117,10 +118,16 @@ impl<M: QuantLinear> QATLayer<M> {
         self.temperature.as_ref()
     }
 
-    /// The weight quantizer at the current step (blend applied); `None` in full precision.
+    /// The weight quantizer at the current step (blend applied; the scheme from the config's bit
+    /// schedule if it has one); `None` in full precision.
     pub fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
-        let lambda = self.config.lambda.value(self.step());
-        self.weight_q.map(|q| q.with_lambda(lambda)).transpose()
+        let step = self.step();
+        let lambda = self.config.lambda.value(step);
+        let q = match self.config.bit_schedule {
+            Some(_) => self.config.weight_quantizer_at(step)?,
+            None => self.weight_q,
+        };
+        q.map(|q| q.with_lambda(lambda)).transpose()
     }
 
     /// The weight as the forward uses it at the current step.
@@ -155,5 +162,52 @@ impl<M: QuantLinear> Module for QATLayer<M> {
         let lambda = self.config.lambda.value(self.step());
         let act = self.act_q.map(|q| q.with_lambda(lambda)).transpose()?;
         self.inner.forward_quantized(x, &w, act.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progressive::BitSchedule;
+    use bitnet_quant::Scheme;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn layer_follows_its_bit_schedule() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let mut cfg = QATConfig::ternary();
+        cfg.bit_schedule = Some(
+            BitSchedule::new(&[
+                (0, Scheme::MultiBit { bits: 8 }),
+                (5, Scheme::TernaryAbsmean),
+            ])
+            .unwrap(),
+        );
+        let layer = QATLayer::bitlinear(16, 4, cfg, vb.pp("fc")).unwrap();
+        let distinct = |layer: &QATLayer| {
+            let mut v = layer
+                .effective_weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            v.sort_by(f32::total_cmp);
+            v.dedup();
+            v.len()
+        };
+        assert_eq!(
+            layer.weight_quantizer().unwrap().unwrap().scheme(),
+            Scheme::MultiBit { bits: 8 }
+        );
+        assert!(distinct(&layer) > 3);
+        layer.set_step(5);
+        assert_eq!(
+            layer.weight_quantizer().unwrap().unwrap().scheme(),
+            Scheme::TernaryAbsmean
+        );
+        assert!(distinct(&layer) <= 3);
     }
 }
