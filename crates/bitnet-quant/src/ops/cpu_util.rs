@@ -33,12 +33,20 @@ pub(crate) fn f32_values<'a>(
     )))
 }
 
+/// Side of the square tiles of [`gather_transposed`]: 32 x 32 f32 (4 KiB each way) stays in L1.
+const TILE: usize = 32;
+
 fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<f32> {
     let n: usize = dims.iter().product();
-    let mut out = Vec::with_capacity(n);
     if n == 0 {
-        return out;
+        return Vec::new();
     }
+    if let ([rows, cols], [1, ld]) = (dims, stride) {
+        if *ld >= *rows && *cols > 1 {
+            return gather_transposed(data, *rows, *cols, *ld, offset);
+        }
+    }
+    let mut out = Vec::with_capacity(n);
     let (inner, inner_stride) = match (dims.last(), stride.last()) {
         (Some(&d), Some(&s)) => (d, s),
         _ => (1, 1),
@@ -62,6 +70,26 @@ fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<
             }
             pos -= stride[d] * outer[d];
             idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// The gather of a transposed matrix (`[rows, cols]` with strides `[1, ld]`, e.g. `w.t()` or
+/// the gradient candle hands a `Linear` weight): element `(r, c)` is `data[offset + r + c * ld]`.
+/// The row-by-row walk would read with a stride of `ld` floats, one cache line per value; square
+/// tiles read each source row as contiguous runs and write within a few cache lines.
+fn gather_transposed(data: &[f32], rows: usize, cols: usize, ld: usize, offset: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for rr in (0..rows).step_by(TILE) {
+        let r_hi = (rr + TILE).min(rows);
+        for cc in (0..cols).step_by(TILE) {
+            for c in cc..(cc + TILE).min(cols) {
+                let src = &data[offset + c * ld + rr..offset + c * ld + r_hi];
+                for (k, &v) in src.iter().enumerate() {
+                    out[(rr + k) * cols + c] = v;
+                }
+            }
         }
     }
     out
@@ -151,6 +179,19 @@ mod tests {
             gather(&data, &[3, 2], &[1, 3], 0),
             vec![0., 3., 1., 4., 2., 5.]
         );
+        // Larger transposes take the tiled path (partial tiles, an offset, ld > rows): compare with
+        // the definition.
+        for (rows, cols, ld, offset) in [(37, 70, 37, 0), (33, 65, 40, 5), (256, 10, 256, 0)] {
+            let data: Vec<f32> = (0..offset + cols * ld).map(|i| i as f32).collect();
+            let want: Vec<f32> = (0..rows * cols)
+                .map(|i| data[offset + i / cols + (i % cols) * ld])
+                .collect();
+            assert_eq!(
+                gather(&data, &[rows, cols], &[1, ld], offset),
+                want,
+                "{rows}x{cols}"
+            );
+        }
         // A broadcast row (stride 0) and an offset.
         assert_eq!(gather(&data, &[2, 2], &[0, 1], 4), vec![4., 5., 4., 5.]);
     }

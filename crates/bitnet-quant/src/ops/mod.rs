@@ -7,6 +7,7 @@
 //! * [`quantize`]: `(x, params) -> q`, backward = the configured estimator.
 //! * [`learnable`]: a soft-to-hard surrogate whose temperature is a `Var` (gradient w.r.t. `t`).
 //! * [`lsq`]: multi-bit quantization with a learned step size (LSQ).
+//! * [`rms_norm`]: RMSNorm fused into one op (forward) and two (backward), for [`crate::RmsNorm`].
 
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
@@ -15,6 +16,7 @@ pub mod learnable;
 pub mod lsq;
 pub mod math;
 pub mod quantize;
+pub mod rms_norm;
 pub mod scales;
 
 pub use math::{EstKind, Kind};

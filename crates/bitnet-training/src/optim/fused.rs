@@ -55,12 +55,7 @@ impl<U: SliceUpdate> InplaceOp2 for FusedOp<'_, U> {
                 if l2.dims().len() > GradSrc::MAX_RANK {
                     candle_core::bail!("{name}: strided gradient of rank > {}", GradSrc::MAX_RANK);
                 }
-                GradSrc::Strided {
-                    data,
-                    dims: l2.dims(),
-                    strides: l2.stride(),
-                    offset: l2.start_offset(),
-                }
+                GradSrc::strided(data, l2.dims(), l2.stride(), l2.start_offset())
             }
         };
         self.0.borrow_mut().apply(param, grad);

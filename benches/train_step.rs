@@ -1,0 +1,168 @@
+//! One full training step (forward, cross-entropy, backward, optimizer step) of the MNIST MLP
+//! 784-256-256-10 at batch 128, three ways, in the same run:
+//!
+//! * `ternary_qat_adamw`: every layer a `QATLayer<BitLinear>` (BitNet b1.58: RMSNorm, absmean
+//!   ternary weights, int8 per-token activations, identity STE), updated by our fused `QatAdamW`;
+//! * `fp_linear_adamw`: candle-nn `Linear` layers and candle-nn `AdamW`, the plain candle baseline;
+//! * `fp_linear_qat_adamw`: the same `Linear` layers updated by `QatAdamW` (isolates the optimizer).
+//!
+//! `cpu_train_step_parts` splits each step into forward (including the loss), backward and
+//! optimizer step, so that the total can be read as a sum. `cpu_rms_norm_784` compares the fused
+//! RMSNorm op with the same norm from candle tensor ops (forward + backward of the first layer's
+//! input, `[128, 784]`).
+//!
+//! `RAYON_NUM_THREADS=1 cargo bench --bench train_step -- --warm-up-time 1 --measurement-time 3`
+//! (and `=2` to compare thread counts).
+
+use bitnet::quant::{BitLinear, RmsNorm};
+use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
+use bitnet::training::{QATConfig, QATLayer};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+
+const DIMS: [(usize, usize, &str); 3] = [(784, 256, "fc1"), (256, 256, "fc2"), (256, 10, "fc3")];
+const BATCH: usize = 128;
+
+/// The MLP: layers with a ReLU between them.
+struct Mlp(Vec<Box<dyn Module>>);
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, l) in self.0.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i + 1 < self.0.len() {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+fn ternary_mlp(vm: &VarMap) -> Result<Mlp> {
+    let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+    let layers = DIMS
+        .iter()
+        .map(|&(i, o, name)| {
+            let l: QATLayer<BitLinear> =
+                QATLayer::bitlinear(i, o, QATConfig::ternary(), vb.pp(name))?;
+            Ok(Box::new(l) as Box<dyn Module>)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Mlp(layers))
+}
+
+fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
+    let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+    let layers = DIMS
+        .iter()
+        .map(|&(i, o, name)| Ok(Box::new(candle_nn::linear(i, o, vb.pp(name))?) as Box<dyn Module>))
+        .collect::<Result<_>>()?;
+    Ok(Mlp(layers))
+}
+
+/// A synthetic batch: uniform random pixels, labels `0, 1, ..., 9, 0, ...`.
+fn batch() -> Result<(Tensor, Tensor)> {
+    let x = Tensor::rand(0f32, 1.0, (BATCH, 784), &Device::Cpu)?;
+    let y: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    Ok((x, Tensor::from_vec(y, BATCH, &Device::Cpu)?))
+}
+
+fn loss_of(model: &Mlp, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    loss::cross_entropy(&model.forward(x)?, y)
+}
+
+/// A model, its variables and an optimizer over them, built fresh for each bench function.
+type Setup<O> = fn() -> Result<(Mlp, O)>;
+
+fn ternary_qat() -> Result<(Mlp, QatAdamW)> {
+    let vm = VarMap::new();
+    let model = ternary_mlp(&vm)?;
+    let opt = QatAdamW::new(vm.all_vars(), ParamsQatAdamW::from(ParamsAdamW::default()))?;
+    Ok((model, opt))
+}
+
+fn linear_adamw() -> Result<(Mlp, AdamW)> {
+    let vm = VarMap::new();
+    let model = linear_mlp(&vm)?;
+    let opt = AdamW::new(vm.all_vars(), ParamsAdamW::default())?;
+    Ok((model, opt))
+}
+
+fn linear_qat() -> Result<(Mlp, QatAdamW)> {
+    let vm = VarMap::new();
+    let model = linear_mlp(&vm)?;
+    let opt = QatAdamW::new(vm.all_vars(), ParamsQatAdamW::from(ParamsAdamW::default()))?;
+    Ok((model, opt))
+}
+
+fn bench_full<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
+    let (x, y) = batch().unwrap();
+    let (model, mut opt) = setup().unwrap();
+    c.benchmark_group("cpu_train_step")
+        .bench_function(name, |b| {
+            b.iter(|| {
+                let loss = loss_of(&model, &x, &y).unwrap();
+                let grads = loss.backward().unwrap();
+                opt.step(&grads).unwrap();
+            })
+        });
+}
+
+fn bench_parts<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
+    let (x, y) = batch().unwrap();
+    let (model, mut opt) = setup().unwrap();
+    let mut group = c.benchmark_group("cpu_train_step_parts");
+    group.bench_function(format!("{name}/forward"), |b| {
+        b.iter(|| loss_of(&model, &x, &y).unwrap())
+    });
+    group.bench_function(format!("{name}/backward"), |b| {
+        b.iter_batched(
+            || loss_of(&model, &x, &y).unwrap(),
+            |loss| loss.backward().unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    let grads = loss_of(&model, &x, &y).unwrap().backward().unwrap();
+    group.bench_function(format!("{name}/step"), |b| {
+        b.iter(|| opt.step(&grads).unwrap())
+    });
+    group.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    bench_full(c, "ternary_qat_adamw", ternary_qat);
+    bench_full(c, "fp_linear_adamw", linear_adamw);
+    bench_full(c, "fp_linear_qat_adamw", linear_qat);
+}
+
+fn train_step_parts(c: &mut Criterion) {
+    bench_parts(c, "ternary_qat_adamw", ternary_qat);
+    bench_parts(c, "fp_linear_adamw", linear_adamw);
+    bench_parts(c, "fp_linear_qat_adamw", linear_qat);
+}
+
+fn rms_norm(c: &mut Criterion) {
+    let x = candle_core::Var::rand(0f32, 1.0, (BATCH, 784), &Device::Cpu).unwrap();
+    let w = candle_core::Var::ones(784, DType::F32, &Device::Cpu).unwrap();
+    let norm = RmsNorm::from_weight(w.as_tensor().clone(), 1e-6);
+    let r = Tensor::rand(0f32, 1.0, (BATCH, 784), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("cpu_rms_norm_784");
+    group.bench_function("fused", |b| {
+        b.iter(|| {
+            let y = norm.forward(x.as_tensor()).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.bench_function("composed", |b| {
+        b.iter(|| {
+            let y = norm.forward_composed(x.as_tensor()).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, train_step, train_step_parts, rms_norm);
+criterion_main!(benches);

@@ -1,0 +1,82 @@
+//! CPU kernels of the fused RMSNorm: forward, and the two gradients of the backward.
+
+use rayon::prelude::*;
+
+/// Rows per parallel work item: about [`CHUNK`](crate::ops::cpu_util::CHUNK) values.
+fn rows_per_task(dim: usize) -> usize {
+    (crate::ops::cpu_util::CHUNK / dim).max(1)
+}
+
+/// Calls `f(row_index, out_row)` for every row of `dim` values of `out`, in parallel once `out`
+/// reaches [`PAR_MIN`](crate::ops::PAR_MIN) values. Rows are independent, so the result does not
+/// depend on the split.
+fn for_rows(out: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() >= crate::ops::PAR_MIN {
+        let per = rows_per_task(dim);
+        out.par_chunks_mut(per * dim)
+            .enumerate()
+            .for_each(|(t, block)| {
+                for (i, row) in block.chunks_mut(dim).enumerate() {
+                    f(t * per + i, row);
+                }
+            });
+    } else {
+        for (i, row) in out.chunks_mut(dim).enumerate() {
+            f(i, row);
+        }
+    }
+}
+
+/// `sqrt(mean(x^2) + eps)` of one row, in the order of the unfused tensor ops (sum, divide by
+/// the count, add eps, square root).
+#[inline]
+fn rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// `y = x / rms(x) * w` row by row; `w` has one value per column.
+pub(crate) fn forward(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    let mut out = vec![0f32; xs.len()];
+    for_rows(&mut out, dim, |r, o| {
+        let x = &xs[r * dim..(r + 1) * dim];
+        let denom = rms(x, eps);
+        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+            *o = x / denom * w;
+        }
+    });
+    out
+}
+
+/// `dL/dx` for upstream `us`: with `s = 1 / rms(x)` and `D` columns,
+/// `g_j = s u_j w_j - x_j s^3 / D * sum_i(u_i w_i x_i)` (the `1/rms` factor depends on every
+/// value of its row, hence the second term).
+pub(crate) fn grad_input(xs: &[f32], w: &[f32], us: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    let mut out = vec![0f32; xs.len()];
+    for_rows(&mut out, dim, |r, o| {
+        let x = &xs[r * dim..(r + 1) * dim];
+        let u = &us[r * dim..(r + 1) * dim];
+        let s = 1.0 / rms(x, eps);
+        let dot: f32 = x.iter().zip(u).zip(w).map(|((&x, &u), &w)| u * w * x).sum();
+        let k = dot * s * s * s / dim as f32;
+        for (((o, &x), &u), &w) in o.iter_mut().zip(x).zip(u).zip(w) {
+            *o = s * u * w - x * k;
+        }
+    });
+    out
+}
+
+/// `dL/dw_j = sum over rows of u_j x_j / rms(x)`. Sequential over rows, so the sum has one fixed
+/// order.
+pub(crate) fn grad_weight(xs: &[f32], us: &[f32], dim: usize, eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; dim];
+    for (x, u) in xs.chunks(dim).zip(us.chunks(dim)) {
+        let s = 1.0 / rms(x, eps);
+        for ((o, &x), &u) in out.iter_mut().zip(x).zip(u) {
+            *o += u * x * s;
+        }
+    }
+    out
+}
