@@ -535,7 +535,8 @@ mod tests {
             (t, m, v)
         };
         let expected = run(GradSrc::Contiguous(&logical), usize::MAX);
-        let src = GradSrc::strided(&stored, &[rows, cols], &[1, rows], 0);
+        let (dims, strides) = ([rows, cols], [1, rows]);
+        let src = GradSrc::strided(&stored, &dims, &strides, 0);
         assert!(matches!(src, GradSrc::Transposed { .. }));
         assert_eq!(run(src, usize::MAX), expected);
         assert_eq!(run(src, 0), expected);
