@@ -122,6 +122,8 @@ fn hf_layout_matches_a_hand_made_example() -> Result<()> {
     let (packed, scale) = p.to_hf()?;
     // ceil(5 / 4) = 2 packed rows. Packed row 0 holds original rows 0, 2, 4 (slots 0, 1, 2);
     // row 1 holds rows 1 and 3. Codes: r0 [2, 0], r1 [1, 2], r2 [0, 1], r3 [2, 2], r4 [1, 0].
+    // The zero shifts spell out the slot each code lands in.
+    #[allow(clippy::identity_op)]
     let expect: [[u8; 2]; 2] = [
         [2 | (0 << 2) | (1 << 4), (1 << 2)], // [18, 4]
         [1 | (2 << 2), 2 | (2 << 2)],        // [9, 10]

@@ -173,7 +173,9 @@ impl PackedBitLinear {
         let kind = Kind::of(&Scheme::Int8PerToken);
         let mut m = vec![0f32; tokens];
         let mut sums = vec![0i32; tokens * nseg];
-        let work = |((x, q), (mt, st)): ((&[f32], &mut [i8]), (&mut f32, &mut [i32]))| {
+        // One token: (its input, its int8 codes) and (its dequant factor, its per-segment sums).
+        type Token<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut [i32]));
+        let work = |((x, q), (mt, st)): Token| {
             let max_abs = x.iter().fold(0f32, |a, v| a.max(v.abs()));
             // The same formulas as the Int8PerToken quantizer, so the levels are identical.
             let (s, aux) = kind.params(0.0, max_abs, 0.0);
