@@ -80,7 +80,7 @@ impl Kind {
                     -s
                 }
             }
-            Kind::Absmean => s * (x / (s + EPS)).round_ties_even().clamp(-1.0, 1.0),
+            Kind::Absmean => s * round_clamped(x / (s + EPS), -1.0, 1.0),
             Kind::Threshold { .. } => {
                 if x > aux {
                     s
@@ -92,7 +92,7 @@ impl Kind {
             }
             Kind::Int { qmax } => {
                 let inv = qmax / aux;
-                (x * inv).round_ties_even().clamp(-qmax - 1.0, qmax) / inv
+                round_clamped(x * inv, -qmax - 1.0, qmax) / inv
             }
         }
     }
@@ -108,7 +108,7 @@ impl Kind {
                     -1
                 }
             }
-            Kind::Absmean => (x / (s + EPS)).round_ties_even().clamp(-1.0, 1.0) as i32,
+            Kind::Absmean => round_clamped(x / (s + EPS), -1.0, 1.0) as i32,
             Kind::Threshold { .. } => {
                 if x > aux {
                     1
@@ -118,9 +118,7 @@ impl Kind {
                     0
                 }
             }
-            Kind::Int { qmax } => (x * (qmax / aux))
-                .round_ties_even()
-                .clamp(-qmax - 1.0, qmax) as i32,
+            Kind::Int { qmax } => round_clamped(x * (qmax / aux), -qmax - 1.0, qmax) as i32,
         }
     }
 
@@ -227,6 +225,19 @@ impl EstKind {
     }
 }
 
+/// `clamp(round_ties_even(v), lo, hi)` for integer bounds with `|lo|, |hi| < 2^21`.
+///
+/// `f32::round_ties_even` is a library call on baseline x86-64 (no SSE4.1 `roundps`), which keeps
+/// the quantize loops from vectorising; adding and subtracting `1.5 * 2^23` rounds to nearest
+/// even in the default rounding mode with two vectorisable adds. Clamping to one step outside the
+/// range first keeps `v` small enough for the trick and changes nothing after the final clamp.
+#[inline(always)]
+pub fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let v = v.clamp(lo - 1.0, hi + 1.0);
+    ((v + MAGIC) - MAGIC).clamp(lo, hi)
+}
+
 /// The progressive blend `x + lambda (q - x)`; exactly `q` at `lambda = 1`.
 #[inline(always)]
 pub fn blend(x: f32, q: f32, lambda: f32) -> f32 {
@@ -234,5 +245,34 @@ pub fn blend(x: f32, q: f32, lambda: f32) -> f32 {
         q
     } else {
         x + lambda * (q - x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_clamped;
+
+    #[test]
+    fn round_clamped_is_round_ties_even_then_clamp() {
+        let mut v = -300.0f32;
+        while v <= 300.0 {
+            for (lo, hi) in [(-1.0, 1.0), (-128.0, 127.0), (-2.0, 1.0)] {
+                for x in [v, v + 0.5, v - 1e-3, v + 1e-3] {
+                    assert_eq!(
+                        round_clamped(x, lo, hi),
+                        x.round_ties_even().clamp(lo, hi),
+                        "{x} in [{lo}, {hi}]"
+                    );
+                }
+            }
+            v += 0.25;
+        }
+        for x in [1e30f32, -1e30, f32::MAX, 0.5, -0.5, 1.5, 2.5, -2.5] {
+            assert_eq!(
+                round_clamped(x, -128.0, 127.0),
+                x.round_ties_even().clamp(-128.0, 127.0)
+            );
+        }
+        assert!(round_clamped(f32::NAN, -1.0, 1.0).is_nan());
     }
 }

@@ -10,7 +10,7 @@ pub(crate) fn forward(qmax: f32, xs: &[f32], steps: &[f32], block: usize) -> Vec
     for_block_segments(&mut out, block, |b, start, seg| {
         let s = steps[b].max(EPS);
         for (o, &x) in seg.iter_mut().zip(&xs[start..]) {
-            *o = s * (x / s).round_ties_even().clamp(-qmax - 1.0, qmax);
+            *o = s * crate::ops::math::round_clamped(x / s, -qmax - 1.0, qmax);
         }
     });
     out
