@@ -11,6 +11,10 @@
 //! RMSNorm op with the same norm from candle tensor ops (forward + backward of the first layer's
 //! input, `[128, 784]`).
 //!
+//! `cpu_train_step_glibc_default` runs first, with glibc's default allocator settings; every later
+//! group runs after `bitnet::core::host_alloc::keep_freed_memory()`, which the examples also call
+//! (it keeps freed tensor memory in the process instead of unmapping and re-faulting it each step).
+//!
 //! `RAYON_NUM_THREADS=1 cargo bench --bench train_step -- --warm-up-time 1 --measurement-time 3`
 //! (and `=2` to compare thread counts).
 
@@ -131,19 +135,43 @@ fn bench_parts<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
     group.finish();
 }
 
+/// Must stay the first group: the tuning below is process-wide and cannot be undone.
+fn train_step_glibc_default(c: &mut Criterion) {
+    let (x, y) = batch().unwrap();
+    let mut group = c.benchmark_group("cpu_train_step_glibc_default");
+    let (model, mut opt) = ternary_qat().unwrap();
+    group.bench_function("ternary_qat_adamw", |b| {
+        b.iter(|| {
+            let grads = loss_of(&model, &x, &y).unwrap().backward().unwrap();
+            opt.step(&grads).unwrap();
+        })
+    });
+    let (model, mut opt) = linear_adamw().unwrap();
+    group.bench_function("fp_linear_adamw", |b| {
+        b.iter(|| {
+            let grads = loss_of(&model, &x, &y).unwrap().backward().unwrap();
+            opt.step(&grads).unwrap();
+        })
+    });
+    group.finish();
+}
+
 fn train_step(c: &mut Criterion) {
+    bitnet::core::host_alloc::keep_freed_memory();
     bench_full(c, "ternary_qat_adamw", ternary_qat);
     bench_full(c, "fp_linear_adamw", linear_adamw);
     bench_full(c, "fp_linear_qat_adamw", linear_qat);
 }
 
 fn train_step_parts(c: &mut Criterion) {
+    bitnet::core::host_alloc::keep_freed_memory();
     bench_parts(c, "ternary_qat_adamw", ternary_qat);
     bench_parts(c, "fp_linear_adamw", linear_adamw);
     bench_parts(c, "fp_linear_qat_adamw", linear_qat);
 }
 
 fn rms_norm(c: &mut Criterion) {
+    bitnet::core::host_alloc::keep_freed_memory();
     let x = candle_core::Var::rand(0f32, 1.0, (BATCH, 784), &Device::Cpu).unwrap();
     let w = candle_core::Var::ones(784, DType::F32, &Device::Cpu).unwrap();
     let norm = RmsNorm::from_weight(w.as_tensor().clone(), 1e-6);
@@ -164,5 +192,11 @@ fn rms_norm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, train_step, train_step_parts, rms_norm);
+criterion_group!(
+    benches,
+    train_step_glibc_default,
+    train_step,
+    train_step_parts,
+    rms_norm
+);
 criterion_main!(benches);

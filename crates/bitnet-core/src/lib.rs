@@ -4,6 +4,8 @@
 //! * [`HybridMemoryPool`]: size-class slabs for small blocks plus a buddy pool for large ones, with
 //!   per-[`Category`] accounting; the quantizer kernels take their scratch and packed buffers from
 //!   [`global_pool`].
+//! * [`host_alloc::keep_freed_memory`]: stop glibc from unmapping and re-faulting tensor memory
+//!   on every training step (opt-in, one call in `main`).
 //!
 //! Errors are [`CoreError`]; they convert into `candle_core::Error` at candle boundaries.
 //!
@@ -36,6 +38,7 @@
 
 pub mod device;
 pub mod error;
+pub mod host_alloc;
 pub mod memory;
 
 pub use error::CoreError;
