@@ -1,15 +1,17 @@
 //! bitnet-candle: 1-bit and 1.58-bit (BitNet) quantization-aware training for candle.
 //!
-//! This facade re-exports the three crates and holds the data loaders the examples use:
+//! This facade re-exports the three crates and holds the data loaders and models the examples use:
 //! * [`core`]: devices and the `HybridMemoryPool`;
 //! * [`quant`]: quantizers as candle custom ops, `BitLinear`, metrics;
-//! * [`training`]: STE variants, `QATLayer`, schedules, state tracking.
+//! * [`training`]: STE variants, `QATLayer`, schedules, state tracking;
+//! * [`models`]: the MNIST MLP the examples train and export.
 
 pub use bitnet_core as core;
 pub use bitnet_quant as quant;
 pub use bitnet_training as training;
 
 pub mod datasets;
+pub mod models;
 
 /// The types most programs use: `use bitnet::prelude::*;`.
 pub mod prelude {

@@ -7,6 +7,7 @@
 //! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
 //! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].
 //! * [`policy`]: mixed precision, layer-name patterns to schemes.
+//! * [`sensitivity`]: quantize one layer at a time, rank the layers, propose a policy.
 //! * [`checkpoint`]: atomic save and bit-exact resume.
 
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod progressive;
 pub mod qat_layer;
 pub mod regularization;
+pub mod sensitivity;
 pub mod state;
 pub mod ste;
 

@@ -1,10 +1,10 @@
 //! [`QATLayer`]: a BitLinear (or any [`QuantLinear`]) trained under a [`QATConfig`].
 
 use crate::config::QATConfig;
-use bitnet_quant::{BitLinear, Quantizer};
+use bitnet_quant::{BitLinear, BitLinearConfig, PackedBitLinear, Quantizer};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// A linear layer whose weight can be replaced by its quantized version in the forward.
 pub trait QuantLinear {
@@ -61,6 +61,7 @@ pub struct QATLayer<M = BitLinear> {
     act_q: Option<Quantizer>,
     temperature: Option<Tensor>,
     step: AtomicUsize,
+    quantize: AtomicBool,
     name: String,
 }
 
@@ -87,6 +88,7 @@ impl<M: QuantLinear> QATLayer<M> {
             config,
             temperature,
             step: AtomicUsize::new(0),
+            quantize: AtomicBool::new(true),
             name: vb.prefix(),
         })
     }
@@ -96,8 +98,20 @@ impl<M: QuantLinear> QATLayer<M> {
         self.step.store(step, Ordering::Relaxed);
     }
 
+    /// The step the schedules read.
     pub fn step(&self) -> usize {
         self.step.load(Ordering::Relaxed)
+    }
+
+    /// Switches quantization off (weights and activations pass through in full precision) or back
+    /// on. Meant for analysis, e.g. [`sensitivity`](crate::sensitivity), not for training.
+    pub fn set_quantization_enabled(&self, on: bool) {
+        self.quantize.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the forward quantizes (true unless switched off).
+    pub fn quantization_enabled(&self) -> bool {
+        self.quantize.load(Ordering::Relaxed)
     }
 
     pub fn inner(&self) -> &M {
@@ -121,6 +135,9 @@ impl<M: QuantLinear> QATLayer<M> {
     /// The weight quantizer at the current step (blend applied; the scheme from the config's bit
     /// schedule if it has one); `None` in full precision.
     pub fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
+        if !self.quantization_enabled() {
+            return Ok(None);
+        }
         let step = self.step();
         let lambda = self.config.lambda.value(step);
         let q = match self.config.bit_schedule {
@@ -144,6 +161,39 @@ impl<M: QuantLinear> QATLayer<M> {
 }
 
 impl QATLayer<BitLinear> {
+    /// The layer as it is trained now (this layer's quantizers at the current step, not the inner
+    /// `BitLinear`'s defaults), packed for integer inference with
+    /// [`PackedBitLinear::from_trained`]. The weight scheme must be binary or ternary and the
+    /// activations int8 per token with the blend finished (`lambda = 1`); anything else is an error
+    /// naming the field. A learnable STE packs its hard (fully annealed) quantizer.
+    pub fn to_packed(&self) -> Result<PackedBitLinear> {
+        let weight = self.weight_quantizer()?.ok_or_else(|| {
+            candle_core::Error::from(crate::TrainingError::InvalidConfig {
+                field: "weight",
+                value: "None (full precision or quantization switched off)".into(),
+                allowed: "a binary or ternary scheme",
+            })
+        })?;
+        let act = match self.quantization_enabled() {
+            true => self
+                .act_q
+                .map(|q| q.with_lambda(self.config.lambda.value(self.step()))),
+            false => None,
+        };
+        let config = BitLinearConfig {
+            weight,
+            activation: act.transpose()?,
+            ..*self.inner.config()
+        };
+        let layer = BitLinear::from_parts(
+            self.inner.weight().detach(),
+            self.inner.bias().map(|b| b.detach()),
+            self.inner.norm().cloned(),
+            config,
+        );
+        PackedBitLinear::from_trained(&layer)
+    }
+
     /// A BitNet b1.58 layer `in -> out` under `config`, variables under `vb`.
     pub fn bitlinear(
         in_dim: usize,
@@ -160,7 +210,10 @@ impl<M: QuantLinear> Module for QATLayer<M> {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.effective_weight()?;
         let lambda = self.config.lambda.value(self.step());
-        let act = self.act_q.map(|q| q.with_lambda(lambda)).transpose()?;
+        let act = match self.quantization_enabled() {
+            true => self.act_q.map(|q| q.with_lambda(lambda)).transpose()?,
+            false => None,
+        };
         self.inner.forward_quantized(x, &w, act.as_ref())
     }
 }
@@ -172,6 +225,42 @@ mod tests {
     use bitnet_quant::Scheme;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
+
+    #[test]
+    fn packs_with_its_own_quantizers_not_the_inner_defaults() {
+        // The inner BitLinear defaults to ternary; the QAT config says binary. The packed layer
+        // must reproduce the binary forward.
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let layer = QATLayer::bitlinear(64, 8, QATConfig::binary(), vb.pp("fc")).unwrap();
+        let packed = layer.to_packed().unwrap();
+        assert_eq!(
+            packed.weight().levels().iter().filter(|&&l| l == 0).count(),
+            0
+        );
+        let x = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap();
+        let want = layer.forward(&x).unwrap();
+        let diff = (packed.forward(&x).unwrap() - &want)
+            .unwrap()
+            .abs()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-5 * scale);
+
+        let fp = QATLayer::bitlinear(64, 8, QATConfig::full_precision(), vb.pp("fp")).unwrap();
+        assert!(fp.to_packed().unwrap_err().to_string().contains("`weight`"));
+        let mut warm = QATConfig::ternary();
+        warm.lambda = crate::progressive::LambdaSchedule::Linear { steps: 10 };
+        let warming = QATLayer::bitlinear(64, 8, warm, vb.pp("warm")).unwrap();
+        warming.set_step(3);
+        assert!(warming.to_packed().is_err()); // lambda 0.3: no integer path
+    }
 
     #[test]
     fn layer_follows_its_bit_schedule() {

@@ -1,0 +1,110 @@
+use super::*;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+
+const EPS: f64 = 1e-6; // BitLinear's default norm epsilon
+
+fn set(vm: &VarMap, name: &str, t: &Tensor) {
+    vm.data().lock().unwrap()[name].set(t).unwrap();
+}
+
+/// `a` (8 -> 8) has weights of ±1 only, which absmean ternary quantization reproduces exactly, so
+/// only its int8 activations lose anything; `b` (8 -> 4) has Gaussian weights with outliers.
+fn two_layers(vm: &VarMap) -> (QATLayer, QATLayer) {
+    let dev = Device::Cpu;
+    let vb = VarBuilder::from_varmap(vm, DType::F32, &dev);
+    let a = QATLayer::bitlinear(8, 8, QATConfig::ternary(), vb.pp("a")).unwrap();
+    let b = QATLayer::bitlinear(8, 4, QATConfig::ternary(), vb.pp("b")).unwrap();
+    let signs: Vec<f32> = (0..64)
+        .map(|i| if (i * 7) % 3 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    set(
+        vm,
+        "a.weight",
+        &Tensor::from_vec(signs, (8, 8), &dev).unwrap(),
+    );
+    let mut g: Vec<f32> = (0..32).map(|i| ((i as f32) * 0.61).sin() * 0.3).collect();
+    g[5] = 2.5;
+    g[17] = -1.9;
+    set(vm, "b.weight", &Tensor::from_vec(g, (4, 8), &dev).unwrap());
+    (a, b)
+}
+
+#[test]
+fn switched_off_layer_is_the_plain_norm_and_matmul() {
+    let vm = VarMap::new();
+    let (a, _) = two_layers(&vm);
+    let x = Tensor::randn(0f32, 1.0, (5, 8), &Device::Cpu).unwrap();
+    a.set_quantization_enabled(false);
+    let got = a.forward(&x).unwrap();
+    // RMSNorm with unit gain, then x w^T with the latent weight; no bias in BitLinear's default.
+    let rms = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + EPS)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let want = x
+        .broadcast_div(&rms)
+        .unwrap()
+        .matmul(&a.inner().weight().t().unwrap())
+        .unwrap();
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    a.set_quantization_enabled(true);
+    assert!(a.quantization_enabled());
+}
+
+#[test]
+fn ranks_the_outlier_layer_first_and_keeps_it_at_8_bits() {
+    let vm = VarMap::new();
+    let (a, b) = two_layers(&vm);
+    let x = Tensor::randn(0f32, 1.0, (32, 8), &Device::Cpu).unwrap();
+    let model = |x: &Tensor| b.forward(&a.forward(x).unwrap().relu().unwrap()).unwrap();
+    // The loss is the distance to the full-precision output, so the base loss is exactly 0.
+    a.set_quantization_enabled(false);
+    b.set_quantization_enabled(false);
+    let reference = model(&x);
+    a.set_quantization_enabled(true);
+    b.set_quantization_enabled(true);
+    let loss = || {
+        let d = (model(&x) - &reference)?.sqr()?.mean_all()?;
+        Ok(d.to_scalar::<f32>()? as f64)
+    };
+    let report = analyze(&[&a, &b], loss).unwrap();
+    assert_eq!(report.base_loss, 0.0);
+    let (da, db) = (report.layers[0].loss_delta, report.layers[1].loss_delta);
+    assert!(da > 0.0 && db > 10.0 * da, "a {da}, b {db}");
+    assert_eq!(report.ranked()[0].name, "b");
+    assert!(report.quantized_loss >= db * 0.5);
+    assert!(a.quantization_enabled() && b.quantization_enabled());
+
+    let policy = report.propose_policy(QATConfig::ternary(), 1);
+    assert_eq!(policy.rules.len(), 1);
+    assert_eq!(
+        policy.config_for("b").weight,
+        Some(Scheme::MultiBit { bits: 8 })
+    );
+    assert_eq!(policy.config_for("a"), QATConfig::ternary());
+    assert_eq!(
+        report.propose_policy(QATConfig::ternary(), 5).rules.len(),
+        2
+    );
+    let table = report.table();
+    assert!(table.find("b ").unwrap() < table.find("a ").unwrap());
+}
+
+#[test]
+fn layers_are_switched_back_on_when_the_loss_fails() {
+    let vm = VarMap::new();
+    let (a, b) = two_layers(&vm);
+    let mut calls = 0;
+    let loss = || {
+        calls += 1;
+        match calls {
+            2 => candle_core::bail!("out of data"),
+            _ => Ok(1.0),
+        }
+    };
+    let err = analyze(&[&a, &b], loss).unwrap_err();
+    assert!(err.to_string().contains("out of data"));
+    assert!(a.quantization_enabled() && b.quantization_enabled());
+}
