@@ -2,31 +2,67 @@
 //!
 //! ```sh
 //! cargo run --release --example train_mnist -- --mode ternary --epochs 10
+//! # distillation from a full-precision teacher trained first (or --teacher DIR to load one):
+//! cargo run --release --example train_mnist -- --mode ternary --distill
+//! # the Hugging Face recipe's lambda warmup over the first epoch:
+//! cargo run --release --example train_mnist -- --mode ternary --schedule linear
 //! ```
-//! Options: `--mode fp|ternary|binary`, `--epochs N`, `--data DIR` (default: the copy in
-//! `data/mnist`), `--log FILE` (per-layer JSON lines), `--batch N`, `--lr X`, `--seed N`,
-//! `--train-limit N` (use the first N training images). The last line printed is a JSON summary.
+//! Options:
+//! * `--mode fp|ternary|binary`, `--epochs N`, `--batch N`, `--lr X`, `--seed N`;
+//! * `--data DIR` (default: the copy in `data/mnist`), `--train-limit N` (first N images only);
+//! * `--log FILE`: per-layer state (level shares, flip ratio, MSE, SQNR, norms) as JSON lines;
+//! * `--save DIR`: a checkpoint after every epoch (weights, optimizer state, step), which
+//!   `--teacher` and `examples/export_and_infer` read;
+//! * `--distill`: train with Hinton KD from a full-precision teacher; `--teacher DIR` loads the
+//!   teacher from a `--mode fp --save DIR` run instead of training it first; `--kd-temperature T`
+//!   (default 4), `--kd-alpha A` (weight of the soft term, default 0.7);
+//! * `--schedule constant|linear|exponential|sigmoid|step`: the progressive blend
+//!   `x + lambda (q(x) - x)` with lambda rising over `--warmup-steps N` (default: one epoch);
+//! * `--report`: after training, the per-layer sensitivity (loss on 1000 training images with
+//!   only that layer quantized, against all in full precision) and the `PrecisionPolicy` it
+//!   proposes (the most sensitive layer at 8 bits), as TOML for `--policy`-style configs.
+//!
+//! The last line printed is a JSON summary.
 
 use bitnet::datasets::mnist;
+use bitnet::models::{accuracy, MnistMlp};
 use bitnet::prelude::*;
+use bitnet::training::checkpoint::{self, TrainingState};
+use bitnet::training::distillation::Distiller;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
-use bitnet::training::state::{StateTracker, Tracked};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use bitnet::training::progressive::LambdaSchedule;
+use bitnet::training::sensitivity;
+use bitnet::training::state::StateTracker;
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::path::PathBuf;
 use std::time::Instant;
+
+const USAGE: &str = "usage: train_mnist [--mode fp|ternary|binary] [--epochs N] [--data DIR] \
+[--log FILE] [--save DIR] [--batch N] [--lr X] [--seed N] [--train-limit N] [--distill] \
+[--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
+[--schedule constant|linear|exponential|sigmoid|step] [--warmup-steps N] [--report]";
 
 struct Args {
     mode: String,
     epochs: usize,
-    data: std::path::PathBuf,
+    data: PathBuf,
     log: Option<String>,
+    save: Option<PathBuf>,
     batch: usize,
     lr: f64,
     seed: u64,
     train_limit: Option<usize>,
+    distill: bool,
+    teacher: Option<PathBuf>,
+    kd_temperature: f64,
+    kd_alpha: f64,
+    schedule: String,
+    warmup_steps: Option<usize>,
+    report: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -35,26 +71,43 @@ fn parse_args() -> std::result::Result<Args, String> {
         epochs: 10,
         data: mnist::default_dir(),
         log: None,
+        save: None,
         batch: 128,
         lr: 1e-3,
         seed: 42,
         train_limit: None,
+        distill: false,
+        teacher: None,
+        kd_temperature: 4.0,
+        kd_alpha: 0.7,
+        schedule: "constant".into(),
+        warmup_steps: None,
+        report: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
         let num = |v: String| v.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
+        let count = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--mode" => a.mode = val()?,
-            "--epochs" => a.epochs = num(val()?)? as usize,
+            "--epochs" => a.epochs = count(val()?)?,
             "--data" => a.data = val()?.into(),
             "--log" => a.log = Some(val()?),
-            "--batch" => a.batch = num(val()?)? as usize,
+            "--save" => a.save = Some(val()?.into()),
+            "--batch" => a.batch = count(val()?)?,
             "--lr" => a.lr = num(val()?)?,
-            "--seed" => a.seed = num(val()?)? as u64,
-            "--train-limit" => a.train_limit = Some(num(val()?)? as usize),
-            "-h" | "--help" => return Err("usage: train_mnist [--mode fp|ternary|binary] [--epochs N] [--data DIR] [--log FILE] [--batch N] [--lr X] [--seed N] [--train-limit N]".into()),
-            other => return Err(format!("unknown option {other}")),
+            "--seed" => a.seed = val()?.parse().map_err(|e| format!("{flag}: {e}"))?,
+            "--train-limit" => a.train_limit = Some(count(val()?)?),
+            "--distill" => a.distill = true,
+            "--teacher" => a.teacher = Some(val()?.into()),
+            "--kd-temperature" => a.kd_temperature = num(val()?)?,
+            "--kd-alpha" => a.kd_alpha = num(val()?)?,
+            "--schedule" => a.schedule = val()?,
+            "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
+            "--report" => a.report = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }
     if !["fp", "ternary", "binary"].contains(&a.mode.as_str()) {
@@ -66,126 +119,107 @@ fn parse_args() -> std::result::Result<Args, String> {
     if a.batch == 0 || a.epochs == 0 {
         return Err("--batch and --epochs must be at least 1".into());
     }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        return Err(format!("--lr must be a finite number > 0, got {}", a.lr));
+    }
+    if a.teacher.is_some() && !a.distill {
+        return Err("--teacher is only used with --distill".into());
+    }
+    if a.report && a.mode == "fp" {
+        return Err("--report measures quantization: use --mode ternary or binary".into());
+    }
+    if a.distill && a.mode == "fp" {
+        return Err("--distill trains a quantized student: use --mode ternary or binary".into());
+    }
     Ok(a)
 }
 
-struct Mlp {
-    layers: Vec<QATLayer>,
+/// The images and labels one run trains and tests on.
+struct Data {
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
 }
 
-impl Mlp {
-    fn new(cfg: QATConfig, vb: VarBuilder) -> Result<Self> {
-        let dims = [(784, 256, "fc1"), (256, 256, "fc2"), (256, 10, "fc3")];
-        let layers = dims
-            .iter()
-            .map(|&(i, o, name)| QATLayer::bitlinear(i, o, cfg, vb.pp(name)))
-            .collect::<Result<_>>()?;
-        Ok(Self { layers })
-    }
-
-    fn set_step(&self, step: usize) {
-        self.layers.iter().for_each(|l| l.set_step(step));
-    }
+/// What one training run reports.
+struct Report {
+    test_accuracy: f64,
+    epoch_seconds_median: f64,
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i + 1 < self.layers.len() {
-                h = h.relu()?;
-            }
-        }
-        Ok(h)
-    }
+/// One model to train: who it is in the printed lines, its variables, what it learns from and
+/// where its checkpoints go.
+struct Run<'a> {
+    who: &'a str,
+    mode: &'a str,
+    model: &'a MnistMlp,
+    vm: &'a VarMap,
+    teacher: Option<&'a Distiller<MnistMlp>>,
+    save: Option<&'a std::path::Path>,
 }
 
-fn accuracy(model: &Mlp, images: &Tensor, labels: &Tensor) -> Result<f64> {
-    let mut correct = 0usize;
-    let n = images.dim(0)?;
-    for start in (0..n).step_by(1000) {
-        let len = 1000.min(n - start);
-        let logits = model.forward(&images.narrow(0, start, len)?)?;
-        let pred = logits.argmax(D::Minus1)?;
-        let ok = pred
-            .eq(&labels.narrow(0, start, len)?)?
-            .to_dtype(DType::F32)?
-            .sum_all()?;
-        correct += ok.to_scalar::<f32>()? as usize;
-    }
-    Ok(correct as f64 / n as f64)
-}
-
-fn main() -> Result<()> {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
-    let dev = Device::Cpu;
-    let data = mnist::load(&args.data, &dev)?;
-    let (train_x, train_y) = match args.train_limit {
-        Some(n) => (
-            data.train_images.narrow(0, 0, n)?,
-            data.train_labels.narrow(0, 0, n)?,
-        ),
-        None => (data.train_images.clone(), data.train_labels.clone()),
-    };
-    let cfg = match args.mode.as_str() {
-        "fp" => QATConfig::full_precision(),
-        "binary" => QATConfig::binary(),
-        _ => QATConfig::ternary(),
-    };
-    let vm = VarMap::new();
-    let model = Mlp::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-    bitnet::training::init::reseed(&vm, args.seed)?;
+/// Trains for `args.epochs` epochs with Adam and cosine decay, optionally against a teacher;
+/// prints one line per epoch and saves a checkpoint after each when asked.
+fn train(
+    run: &Run,
+    args: &Args,
+    data: &Data,
+    mut tracker: Option<&mut StateTracker>,
+) -> Result<Report> {
+    let Run {
+        who,
+        model,
+        vm,
+        teacher,
+        ..
+    } = *run;
+    // Sorted, so that a saved optimizer state lines up with the variables on reload.
     let mut opt = QatAdamW::new(
-        vm.all_vars(),
+        checkpoint::sorted_vars(vm),
         ParamsQatAdamW {
             lr: args.lr,
             weight_decay: 0.0,
             ..Default::default()
         },
     )?;
-    let mut tracker = match &args.log {
-        Some(p) => StateTracker::with_log(p)?,
-        None => StateTracker::new(),
-    };
-    let n = train_x.dim(0)?;
+    let dev = data.train_x.device();
+    let n = data.train_x.dim(0)?;
     let steps_per_epoch = n.div_ceil(args.batch);
     let total = steps_per_epoch * args.epochs;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut epoch_secs = Vec::new();
     let mut step = 0usize;
-    let mut test_acc = 0.0;
+    let mut test_accuracy = 0.0;
     for epoch in 1..=args.epochs {
         order.shuffle(&mut rng);
         let bar = ProgressBar::new(steps_per_epoch as u64);
         bar.set_style(
-            ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {per_sec}")
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
                 .expect("valid template"),
         );
-        bar.set_message(epoch.to_string());
+        bar.set_message(format!("{who} epoch {epoch}"));
         let t0 = Instant::now();
         let mut loss_sum = 0f64;
         for chunk in order.chunks(args.batch) {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &dev)?;
-            let x = train_x.index_select(&idx, 0)?;
-            let y = train_y.index_select(&idx, 0)?;
+            let idx = Tensor::from_slice(chunk, chunk.len(), dev)?;
+            let x = data.train_x.index_select(&idx, 0)?;
+            let y = data.train_y.index_select(&idx, 0)?;
             model.set_step(step);
             let lr =
                 args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
             opt.set_learning_rate(lr);
-            let loss = loss::cross_entropy(&model.forward(&x)?, &y)?;
+            let logits = model.forward(&x)?;
+            let loss = match teacher {
+                Some(d) => d.loss(&x, &logits, &y)?,
+                None => loss::cross_entropy(&logits, &y)?,
+            };
             let grads = loss.backward()?;
-            if args.log.is_some() && step % 100 == 0 {
-                let layers: Vec<&dyn Tracked> =
-                    model.layers.iter().map(|l| l as &dyn Tracked).collect();
-                tracker.record(step, &layers, Some(&grads))?;
+            if let Some(t) = tracker.as_deref_mut() {
+                if step % 100 == 0 {
+                    t.record(step, &model.tracked(), Some(&grads))?;
+                }
             }
             opt.step(&grads)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -195,25 +229,180 @@ fn main() -> Result<()> {
         bar.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         epoch_secs.push(secs);
-        test_acc = accuracy(&model, &data.test_images, &data.test_labels)?;
+        test_accuracy = accuracy(model, &data.test_x, &data.test_y)?;
         println!(
-            "epoch {epoch:>2}  loss {:.4}  test_accuracy {:.4}  seconds {secs:.2}",
+            "{who} epoch {epoch:>2}  loss {:.4}  test_accuracy {:.4}  seconds {secs:.2}",
             loss_sum / steps_per_epoch as f64,
-            test_acc
+            test_accuracy
         );
+        if let Some(dir) = run.save {
+            let state = TrainingState {
+                step: step as u64,
+                extra: serde_json::json!({ "mode": run.mode, "epoch": epoch }),
+                rng: None,
+            };
+            checkpoint::save_with_optimizer(dir, vm, &opt, &state)?;
+        }
     }
-    let layers: Vec<&dyn Tracked> = model.layers.iter().map(|l| l as &dyn Tracked).collect();
-    tracker.record(step, &layers, None)?;
-    print!("{}", tracker.summary_table());
+    if let Some(t) = tracker {
+        t.record(step, &model.tracked(), None)?;
+        print!("{}", t.summary_table());
+    }
     epoch_secs.sort_by(|a, b| a.total_cmp(b));
-    let median = epoch_secs[epoch_secs.len() / 2];
+    Ok(Report {
+        test_accuracy,
+        epoch_seconds_median: epoch_secs[epoch_secs.len() / 2],
+    })
+}
+
+/// A full-precision teacher: loaded from a `--mode fp --save DIR` checkpoint, or trained here.
+fn teacher(args: &Args, data: &Data, dev: &Device) -> Result<(MnistMlp, f64)> {
+    let vm = VarMap::new();
+    let model = MnistMlp::new(
+        QATConfig::full_precision(),
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+    )?;
+    match &args.teacher {
+        Some(dir) => {
+            let restored = checkpoint::load(dir, &vm)?;
+            let mode = &restored.state.extra["mode"];
+            if mode != "fp" {
+                candle_core::bail!(
+                    "--teacher {}: a checkpoint of a --mode fp run is needed, this one has mode {mode}",
+                    dir.display()
+                );
+            }
+            let acc = accuracy(&model, &data.test_x, &data.test_y)?;
+            println!(
+                "teacher loaded from {}  test_accuracy {acc:.4}",
+                dir.display()
+            );
+            Ok((model, acc))
+        }
+        None => {
+            bitnet::training::init::reseed(&vm, args.seed)?;
+            let run = Run {
+                who: "teacher",
+                mode: "fp",
+                model: &model,
+                vm: &vm,
+                teacher: None,
+                save: None,
+            };
+            let report = train(&run, args, data, None)?;
+            Ok((model, report.test_accuracy))
+        }
+    }
+}
+
+fn lambda_schedule(
+    args: &Args,
+    steps_per_epoch: usize,
+) -> std::result::Result<LambdaSchedule, String> {
+    let steps = args.warmup_steps.unwrap_or(steps_per_epoch);
+    let s = match args.schedule.as_str() {
+        "constant" => LambdaSchedule::default(),
+        "linear" => LambdaSchedule::Linear { steps },
+        "exponential" => LambdaSchedule::Exponential { steps, k: 3.0 },
+        "sigmoid" => LambdaSchedule::Sigmoid { steps, k: 10.0 },
+        "step" => LambdaSchedule::Step { steps },
+        other => {
+            return Err(format!(
+                "--schedule must be constant, linear, exponential, sigmoid or step, got {other}"
+            ))
+        }
+    };
+    s.validate().map_err(|e| format!("--warmup-steps: {e}"))?;
+    Ok(s)
+}
+
+/// Prints the per-layer sensitivity on the first 1000 training images and the policy it proposes.
+fn print_sensitivity(model: &MnistMlp, data: &Data, cfg: QATConfig) -> Result<()> {
+    let n = data.train_x.dim(0)?.min(1000);
+    let (x, y) = (data.train_x.narrow(0, 0, n)?, data.train_y.narrow(0, 0, n)?);
+    let loss = || Ok(loss::cross_entropy(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64);
+    let r = sensitivity::analyze(&model.layer_refs(), loss)?;
+    print!(
+        "sensitivity (cross-entropy on {n} training images)\n{}",
+        r.table()
+    );
+    let policy = r.propose_policy(cfg, 1);
+    let toml = policy.to_toml_string().map_err(candle_core::Error::wrap)?;
+    print!("proposed policy (the most sensitive layer at 8 bits):\n{toml}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let fail = |e: String| -> ! {
+        eprintln!("{e}");
+        std::process::exit(2);
+    };
+    let args = parse_args().unwrap_or_else(|e| fail(e));
+    bitnet::core::host_alloc::keep_freed_memory();
+    let dev = Device::Cpu;
+    let mnist = mnist::load(&args.data, &dev)?;
+    let (train_x, train_y) = match args.train_limit {
+        Some(n) => (
+            mnist.train_images.narrow(0, 0, n)?,
+            mnist.train_labels.narrow(0, 0, n)?,
+        ),
+        None => (mnist.train_images.clone(), mnist.train_labels.clone()),
+    };
+    let data = Data {
+        train_x,
+        train_y,
+        test_x: mnist.test_images,
+        test_y: mnist.test_labels,
+    };
+    let mut cfg = match args.mode.as_str() {
+        "fp" => QATConfig::full_precision(),
+        "binary" => QATConfig::binary(),
+        _ => QATConfig::ternary(),
+    };
+    let steps_per_epoch = data.train_x.dim(0)?.div_ceil(args.batch);
+    cfg.lambda = lambda_schedule(&args, steps_per_epoch).unwrap_or_else(|e| fail(e));
+
+    let distiller = if args.distill {
+        let (t, acc) = teacher(&args, &data, &dev)?;
+        Some((Distiller::new(t, args.kd_temperature, args.kd_alpha)?, acc))
+    } else {
+        None
+    };
+
+    let vm = VarMap::new();
+    let model = MnistMlp::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    bitnet::training::init::reseed(&vm, args.seed)?;
+    let mut tracker = match &args.log {
+        Some(p) => Some(StateTracker::with_log(p)?),
+        None => None,
+    };
+    let who = if args.distill {
+        "student"
+    } else {
+        args.mode.as_str()
+    };
+    let run = Run {
+        who,
+        mode: &args.mode,
+        model: &model,
+        vm: &vm,
+        teacher: distiller.as_ref().map(|(d, _)| d),
+        save: args.save.as_deref(),
+    };
+    let report = train(&run, &args, &data, tracker.as_mut())?;
+    if args.report {
+        print_sensitivity(&model, &data, cfg)?;
+    }
     println!(
         "{}",
         serde_json::json!({
             "mode": args.mode,
             "epochs": args.epochs,
-            "test_accuracy": (test_acc * 10000.0).round() / 10000.0,
-            "epoch_seconds_median": (median * 100.0).round() / 100.0,
+            "test_accuracy": (report.test_accuracy * 10000.0).round() / 10000.0,
+            "epoch_seconds_median": (report.epoch_seconds_median * 100.0).round() / 100.0,
+            "distill": args.distill,
+            "teacher_accuracy": distiller.as_ref().map(|(_, a)| (a * 10000.0).round() / 10000.0),
+            "schedule": args.schedule,
         })
     );
     Ok(())
