@@ -170,7 +170,11 @@ impl BitLinear {
 
     /// `x @ w^T + b` for an already quantized weight `w`; `x` is the prepared input.
     pub fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(x)
+        let y = crate::ops::linear::linear(x, w)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// The forward with other quantizers than the configured ones (schedules change them during

@@ -372,3 +372,84 @@ fn lsq_gradients_follow_the_paper() {
     let got = grads.get(&s).unwrap().to_vec1::<f32>().unwrap()[0];
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 }
+
+/// `linear(x, w) = x w^T`: forward and both gradients against loops over the definition, for a
+/// 2-D input, a 3-D input (leading dims flattened) and a transposed (non-contiguous) input.
+#[test]
+fn linear_op_gradients_are_g_w_and_g_transposed_x() {
+    use bitnet_quant::ops::linear::linear;
+    let dev = Device::Cpu;
+    let (out, inp) = (3, 5);
+    let wv: Vec<f32> = (0..out * inp)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    for dims in [vec![4, inp], vec![2, 3, inp], vec![inp, 4]] {
+        let transposed = dims == [inp, 4];
+        let n: usize = dims.iter().product();
+        let xv: Vec<f32> = (0..n).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.25).collect();
+        let xvar = Var::from_vec(xv.clone(), dims.clone(), &dev).unwrap();
+        let wvar = Var::from_vec(wv.clone(), (out, inp), &dev).unwrap();
+        // The input the op sees, and its rows as plain vectors (row r, column i).
+        let x = match transposed {
+            true => xvar.as_tensor().t().unwrap(),
+            false => xvar.as_tensor().clone(),
+        };
+        let rows = n / inp;
+        let xr = |r: usize, i: usize| match transposed {
+            true => xv[i * rows + r],
+            false => xv[r * inp + i],
+        };
+        let y = linear(&x, wvar.as_tensor()).unwrap();
+        let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            for o in 0..out {
+                let want: f32 = (0..inp).map(|i| xr(r, i) * wv[o * inp + i]).sum();
+                assert!((yv[r * out + o] - want).abs() < 1e-5, "{dims:?} y[{r},{o}]");
+            }
+        }
+        // Loss sum(u * y) with u[r, o] = r - o: dL/dy = u.
+        let u = |r: usize, o: usize| r as f32 - o as f32;
+        let uv: Vec<f32> = (0..rows * out).map(|k| u(k / out, k % out)).collect();
+        let ut = Tensor::from_vec(uv, y.shape(), &dev).unwrap();
+        let grads = (y * ut).unwrap().sum_all().unwrap().backward().unwrap();
+        let dw = grads
+            .get(&wvar)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for o in 0..out {
+            for i in 0..inp {
+                let want: f32 = (0..rows).map(|r| u(r, o) * xr(r, i)).sum();
+                assert!(
+                    (dw[o * inp + i] - want).abs() < 1e-4,
+                    "{dims:?} dW[{o},{i}]"
+                );
+            }
+        }
+        let dx = grads
+            .get(&xvar)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for r in 0..rows {
+            for i in 0..inp {
+                let want: f32 = (0..out).map(|o| u(r, o) * wv[o * inp + i]).sum();
+                let k = if transposed {
+                    i * rows + r
+                } else {
+                    r * inp + i
+                };
+                assert!((dx[k] - want).abs() < 1e-4, "{dims:?} dx[{r},{i}]");
+            }
+        }
+    }
+    let bad = linear(
+        &Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap(),
+        &Tensor::zeros((3, 5), candle_core::DType::F32, &dev).unwrap(),
+    );
+    assert!(bad.unwrap_err().to_string().contains("in-features 5"));
+}

@@ -7,12 +7,14 @@
 //! * [`quantize`]: `(x, params) -> q`, backward = the configured estimator.
 //! * [`learnable`]: a soft-to-hard surrogate whose temperature is a `Var` (gradient w.r.t. `t`).
 //! * [`lsq`]: multi-bit quantization with a learned step size (LSQ).
+//! * [`linear`]: `x w^T` with a backward that needs no transpose node (used by `BitLinear`).
 //! * [`rms_norm`]: RMSNorm fused into one op (forward) and two (backward), for [`crate::RmsNorm`].
 
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_util;
 pub mod learnable;
+pub mod linear;
 pub mod lsq;
 pub mod math;
 pub mod quantize;

@@ -27,12 +27,44 @@ fn for_rows(out: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     }
 }
 
-/// `sqrt(mean(x^2) + eps)` of one row, in the order of the unfused tensor ops (sum, divide by
-/// the count, add eps, square root).
+/// `sum(x^2)` in 8 interleaved partial sums: a single running f32 sum cannot be vectorised (the
+/// compiler may not reorder float additions), and the norm's rows are reduced in every pass.
+#[inline]
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(u w x)` in 8 interleaved partial sums (see [`sum_sq`]).
+#[inline]
+fn dot3(x: &[f32], u: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (cx, cu, cw) = (x.chunks_exact(8), u.chunks_exact(8), w.chunks_exact(8));
+    let tail = cx
+        .remainder()
+        .iter()
+        .zip(cu.remainder())
+        .zip(cw.remainder());
+    let tail: f32 = tail.map(|((&x, &u), &w)| u * w * x).sum();
+    for ((x, u), w) in cx.zip(cu).zip(cw) {
+        for l in 0..8 {
+            acc[l] += u[l] * w[l] * x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sqrt(mean(x^2) + eps)` of one row.
 #[inline]
 fn rms(x: &[f32], eps: f32) -> f32 {
-    let ss: f32 = x.iter().map(|v| v * v).sum();
-    (ss / x.len() as f32 + eps).sqrt()
+    (sum_sq(x) / x.len() as f32 + eps).sqrt()
 }
 
 /// `y = x / rms(x) * w` row by row; `w` has one value per column.
@@ -59,7 +91,7 @@ pub(crate) fn grad_input(xs: &[f32], w: &[f32], us: &[f32], eps: f32) -> Vec<f32
         let x = &xs[r * dim..(r + 1) * dim];
         let u = &us[r * dim..(r + 1) * dim];
         let s = 1.0 / rms(x, eps);
-        let dot: f32 = x.iter().zip(u).zip(w).map(|((&x, &u), &w)| u * w * x).sum();
+        let dot = dot3(x, u, w);
         let k = dot * s * s * s / dim as f32;
         for (((o, &x), &u), &w) in o.iter_mut().zip(x).zip(u).zip(w) {
             *o = s * u * w - x * k;
