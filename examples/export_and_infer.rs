@@ -11,7 +11,8 @@
 //! binary), `--out FILE` (default `mnist.packed.safetensors` in the temp dir), `--epochs N`
 //! (when training here), `--data DIR`.
 //!
-//! It prints the f32 checkpoint's size against the packed file's, the test accuracy of the QAT
+//! It prints the size of the f32 model (latent weights and norm gains as safetensors) against the
+//! packed file's, the test accuracy of the QAT
 //! model and of the packed model loaded back from disk (they must agree; the process exits with
 //! an error otherwise), and images per second of both forwards. The last line is a JSON summary.
 
@@ -130,8 +131,8 @@ fn main() -> Result<()> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
 
-    // 1. The trained QAT model and the size of its f32 checkpoint.
-    let (model, f32_bytes) = match &args.checkpoint {
+    // 1. The trained QAT model.
+    let model = match &args.checkpoint {
         Some(dir) => {
             let manifest = std::fs::read(dir.join("checkpoint.json"))
                 .map_err(|e| candle_core::Error::msg(format!("{}: {e}", dir.display())))?;
@@ -147,23 +148,20 @@ fn main() -> Result<()> {
             };
             let model = MnistMlp::new(cfg, vb)?;
             checkpoint::load(dir, &vm)?;
-            let weights = manifest["weights"].as_str().unwrap_or_default();
-            (model, file_size(&dir.join(weights))?)
+            model
         }
         None => {
             let model = MnistMlp::new(QATConfig::ternary(), vb)?;
             bitnet::training::init::reseed(&vm, 42)?;
             train_quick(&model, &vm, &data, args.epochs)?;
-            let tmp = std::env::temp_dir().join(format!("mnist-f32-{}", std::process::id()));
-            let path = checkpoint::save(&tmp, &vm, &[], &Default::default())?;
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&path).map_err(candle_core::Error::wrap)?)
-                    .map_err(candle_core::Error::wrap)?;
-            let size = file_size(&tmp.join(manifest["weights"].as_str().unwrap_or_default()))?;
-            std::fs::remove_dir_all(&tmp).ok();
-            (model, size)
+            model
         }
     };
+    // The f32 model as a plain safetensors file (latent weights and norm gains, no optimizer
+    // state): what shipping the unpacked model would take.
+    let f32_path = args.out.with_extension("f32.safetensors");
+    vm.save(&f32_path)?;
+    let f32_bytes = file_size(&f32_path)?;
 
     // 2. Pack, write, read back.
     let packed: Vec<PackedBitLinear> = model
@@ -205,7 +203,7 @@ fn main() -> Result<()> {
     let packed_b1000 = throughput(&loaded, &data.test_images, 1000, n)?;
 
     println!(
-        "f32 checkpoint   {f32_bytes:>9} bytes ({:.2} bytes/weight)",
+        "f32 model        {f32_bytes:>9} bytes ({:.2} bytes/weight)",
         f32_bytes as f64 / weights as f64
     );
     println!(

@@ -20,7 +20,8 @@
 //!   `x + lambda (q(x) - x)` with lambda rising over `--warmup-steps N` (default: one epoch);
 //! * `--report`: after training, the per-layer sensitivity (loss on 1000 training images with
 //!   only that layer quantized, against all in full precision) and the `PrecisionPolicy` it
-//!   proposes (the most sensitive layer at 8 bits), as TOML for `--policy`-style configs.
+//!   proposes (the most sensitive layer at 8 bits) as TOML. With `--mode fp` the layers are
+//!   quantized to ternary: the post-training view that picks the policy before QAT.
 //!
 //! The last line printed is a JSON summary.
 
@@ -124,9 +125,6 @@ fn parse_args() -> std::result::Result<Args, String> {
     }
     if a.teacher.is_some() && !a.distill {
         return Err("--teacher is only used with --distill".into());
-    }
-    if a.report && a.mode == "fp" {
-        return Err("--report measures quantization: use --mode ternary or binary".into());
     }
     if a.distill && a.mode == "fp" {
         return Err("--distill trains a quantized student: use --mode ternary or binary".into());
@@ -316,8 +314,14 @@ fn lambda_schedule(
     Ok(s)
 }
 
-/// Prints the per-layer sensitivity on the first 1000 training images and the policy it proposes.
-fn print_sensitivity(model: &MnistMlp, data: &Data, cfg: QATConfig) -> Result<()> {
+/// Prints the per-layer sensitivity on the first 1000 training images and the policy it proposes,
+/// for the trained weights in `vm` quantized as `cfg` says (ternary after an fp run: the
+/// post-training view that decides which layers to keep at 8 bits before QAT).
+fn print_sensitivity(vm: &VarMap, data: &Data, cfg: QATConfig) -> Result<()> {
+    let model = MnistMlp::new(
+        cfg,
+        VarBuilder::from_varmap(vm, DType::F32, data.train_x.device()),
+    )?;
     let n = data.train_x.dim(0)?.min(1000);
     let (x, y) = (data.train_x.narrow(0, 0, n)?, data.train_y.narrow(0, 0, n)?);
     let loss = || Ok(loss::cross_entropy(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64);
@@ -391,7 +395,11 @@ fn main() -> Result<()> {
     };
     let report = train(&run, &args, &data, tracker.as_mut())?;
     if args.report {
-        print_sensitivity(&model, &data, cfg)?;
+        let quantized = match args.mode.as_str() {
+            "fp" => QATConfig::ternary(),
+            _ => cfg,
+        };
+        print_sensitivity(&vm, &data, quantized)?;
     }
     println!(
         "{}",
