@@ -16,12 +16,16 @@
 //! let fc1 = QATLayer::bitlinear(16, 32, QATConfig::ternary(), vb.pp("fc1"))?;
 //! let fc2 = QATLayer::bitlinear(32, 4, QATConfig::ternary(), vb.pp("fc2"))?;
 //! let x = Tensor::randn(0f32, 1.0, (64, 16), &Device::Cpu)?;
-//! let target = Tensor::randn(0f32, 1.0, (64, 4), &Device::Cpu)?;
+//! let model = |x: &Tensor| fc2.forward(&fc1.forward(x)?.relu()?);
+//! // Here the loss is the distance to the full-precision output; use your task's loss instead.
+//! fc1.set_quantization_enabled(false);
+//! fc2.set_quantization_enabled(false);
+//! let target = model(&x)?;
 //! let loss = || -> candle_core::Result<f64> {
-//!     let y = fc2.forward(&fc1.forward(&x)?.relu()?)?;
-//!     Ok((y - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
+//!     Ok((model(&x)? - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
 //! };
 //! let report = sensitivity::analyze(&[&fc1, &fc2], loss)?;
+//! assert_eq!(report.base_loss, 0.0);
 //! println!("{}", report.table());
 //! let policy = report.propose_policy(QATConfig::ternary(), 1); // the worst layer at 8 bits
 //! assert_eq!(policy.rules.len(), 1);
