@@ -1,4 +1,6 @@
-//! Reference models the examples train, export and test.
+//! Reference models the examples train, export and test: [`MnistMlp`] and [`char_lm::CharLm`].
+
+pub mod char_lm;
 
 use bitnet_training::state::Tracked;
 use bitnet_training::{QATConfig, QATLayer};
