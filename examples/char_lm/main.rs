@@ -1,0 +1,512 @@
+//! A BitNet b1.58 character (byte) language model on Shakespeare: train, distil, compare, plot.
+//!
+//! ```sh
+//! cargo run --release --example char_lm -- --mode fp --save runs/lm-fp
+//! cargo run --release --example char_lm -- --mode ternary
+//! cargo run --release --example char_lm -- --mode ternary --distill --teacher runs/lm-fp
+//! cargo run --release --example char_lm -- --mode ternary --schedule lambda-warmup
+//! ```
+//! Every run appends to the JSON-lines log (`--log`, default `runs/char_lm.jsonl`) and redraws the
+//! plot next to it (`runs/char_lm.png`): validation bits per character against steps, one curve
+//! per mode, the latest run of each. It ends with a generated sample and one JSON line.
+//!
+//! Options:
+//! * `--mode fp|ternary|binary`, `--steps N` (default 300), `--batch N` (16), `--lr X` (2e-3, with
+//!   a 20-step warmup and cosine decay to a tenth), `--seed N`, `--data FILE` (default: the copy in
+//!   `data/shakespeare`), `--config small|tiny`;
+//! * `--eval-every N` (50) validation steps over `--eval-batches N` (8) fixed batches of the
+//!   validation text (the last 10 % of the corpus, later plays than any trained on);
+//! * `--save DIR`: a checkpoint at every validation; `--resume DIR` continues one (weights,
+//!   optimizer state, step, data order), saving back into it;
+//! * `--distill`: Hinton KD from a full-precision teacher, `--teacher DIR` (a `--mode fp --save DIR`
+//!   run; without it an fp teacher is trained first), `--kd-temperature T` (2), `--kd-alpha A` (0.5);
+//! * `--schedule constant|lambda-warmup`: the progressive blend, lambda 0 -> 1 over
+//!   `--warmup-steps N` (default: a third of the steps);
+//! * `--sample N`: bytes of text to generate at the end (300; 0 for none).
+
+mod plot;
+
+use bitnet::datasets::shakespeare::{self, Corpus};
+use bitnet::models::char_lm::{CharLm, CharLmConfig, VOCAB};
+use bitnet::training::checkpoint::{self, RngState, TrainingState};
+use bitnet::training::distillation::kd_loss;
+use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
+use bitnet::training::progressive::LambdaSchedule;
+use bitnet::training::QATConfig;
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const USAGE: &str = "usage: char_lm [--mode fp|ternary|binary] [--steps N] [--batch N] [--lr X] \
+[--seed N] [--data FILE] [--config small|tiny] [--eval-every N] [--eval-batches N] [--log FILE] \
+[--save DIR] [--resume DIR] [--distill] [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
+[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N]";
+
+#[derive(Clone)]
+struct Args {
+    mode: String,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
+    data: PathBuf,
+    config: CharLmConfig,
+    eval_every: usize,
+    eval_batches: usize,
+    log: PathBuf,
+    save: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    distill: bool,
+    teacher: Option<PathBuf>,
+    kd_temperature: f64,
+    kd_alpha: f64,
+    schedule: String,
+    warmup_steps: Option<usize>,
+    sample: usize,
+}
+
+fn parse_args() -> std::result::Result<Args, String> {
+    let mut a = Args {
+        mode: "ternary".into(),
+        steps: 300,
+        batch: 16,
+        lr: 2e-3,
+        seed: 42,
+        data: shakespeare::default_path(),
+        config: CharLmConfig::small(),
+        eval_every: 50,
+        eval_batches: 8,
+        log: PathBuf::from("runs/char_lm.jsonl"),
+        save: None,
+        resume: None,
+        distill: false,
+        teacher: None,
+        kd_temperature: 2.0,
+        kd_alpha: 0.5,
+        schedule: "constant".into(),
+        warmup_steps: None,
+        sample: 300,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
+        let num = |v: String| v.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
+        let count = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--mode" => a.mode = val()?,
+            "--steps" => a.steps = count(val()?)?,
+            "--batch" => a.batch = count(val()?)?,
+            "--lr" => a.lr = num(val()?)?,
+            "--seed" => a.seed = val()?.parse().map_err(|e| format!("{flag}: {e}"))?,
+            "--data" => a.data = val()?.into(),
+            "--config" => {
+                a.config = match val()?.as_str() {
+                    "small" => CharLmConfig::small(),
+                    "tiny" => CharLmConfig::tiny(),
+                    other => return Err(format!("--config must be small or tiny, got {other}")),
+                }
+            }
+            "--eval-every" => a.eval_every = count(val()?)?,
+            "--eval-batches" => a.eval_batches = count(val()?)?,
+            "--log" => a.log = val()?.into(),
+            "--save" => a.save = Some(val()?.into()),
+            "--resume" => a.resume = Some(val()?.into()),
+            "--distill" => a.distill = true,
+            "--teacher" => a.teacher = Some(val()?.into()),
+            "--kd-temperature" => a.kd_temperature = num(val()?)?,
+            "--kd-alpha" => a.kd_alpha = num(val()?)?,
+            "--schedule" => a.schedule = val()?,
+            "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
+            "--sample" => a.sample = count(val()?)?,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+    }
+    if !["fp", "ternary", "binary"].contains(&a.mode.as_str()) {
+        return Err(format!(
+            "--mode must be fp, ternary or binary, got {}",
+            a.mode
+        ));
+    }
+    for (name, v) in [
+        ("--steps", a.steps),
+        ("--batch", a.batch),
+        ("--eval-every", a.eval_every),
+        ("--eval-batches", a.eval_batches),
+    ] {
+        if v == 0 {
+            return Err(format!("{name} must be at least 1"));
+        }
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        return Err(format!("--lr must be a finite number > 0, got {}", a.lr));
+    }
+    if !["constant", "lambda-warmup"].contains(&a.schedule.as_str()) {
+        return Err(format!(
+            "--schedule must be constant or lambda-warmup, got {}",
+            a.schedule
+        ));
+    }
+    if a.distill && a.mode == "fp" {
+        return Err("--distill trains a quantized student: use --mode ternary or binary".into());
+    }
+    if a.teacher.is_some() && !a.distill {
+        return Err("--teacher is only used with --distill".into());
+    }
+    Ok(a)
+}
+
+impl Args {
+    /// The curve's name in the log and the plot: the mode plus what was added to it.
+    fn label(&self) -> String {
+        let mut l = self.mode.clone();
+        if self.distill {
+            l += "+distill";
+        }
+        if self.schedule == "lambda-warmup" {
+            l += "+warmup";
+        }
+        l
+    }
+
+    fn qat_config(&self) -> QATConfig {
+        let mut cfg = match self.mode.as_str() {
+            "fp" => QATConfig::full_precision(),
+            "binary" => QATConfig::binary(),
+            _ => QATConfig::ternary(),
+        };
+        if self.schedule == "lambda-warmup" {
+            let steps = self.warmup_steps.unwrap_or(self.steps / 3).max(1);
+            cfg.lambda = LambdaSchedule::Linear { steps };
+        }
+        cfg
+    }
+
+    /// Warmup over 20 steps, then cosine decay to a tenth of `--lr`.
+    fn lr_at(&self, step: usize) -> f64 {
+        let warm = 20.min(self.steps);
+        if step < warm {
+            return self.lr * (step + 1) as f64 / warm as f64;
+        }
+        let t = (step - warm) as f64 / (self.steps - warm).max(1) as f64;
+        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+    }
+}
+
+/// `batch` windows of `seq + 1` bytes starting at `starts`: inputs and next-byte targets.
+fn windows(text: &[u8], starts: &[usize], seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let mut x = Vec::with_capacity(starts.len() * seq);
+    let mut y = Vec::with_capacity(starts.len() * seq);
+    for &s in starts {
+        x.extend(text[s..s + seq].iter().map(|&b| b as u32));
+        y.extend(text[s + 1..s + seq + 1].iter().map(|&b| b as u32));
+    }
+    let shape = (starts.len(), seq);
+    Ok((
+        Tensor::from_vec(x, shape, dev)?,
+        Tensor::from_vec(y, shape, dev)?,
+    ))
+}
+
+/// Mean cross-entropy (nats per byte) over fixed, evenly spaced validation windows.
+fn validate(model: &CharLm, valid: &[u8], args: &Args, dev: &Device) -> Result<f64> {
+    let seq = args.config.seq_len;
+    let n = args.eval_batches * args.batch;
+    let span = valid.len() - seq - 1;
+    let starts: Vec<usize> = (0..n).map(|i| i * span / n).collect();
+    let mut total = 0f64;
+    for chunk in starts.chunks(args.batch) {
+        let (x, y) = windows(valid, chunk, seq, dev)?;
+        let logits = model.forward(&x)?.reshape(((), VOCAB))?;
+        let l = loss::cross_entropy(&logits, &y.flatten_all()?)?;
+        total += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+    }
+    Ok(total / n as f64)
+}
+
+/// One line of the JSON-lines log.
+fn log_line(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(candle_core::Error::wrap)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+    writeln!(f, "{value}").map_err(candle_core::Error::wrap)
+}
+
+/// What a finished run reports.
+struct Outcome {
+    val_loss: f64,
+    tokens_per_s: f64,
+}
+
+/// Trains `model` (variables `vm`) per `args`, against `teacher` when given.
+fn train(
+    model: &CharLm,
+    vm: &VarMap,
+    args: &Args,
+    corpus: &Corpus,
+    teacher: Option<&CharLm>,
+) -> Result<Outcome> {
+    let dev = Device::Cpu;
+    let (seq, label) = (args.config.seq_len, args.label());
+    let mut opt = QatAdamW::new(
+        checkpoint::sorted_vars(vm),
+        ParamsQatAdamW {
+            lr: args.lr,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut start = 0usize;
+    // A run id that survives a resume, so that the plot joins both halves of a run.
+    let mut run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if let Some(dir) = &args.resume {
+        let state = checkpoint::resume(dir, vm, &mut opt)?;
+        start = state.step as usize;
+        rng = match &state.rng {
+            Some(r) => r.restore()?,
+            None => candle_core::bail!("{}: the checkpoint has no rng state", dir.display()),
+        };
+        run = state.extra["run"].as_u64().unwrap_or(run);
+        println!("resumed {} at step {start}", dir.display());
+    }
+    let save_dir = args.save.as_ref().or(args.resume.as_ref());
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").expect("valid"),
+    );
+    bar.set_prefix(label.clone());
+    bar.set_position(start as u64);
+    let (mut train_secs, mut tokens) = (0f64, 0usize);
+    let mut val_loss = f64::NAN;
+    let mut loss_sum = (0f64, 0usize);
+    for step in start..args.steps {
+        let t0 = Instant::now();
+        model.set_step(step);
+        opt.set_learning_rate(args.lr_at(step));
+        let starts: Vec<usize> = (0..args.batch)
+            .map(|_| rng.random_range(0..corpus.train.len() - seq - 1))
+            .collect();
+        let (x, y) = windows(&corpus.train, &starts, seq, &dev)?;
+        let logits = model.forward(&x)?.reshape(((), VOCAB))?;
+        let y = y.flatten_all()?;
+        let l = match teacher {
+            Some(t) => {
+                let tl = t.forward(&x)?.detach().reshape(((), VOCAB))?;
+                kd_loss(&logits, &tl, args.kd_temperature, args.kd_alpha, &y)?
+            }
+            None => loss::cross_entropy(&logits, &y)?,
+        };
+        opt.step(&l.backward()?)?;
+        loss_sum = (loss_sum.0 + l.to_scalar::<f32>()? as f64, loss_sum.1 + 1);
+        train_secs += t0.elapsed().as_secs_f64();
+        tokens += args.batch * seq;
+        bar.set_message(format!("{:.0} tok/s", tokens as f64 / train_secs));
+        bar.inc(1);
+        if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
+            val_loss = validate(model, &corpus.valid, args, &dev)?;
+            let record = serde_json::json!({
+                "run": run, "label": label, "step": step + 1,
+                "train_loss": loss_sum.0 / loss_sum.1 as f64,
+                "val_loss": val_loss, "val_bpc": val_loss / std::f64::consts::LN_2,
+                "tokens_per_s": tokens as f64 / train_secs,
+            });
+            loss_sum = (0.0, 0);
+            bar.suspend(|| println!("{record}"));
+            log_line(&args.log, &record)?;
+            if let Some(dir) = save_dir {
+                let state = TrainingState {
+                    step: (step + 1) as u64,
+                    extra: serde_json::json!({ "mode": args.mode, "label": label, "run": run }),
+                    rng: Some(RngState::capture(&rng)),
+                };
+                checkpoint::save_with_optimizer(dir, vm, &opt, &state)?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if val_loss.is_nan() {
+        val_loss = validate(model, &corpus.valid, args, &dev)?;
+    }
+    Ok(Outcome {
+        val_loss,
+        tokens_per_s: tokens as f64 / train_secs.max(1e-9),
+    })
+}
+
+/// The fp teacher: loaded from a `--mode fp --save DIR` checkpoint, or trained here first.
+fn teacher(args: &Args, corpus: &Corpus) -> Result<CharLm> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = CharLm::new(args.config, QATConfig::full_precision(), vb)?;
+    match &args.teacher {
+        Some(dir) => {
+            let r = checkpoint::load(dir, &vm)?;
+            if r.state.extra["mode"] != "fp" {
+                candle_core::bail!(
+                    "--teacher {}: needs a --mode fp checkpoint, this one is {}",
+                    dir.display(),
+                    r.state.extra["mode"]
+                );
+            }
+        }
+        None => {
+            let t_args = Args {
+                mode: "fp".into(),
+                distill: false,
+                teacher: None,
+                schedule: "constant".into(),
+                save: None,
+                resume: None,
+                ..args.clone()
+            };
+            train(&model, &vm, &t_args, corpus, None)?;
+        }
+    }
+    let v = validate(&model, &corpus.valid, args, &Device::Cpu)?;
+    println!("teacher val_bpc {:.4}", v / std::f64::consts::LN_2);
+    Ok(model)
+}
+
+/// `n` bytes continuing `prompt`, sampled at temperature 0.8 with a fixed seed.
+fn sample(model: &CharLm, prompt: &[u8], n: usize, seed: u64) -> Result<String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut text = prompt.to_vec();
+    let seq = model.config().seq_len;
+    for _ in 0..n {
+        let ctx = &text[text.len().saturating_sub(seq)..];
+        let x = Tensor::from_vec(
+            ctx.iter().map(|&b| b as u32).collect::<Vec<_>>(),
+            (1, ctx.len()),
+            &Device::Cpu,
+        )?;
+        let last = model.forward(&x)?.get(0)?.get(ctx.len() - 1)?;
+        let probs = candle_nn::ops::softmax(&(last / 0.8)?, D::Minus1)?.to_vec1::<f32>()?;
+        let r: f32 = rng.random();
+        let (mut acc, mut pick) = (0f32, probs.len() - 1);
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if r < acc {
+                pick = i;
+                break;
+            }
+        }
+        text.push(pick as u8);
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// The latest run of each label in the log: its `(step, val_bpc)` points and final bpc.
+fn curves(log: &Path) -> Result<Vec<plot::Series>> {
+    let text = std::fs::read_to_string(log)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", log.display())))?;
+    // (label, run id, points) of the newest run seen for each label.
+    type Run = (String, u64, Vec<(f64, f64)>);
+    let mut latest: Vec<Run> = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", log.display())))?;
+        let (Some(label), Some(run)) = (v["label"].as_str(), v["run"].as_u64()) else {
+            continue;
+        };
+        let point = (
+            v["step"].as_f64().unwrap_or(0.0),
+            v["val_bpc"].as_f64().unwrap_or(f64::NAN),
+        );
+        match latest.iter_mut().find(|(l, _, _)| l == label) {
+            Some(e) if e.1 == run => e.2.push(point),
+            Some(e) if e.1 < run => *e = (label.to_string(), run, vec![point]),
+            Some(_) => {}
+            None => latest.push((label.to_string(), run, vec![point])),
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .map(|(label, _, mut points)| {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            points.dedup_by(|a, b| a.0 == b.0);
+            plot::Series { label, points }
+        })
+        .collect())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2);
+    });
+    bitnet::core::host_alloc::keep_freed_memory();
+    let corpus = shakespeare::load(&args.data, 8 * args.config.seq_len)?;
+    let dev = Device::Cpu;
+    let teacher = match args.distill {
+        true => Some(teacher(&args, &corpus)?),
+        false => None,
+    };
+    let vm = VarMap::new();
+    let model = CharLm::new(
+        args.config,
+        args.qat_config(),
+        VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )?;
+    bitnet::training::init::reseed(&vm, args.seed)?;
+    println!(
+        "{}: {} parameters, {} train / {} validation bytes",
+        args.label(),
+        args.config.parameters(),
+        corpus.train.len(),
+        corpus.valid.len()
+    );
+    let out = train(&model, &vm, &args, &corpus, teacher.as_ref())?;
+    let series = curves(&args.log)?;
+    let png = args.log.with_extension("png");
+    plot::write_png(
+        &png,
+        "char_lm: validation bits per character",
+        "step",
+        "val bpc",
+        &series,
+    )
+    .map_err(candle_core::Error::msg)?;
+    if args.sample > 0 {
+        println!(
+            "--- sample ---\n{}\n---",
+            sample(&model, b"ROMEO.\n", args.sample, args.seed)?
+        );
+    }
+    let modes: serde_json::Map<String, serde_json::Value> = series
+        .iter()
+        .filter_map(|s| {
+            s.points
+                .last()
+                .map(|p| (s.label.clone(), serde_json::json!(p.1)))
+        })
+        .collect();
+    let round = |v: f64| (v * 10000.0).round() / 10000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": args.mode,
+            "label": args.label(),
+            "steps": args.steps,
+            "parameters": args.config.parameters(),
+            "val_loss": round(out.val_loss),
+            "val_bpc": round(out.val_loss / std::f64::consts::LN_2),
+            "tokens_per_s": out.tokens_per_s.round(),
+            "val_bpc_by_mode": modes,
+            "plot": png.display().to_string(),
+        })
+    );
+    Ok(())
+}
