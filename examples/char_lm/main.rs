@@ -17,7 +17,8 @@
 //! * `--eval-every N` (50) validation steps over `--eval-batches N` (8) fixed batches of the
 //!   validation text (the last 10 % of the corpus, later plays than any trained on);
 //! * `--save DIR`: a checkpoint at every validation; `--resume DIR` continues one (weights,
-//!   optimizer state, step, data order), saving back into it;
+//!   optimizer state, step, data order), saving back into it; `--stop-after N` ends the run after
+//!   step N (with a validation and a checkpoint) for time-boxed jobs that resume later;
 //! * `--distill`: Hinton KD from a full-precision teacher, `--teacher DIR` (a `--mode fp --save DIR`
 //!   run; without it an fp teacher is trained first), `--kd-temperature T` (2), `--kd-alpha A` (0.5);
 //! * `--schedule constant|lambda-warmup`: the progressive blend, lambda 0 -> 1 over
@@ -45,7 +46,7 @@ use std::time::Instant;
 const USAGE: &str = "usage: char_lm [--mode fp|ternary|binary] [--steps N] [--batch N] [--lr X] \
 [--seed N] [--data FILE] [--config small|tiny] [--eval-every N] [--eval-batches N] [--log FILE] \
 [--save DIR] [--resume DIR] [--distill] [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
-[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N]";
+[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N] [--stop-after N]";
 
 #[derive(Clone)]
 struct Args {
@@ -68,6 +69,7 @@ struct Args {
     schedule: String,
     warmup_steps: Option<usize>,
     sample: usize,
+    stop_after: Option<usize>,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -91,6 +93,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         schedule: "constant".into(),
         warmup_steps: None,
         sample: 300,
+        stop_after: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -123,6 +126,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--schedule" => a.schedule = val()?,
             "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
             "--sample" => a.sample = count(val()?)?,
+            "--stop-after" => a.stop_after = Some(count(val()?)?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -292,7 +296,8 @@ fn train(
     let (mut train_secs, mut tokens) = (0f64, 0usize);
     let mut val_loss = f64::NAN;
     let mut loss_sum = (0f64, 0usize);
-    for step in start..args.steps {
+    let end = args.stop_after.map_or(args.steps, |n| n.min(args.steps));
+    for step in start..end {
         let t0 = Instant::now();
         model.set_step(step);
         opt.set_learning_rate(args.lr_at(step));
@@ -315,7 +320,7 @@ fn train(
         tokens += args.batch * seq;
         bar.set_message(format!("{:.0} tok/s", tokens as f64 / train_secs));
         bar.inc(1);
-        if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
+        if (step + 1) % args.eval_every == 0 || step + 1 == end {
             val_loss = validate(model, &corpus.valid, args, &dev)?;
             let record = serde_json::json!({
                 "run": run, "label": label, "step": step + 1,
@@ -499,7 +504,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "mode": args.mode,
             "label": args.label(),
-            "steps": args.steps,
+            "steps": args.stop_after.map_or(args.steps, |n| n.min(args.steps)),
             "parameters": args.config.parameters(),
             "val_loss": round(out.val_loss),
             "val_bpc": round(out.val_loss / std::f64::consts::LN_2),
