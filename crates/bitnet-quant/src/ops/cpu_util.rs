@@ -1,17 +1,36 @@
 //! Storage access shared by the CPU kernels.
 
 use crate::error::QuantError;
+use bitnet_core::{global_pool, Category, PoolBuffer};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
-use std::borrow::Cow;
 
-/// The values of an f32 storage in logical (row-major) order: borrowed when contiguous, gathered
-/// through the strides otherwise (transposes, broadcasts, narrows).
+/// An op's input values in logical (row-major) order: borrowed from the storage when it is
+/// contiguous, else gathered into scratch from the shared [`global_pool`] (category `Scratch`),
+/// which takes the buffer back when this is dropped, ready for the next op's gather.
+pub(crate) enum Values<'a> {
+    Borrowed(&'a [f32]),
+    Gathered(PoolBuffer),
+}
+
+impl std::ops::Deref for Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::Borrowed(s) => s,
+            Values::Gathered(b) => b.as_slice_of::<f32>(),
+        }
+    }
+}
+
+/// The values of an f32 storage (see [`Values`]): transposes, broadcasts and narrows are gathered
+/// through their strides.
 pub(crate) fn f32_values<'a>(
     op: &'static str,
     s: &'a CpuStorage,
     l: &Layout,
-) -> Result<Cow<'a, [f32]>> {
+) -> Result<Values<'a>> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => {
@@ -23,30 +42,38 @@ pub(crate) fn f32_values<'a>(
         }
     };
     if let Some((a, b)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&data[a..b]));
+        return Ok(Values::Borrowed(&data[a..b]));
     }
-    Ok(Cow::Owned(gather(
+    let n = l.shape().elem_count();
+    if n == 0 {
+        return Ok(Values::Borrowed(&[]));
+    }
+    let mut buf = global_pool().allocate_slice::<f32>(n, Category::Scratch)?;
+    gather(
         data,
         l.dims(),
         l.stride(),
         l.start_offset(),
-    )))
+        buf.as_mut_slice_of::<f32>(),
+    );
+    Ok(Values::Gathered(buf))
 }
 
 /// Side of the square tiles of [`gather_transposed`]: 32 x 32 f32 (4 KiB each way) stays in L1.
 const TILE: usize = 32;
 
-fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<f32> {
-    let n: usize = dims.iter().product();
+/// Writes the strided view (`dims`, `stride`, `offset` into `data`) to `out` in row-major order;
+/// `out` has exactly the view's element count.
+fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize, out: &mut [f32]) {
+    let n = out.len();
     if n == 0 {
-        return Vec::new();
+        return;
     }
     if let ([rows, cols], [1, ld]) = (dims, stride) {
         if *ld >= *rows && *cols > 1 {
-            return gather_transposed(data, *rows, *cols, *ld, offset);
+            return gather_transposed(data, *rows, *cols, *ld, offset, out);
         }
     }
-    let mut out = Vec::with_capacity(n);
     let (inner, inner_stride) = match (dims.last(), stride.last()) {
         (Some(&d), Some(&s)) => (d, s),
         _ => (1, 1),
@@ -54,12 +81,15 @@ fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<
     let outer = &dims[..dims.len().saturating_sub(1)];
     let mut idx = vec![0usize; outer.len()];
     let mut pos = offset;
-    for _ in 0..n / inner {
+    for row in out.chunks_exact_mut(inner) {
         // The innermost dimension in one tight loop: a slice copy, a broadcast fill or a stride.
         match inner_stride {
-            1 => out.extend_from_slice(&data[pos..pos + inner]),
-            0 => out.extend(std::iter::repeat_n(data[pos], inner)),
-            s => out.extend((0..inner).map(|i| data[pos + i * s])),
+            1 => row.copy_from_slice(&data[pos..pos + inner]),
+            0 => row.fill(data[pos]),
+            s => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, o)| *o = data[pos + i * s]),
         }
         // Odometer increment over the outer dimensions.
         for d in (0..outer.len()).rev() {
@@ -72,15 +102,20 @@ fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<
             idx[d] = 0;
         }
     }
-    out
 }
 
 /// The gather of a transposed matrix (`[rows, cols]` with strides `[1, ld]`, e.g. `w.t()` or
 /// the gradient candle hands a `Linear` weight): element `(r, c)` is `data[offset + r + c * ld]`.
 /// The row-by-row walk would read with a stride of `ld` floats, one cache line per value; square
 /// tiles read each source row as contiguous runs and write within a few cache lines.
-fn gather_transposed(data: &[f32], rows: usize, cols: usize, ld: usize, offset: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
+fn gather_transposed(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
     for rr in (0..rows).step_by(TILE) {
         let r_hi = (rr + TILE).min(rows);
         for cc in (0..cols).step_by(TILE) {
@@ -92,7 +127,6 @@ fn gather_transposed(data: &[f32], rows: usize, cols: usize, ld: usize, offset: 
             }
         }
     }
-    out
 }
 
 /// Values per parallel work item: 64 KiB of f32, large enough to amortise rayon's scheduling and
@@ -169,6 +203,28 @@ mod tests {
                 .enumerate()
                 .all(|(i, &o)| o == (i / block) as f32));
         }
+    }
+
+    fn gather(data: &[f32], dims: &[usize], stride: &[usize], offset: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; dims.iter().product()];
+        super::gather(data, dims, stride, offset, &mut out);
+        out
+    }
+
+    #[test]
+    fn gathered_values_come_from_the_pool_and_go_back() {
+        let data: Vec<f32> = (0..64 * 48).map(|i| i as f32).collect();
+        let storage = CpuStorage::F32(data.clone());
+        let layout = Layout::contiguous((64, 48)).transpose(0, 1).unwrap();
+        let pool = global_pool();
+        let before = pool.stats().category(Category::Scratch).total_allocations;
+        let v = f32_values("test", &storage, &layout).unwrap();
+        assert!(matches!(v, Values::Gathered(_)));
+        assert_eq!(v[1], data[48]); // (0, 1) of the transpose is (1, 0) of the original
+        assert!(pool.stats().category(Category::Scratch).total_allocations > before);
+        drop(v);
+        let contiguous = f32_values("test", &storage, &Layout::contiguous((64, 48))).unwrap();
+        assert!(matches!(contiguous, Values::Borrowed(_)));
     }
 
     #[test]
