@@ -1,5 +1,7 @@
-//! Reference models the examples train, export and test: [`MnistMlp`] and [`char_lm::CharLm`].
+//! Reference models the examples train, export and test: [`MnistMlp`], [`char_lm::CharLm`] and
+//! [`bert::BertEncoder`] (a pretrained sentence encoder converted for QAT).
 
+pub mod bert;
 pub mod char_lm;
 
 use bitnet_training::state::Tracked;

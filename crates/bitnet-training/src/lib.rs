@@ -7,11 +7,13 @@
 //! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
 //! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].
 //! * [`policy`]: mixed precision, layer-name patterns to schemes.
+//! * [`convert`]: a pretrained fp model's linears into `QATLayer<BitLinear>`, by name and policy.
 //! * [`sensitivity`]: quantize one layer at a time, rank the layers, propose a policy.
 //! * [`checkpoint`]: atomic save and bit-exact resume.
 
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod distillation;
 pub mod error;
 pub mod init;
