@@ -258,8 +258,8 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut start = 0;
     if let Some(dir) = &args.resume {
-        start = checkpoint::resume(dir, &vm, &mut opt)?.step as usize;
-        let st = checkpoint::load(dir, &vm)?.state;
+        let st = checkpoint::resume(dir, &vm, &mut opt)?;
+        start = st.step as usize;
         rng = match st.rng {
             Some(r) => r.restore()?,
             None => candle_core::bail!("{}: the checkpoint has no rng state", dir.display()),
