@@ -16,6 +16,9 @@
 //! agreement (each line's nearest other line by the student is the teacher's). Embeddings,
 //! LayerNorms and biases stay full precision; word embeddings are frozen.
 //!
+//! `--per-channel` gives every output row of a weight its own absmean scale (BitNet uses one per
+//! tensor; pretrained rows differ in norm, and packing keeps one f32 per row).
+//!
 //! Other options: `--steps N` (200), `--batch N` (32), `--max-len N` (64), `--lr X` (5e-4, cosine
 //! decay), `--warmup-steps N` (lambda 0 -> 1; default a quarter of the steps), `--seed N`,
 //! `--log FILE` (JSON lines, default `runs/minilm.jsonl`), `--save DIR` / `--resume DIR`
@@ -25,7 +28,7 @@
 use bitnet::datasets::shakespeare;
 use bitnet::models::bert::{BertConfig, BertEncoder};
 use bitnet::quant::packed::save_packed;
-use bitnet::quant::PackedBitLinear;
+use bitnet::quant::{Granularity, PackedBitLinear};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
 use bitnet::training::convert::{load_safetensors, Converter};
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
@@ -58,6 +61,7 @@ struct Args {
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
     out: PathBuf,
+    per_channel: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -76,6 +80,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         save: None,
         resume: None,
         out: PathBuf::from("runs/minilm-ternary.safetensors"),
+        per_channel: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,6 +101,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--save" => a.save = Some(val()?.into()),
             "--resume" => a.resume = Some(val()?.into()),
             "--out" => a.out = val()?.into(),
+            "--per-channel" => a.per_channel = true,
             "-h" | "--help" => {
                 return Err("see the doc comment at the top of examples/ternarize_minilm.rs".into())
             }
@@ -227,6 +233,9 @@ struct Setup<'a> {
 /// 0 for post-training ternarisation).
 fn student(s: &Setup, vm: &VarMap, warmup: usize) -> Result<BertEncoder> {
     let mut cfg = QATConfig::ternary();
+    if s.args.per_channel {
+        cfg.weight_granularity = Granularity::PerChannel;
+    }
     if warmup > 0 {
         cfg.lambda = LambdaSchedule::Linear { steps: warmup };
     }
