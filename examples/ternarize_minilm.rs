@@ -34,6 +34,7 @@ use bitnet::training::convert::{load_safetensors, Converter};
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::policy::PrecisionPolicy;
 use bitnet::training::progressive::LambdaSchedule;
+use bitnet::training::state::append_json_line;
 use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{loss, Optimizer, VarMap};
@@ -41,8 +42,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -205,18 +205,6 @@ fn compare(student: &Tensor, teacher: &Tensor) -> Result<(f64, f64)> {
     Ok((cos, agree as f64 / n as f64))
 }
 
-fn log_line(path: &Path, value: &serde_json::Value) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(candle_core::Error::wrap)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
-    writeln!(f, "{value}").map_err(candle_core::Error::wrap)
-}
-
 /// Everything a mode needs.
 struct Setup<'a> {
     args: &'a Args,
@@ -320,7 +308,7 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
                 "seconds": t0.elapsed().as_secs_f64(),
             });
             bar.suspend(|| println!("{rec}"));
-            log_line(&args.log, &rec)?;
+            append_json_line(&args.log, &rec)?;
             if let Some(dir) = save {
                 let state = TrainingState {
                     step: (step + 1) as u64,
@@ -402,7 +390,7 @@ fn main() -> Result<()> {
             ret * 100.0
         );
         let rec = serde_json::json!({ "cosine": (cos * 1e4).round() / 1e4, "retrieval": (ret * 1e4).round() / 1e4, "train_seconds": secs.round() });
-        log_line(
+        append_json_line(
             &args.log,
             &serde_json::json!({ "mode": mode, "final": rec }),
         )?;

@@ -33,13 +33,13 @@ use bitnet::training::checkpoint::{self, RngState, TrainingState};
 use bitnet::training::distillation::kd_loss;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::progressive::LambdaSchedule;
+use bitnet::training::state::append_json_line;
 use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -233,19 +233,6 @@ fn validate(model: &CharLm, valid: &[u8], args: &Args, dev: &Device) -> Result<f
     Ok(total / n as f64)
 }
 
-/// One line of the JSON-lines log.
-fn log_line(path: &Path, value: &serde_json::Value) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(candle_core::Error::wrap)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
-    writeln!(f, "{value}").map_err(candle_core::Error::wrap)
-}
-
 /// What a finished run reports.
 struct Outcome {
     val_loss: f64,
@@ -330,7 +317,7 @@ fn train(
             });
             loss_sum = (0.0, 0);
             bar.suspend(|| println!("{record}"));
-            log_line(&args.log, &record)?;
+            append_json_line(&args.log, &record)?;
             if let Some(dir) = save_dir {
                 let state = TrainingState {
                     step: (step + 1) as u64,

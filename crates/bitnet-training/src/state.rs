@@ -81,14 +81,8 @@ impl StateTracker {
     /// A tracker that also writes every record as one JSON line to `path` (created or truncated).
     pub fn with_log(path: impl AsRef<Path>) -> std::result::Result<Self, TrainingError> {
         let path = path.as_ref();
-        let io = |source| TrainingError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let file = File::create(path).map_err(io)?;
+        create_parent(path)?;
+        let file = File::create(path).map_err(io_at(path))?;
         Ok(Self {
             log: Some((path.display().to_string(), BufWriter::new(file))),
             ..Self::default()
@@ -220,5 +214,62 @@ impl StateTracker {
             );
         }
         s
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> TrainingError + '_ {
+    move |source| TrainingError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Creates the directory `path` will live in, if it has one.
+fn create_parent(path: &Path) -> std::result::Result<(), TrainingError> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(io_at(path)),
+        None => Ok(()),
+    }
+}
+
+/// Appends `value` as one JSON line to the log at `path` (file and directory created if
+/// missing), for training loops that log their own records beside [`StateTracker`]'s. Each call
+/// opens, writes and closes, so a crash loses nothing already logged.
+pub fn append_json_line(
+    path: impl AsRef<Path>,
+    value: &impl Serialize,
+) -> std::result::Result<(), TrainingError> {
+    let path = path.as_ref();
+    create_parent(path)?;
+    let line = serde_json::to_string(value).map_err(|e| TrainingError::Parse(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_at(path))?;
+    writeln!(f, "{line}").map_err(io_at(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_append_and_create_the_directory() {
+        let dir = std::env::temp_dir().join(format!("bitnet-jsonl-{}", std::process::id()));
+        let path = dir.join("sub").join("log.jsonl");
+        append_json_line(&path, &serde_json::json!({ "step": 1 })).unwrap();
+        append_json_line(&path, &serde_json::json!({ "step": 2 })).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
