@@ -134,11 +134,8 @@ fn main() -> Result<()> {
     // 1. The trained QAT model.
     let model = match &args.checkpoint {
         Some(dir) => {
-            let manifest = std::fs::read(dir.join("checkpoint.json"))
-                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", dir.display())))?;
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&manifest).map_err(candle_core::Error::wrap)?;
-            let cfg = match manifest["extra"]["mode"].as_str() {
+            let state = checkpoint::read_state(dir)?;
+            let cfg = match state.extra["mode"].as_str() {
                 Some("ternary") => QATConfig::ternary(),
                 Some("binary") => QATConfig::binary(),
                 other => candle_core::bail!(

@@ -289,12 +289,8 @@ fn save_with(
     Ok(manifest_path)
 }
 
-/// Loads the checkpoint in `dir`: checks the manifest and the weights file's length and hash,
-/// then sets every variable of `vm` (each must be present with its shape and dtype; nothing is
-/// changed unless all are) and returns the optimizer's state and the [`TrainingState`].
-/// Errors name the offending file.
-pub fn load(dir: impl AsRef<Path>, vm: &VarMap) -> Result<Restored> {
-    let dir = dir.as_ref();
+/// The manifest of the checkpoint in `dir`, parsed and version-checked, with its path.
+fn read_manifest(dir: &Path) -> Result<(PathBuf, Manifest)> {
     let manifest_path = dir.join(MANIFEST);
     let text = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
     let m: Manifest = serde_json::from_slice(&text)
@@ -308,6 +304,27 @@ pub fn load(dir: impl AsRef<Path>, vm: &VarMap) -> Result<Restored> {
             ),
         ));
     }
+    Ok((manifest_path, m))
+}
+
+/// The [`TrainingState`] of the checkpoint in `dir` (step, extra JSON, rng) from the manifest
+/// alone: what a program needs to build the right model before [`load`] fills it in.
+pub fn read_state(dir: impl AsRef<Path>) -> Result<TrainingState> {
+    let (_, m) = read_manifest(dir.as_ref())?;
+    Ok(TrainingState {
+        step: m.step,
+        extra: m.extra,
+        rng: m.rng,
+    })
+}
+
+/// Loads the checkpoint in `dir`: checks the manifest and the weights file's length and hash,
+/// then sets every variable of `vm` (each must be present with its shape and dtype; nothing is
+/// changed unless all are) and returns the optimizer's state and the [`TrainingState`].
+/// Errors name the offending file.
+pub fn load(dir: impl AsRef<Path>, vm: &VarMap) -> Result<Restored> {
+    let dir = dir.as_ref();
+    let (manifest_path, m) = read_manifest(dir)?;
     if m.weights.contains('/') || m.weights.contains('\\') || m.weights.starts_with('.') {
         return Err(ckpt_err(
             &manifest_path,

@@ -283,3 +283,26 @@ fn corrupt_or_mismatched_checkpoints_are_errors_naming_the_file() {
     assert!(e.contains(MANIFEST), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn read_state_gives_the_manifest_state_without_the_weights() {
+    let dir = std::env::temp_dir().join(format!("bitnet-ckpt-state-{}", std::process::id()));
+    let vm = VarMap::new();
+    candle_nn::linear(
+        3,
+        2,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("fc"),
+    )
+    .unwrap();
+    let state = TrainingState {
+        step: 11,
+        extra: serde_json::json!({ "mode": "ternary" }),
+        rng: None,
+    };
+    save(&dir, &vm, &[], &state).unwrap();
+    assert_eq!(read_state(&dir).unwrap(), state);
+    std::fs::write(dir.join(MANIFEST), b"{ not json").unwrap();
+    let err = read_state(&dir).unwrap_err().to_string();
+    assert!(err.contains(MANIFEST), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
