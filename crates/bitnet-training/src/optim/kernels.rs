@@ -93,7 +93,7 @@ impl Iterator for StridedIter<'_> {
 
 /// Iterator over `len` gradient elements starting at logical index `start`.
 pub(crate) enum GradIter<'a> {
-    Contiguous(std::iter::Copied<std::slice::Iter<'a, f32>>),
+    Contiguous(&'a [f32]),
     Strided(StridedIter<'a>),
 }
 
@@ -188,7 +188,7 @@ impl<'a> GradSrc<'a> {
                 }
                 let buf = &mut buf[..len];
                 transpose_chunk(buf, data, dims[1], strides[1], offset, start);
-                f(GradIter::Contiguous(buf.iter().copied()))
+                f(GradIter::Contiguous(buf))
             }),
             _ => f(self.iter(start, len)),
         }
@@ -196,7 +196,7 @@ impl<'a> GradSrc<'a> {
 
     fn iter(&self, start: usize, len: usize) -> GradIter<'a> {
         match *self {
-            GradSrc::Contiguous(g) => GradIter::Contiguous(g[start..start + len].iter().copied()),
+            GradSrc::Contiguous(g) => GradIter::Contiguous(&g[start..start + len]),
             // `with_iter` copies a transposed view instead; walking its strides gives the same
             // values (the tests compare the two).
             GradSrc::Transposed {
@@ -308,37 +308,65 @@ impl AdamCoeffs {
     }
 }
 
+/// One element of AdamW: `(theta, m, v)` after the update with gradient `g`.
 #[inline(always)]
-fn adam_chunk(
+fn adam_elem<const CLIP: bool>(t: f32, m: f32, v: f32, g: f32, c: &AdamCoeffs) -> (f32, f32, f32) {
+    // The order of operations copies candle-nn's AdamW (each tensor op rounds to f32), so that
+    // both agree to the last bit whenever the compiler does not contract into FMAs.
+    let next_m = m * c.beta1 + g * c.one_minus_beta1;
+    let next_v = v * c.beta2 + (g * g) * c.one_minus_beta2;
+    let m_hat = next_m * c.scale_m;
+    let v_hat = next_v * c.scale_v;
+    let adjusted = m_hat / (v_hat.sqrt() + c.eps);
+    let mut next_t = t * c.decay - adjusted * c.lr;
+    if CLIP {
+        let clip = c.clip.unwrap_or(f32::INFINITY);
+        next_t = next_t.clamp(-clip, clip);
+    }
+    (next_t, next_m, next_v)
+}
+
+/// The contiguous case as an indexed loop over equal-length slices, with the clip decided once
+/// per chunk: LLVM vectorises this (8 lanes with AVX2) but not the four-way `zip` with an
+/// `Option` test per element, which ran scalar at about 5 ns per element.
+#[inline(always)]
+fn adam_slice<const CLIP: bool>(
+    theta: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    c: &AdamCoeffs,
+) {
+    let n = theta.len();
+    let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+    for i in 0..n {
+        let (t, mm, vv) = adam_elem::<CLIP>(theta[i], m[i], v[i], g[i], c);
+        theta[i] = t;
+        m[i] = mm;
+        v[i] = vv;
+    }
+}
+
+#[inline(always)]
+fn adam_iter<const CLIP: bool>(
     theta: &mut [f32],
     m: &mut [f32],
     v: &mut [f32],
     g: impl Iterator<Item = f32>,
     c: &AdamCoeffs,
 ) {
-    // The order of operations copies candle-nn's AdamW (each tensor op rounds to f32), so that
-    // both agree to the last bit whenever the compiler does not contract into FMAs.
     for (((t, m), v), g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-        let next_m = *m * c.beta1 + g * c.one_minus_beta1;
-        let next_v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
-        let m_hat = next_m * c.scale_m;
-        let v_hat = next_v * c.scale_v;
-        let adjusted = m_hat / (v_hat.sqrt() + c.eps);
-        let mut next_t = *t * c.decay - adjusted * c.lr;
-        if let Some(clip) = c.clip {
-            next_t = next_t.clamp(-clip, clip);
-        }
-        *m = next_m;
-        *v = next_v;
-        *t = next_t;
+        (*t, *m, *v) = adam_elem::<CLIP>(*t, *m, *v, g, c);
     }
 }
 
 #[inline(always)]
 fn adam_dispatch(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: GradIter<'_>, c: &AdamCoeffs) {
-    match g {
-        GradIter::Contiguous(g) => adam_chunk(theta, m, v, g, c),
-        GradIter::Strided(g) => adam_chunk(theta, m, v, g, c),
+    match (g, c.clip.is_some()) {
+        (GradIter::Contiguous(g), false) => adam_slice::<false>(theta, m, v, g, c),
+        (GradIter::Contiguous(g), true) => adam_slice::<true>(theta, m, v, g, c),
+        (GradIter::Strided(g), false) => adam_iter::<false>(theta, m, v, g, c),
+        (GradIter::Strided(g), true) => adam_iter::<true>(theta, m, v, g, c),
     }
 }
 
@@ -384,7 +412,7 @@ fn sgd_chunk(p: &mut [f32], b: &mut [f32], g: impl Iterator<Item = f32>, c: &Sgd
 #[inline(always)]
 fn sgd_dispatch(p: &mut [f32], b: &mut [f32], g: GradIter<'_>, c: &SgdCoeffs) {
     match g {
-        GradIter::Contiguous(g) => sgd_chunk(p, b, g, c),
+        GradIter::Contiguous(g) => sgd_chunk(p, b, g.iter().copied(), c),
         GradIter::Strided(g) => sgd_chunk(p, b, g, c),
     }
 }
@@ -421,7 +449,7 @@ fn bop_chunk(w: &mut [f32], m: &mut [f32], g: impl Iterator<Item = f32>, c: &Bop
 #[inline(always)]
 fn bop_dispatch(w: &mut [f32], m: &mut [f32], g: GradIter<'_>, c: &BopCoeffs) {
     match g {
-        GradIter::Contiguous(g) => bop_chunk(w, m, g, c),
+        GradIter::Contiguous(g) => bop_chunk(w, m, g.iter().copied(), c),
         GradIter::Strided(g) => bop_chunk(w, m, g, c),
     }
 }
