@@ -135,7 +135,7 @@ pub(crate) const CHUNK: usize = 1 << 14;
 
 /// Calls `f(block, start, out_segment)` for every piece of `out` that lies inside one block of
 /// `block` consecutive values, where `start` is the segment's first index. Runs in parallel chunks
-/// once `out` reaches [`PAR_MIN`](super::PAR_MIN) values, on the calling thread below that.
+/// when [`parallel`](super::parallel) says so, on the calling thread otherwise.
 pub(crate) fn for_block_segments<F>(out: &mut [f32], block: usize, f: F)
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
@@ -150,7 +150,7 @@ where
             pos = end;
         }
     };
-    if out.len() >= super::PAR_MIN {
+    if super::parallel(out.len()) {
         use rayon::prelude::*;
         out.par_chunks_mut(CHUNK)
             .enumerate()

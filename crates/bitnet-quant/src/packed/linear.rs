@@ -195,7 +195,7 @@ impl PackedBitLinear {
                 st[k] = sum;
             }
         };
-        if tokens * inp >= crate::ops::PAR_MIN {
+        if crate::ops::parallel(tokens * inp) {
             xs.par_chunks_exact(inp)
                 .zip(xq.par_chunks_exact_mut(nseg * segp))
                 .zip(m.par_iter_mut().zip(sums.par_chunks_exact_mut(nseg)))

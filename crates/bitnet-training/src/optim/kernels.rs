@@ -3,8 +3,9 @@
 //!
 //! Each kernel works on chunks of [`CHUNK`] elements. Below the parallel threshold (default
 //! [`DEFAULT_PAR_THRESHOLD`] elements) the chunks run one after the other on the calling thread;
-//! above it they are spread over rayon's pool. The update of an element never depends on another
-//! element, so the result is bit-identical whatever the threshold or the number of threads.
+//! above it, with more than one rayon thread, they are spread over rayon's pool. The update of an
+//! element never depends on another element, so the result is bit-identical whatever the
+//! threshold or the number of threads.
 //!
 //! The gradient may be strided (candle hands the gradient of a `Linear` weight over as a transposed
 //! view): it is read through [`GradSrc`]. A 2-D transposed view is copied chunk by chunk into a
@@ -240,7 +241,7 @@ macro_rules! drive {
         let dst: &mut [f32] = $dst;
         let grad: GradSrc<'_> = $grad;
         let n = dst.len();
-        if n >= threshold && n > CHUNK {
+        if n >= threshold && n > CHUNK && rayon::current_num_threads() > 1 {
             dst.par_chunks_mut(CHUNK)
                 $(.zip($st.par_chunks_mut(CHUNK)))*
                 .enumerate()

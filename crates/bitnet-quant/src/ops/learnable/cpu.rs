@@ -48,7 +48,7 @@ pub(crate) fn backward(
             .sum::<f64>()
     };
     let blocks = n / block;
-    gt[0] = if n >= crate::ops::PAR_MIN {
+    gt[0] = if crate::ops::parallel(n) {
         (0..blocks)
             .into_par_iter()
             .map(|b| dt_of(b, b * block..(b + 1) * block))

@@ -52,7 +52,7 @@ pub(crate) fn backward(qmax: f32, xs: &[f32], steps: &[f32], us: &[f32], block: 
         }
         g * acc as f32
     };
-    if n >= crate::ops::PAR_MIN {
+    if crate::ops::parallel(n) {
         gs.par_iter_mut().enumerate().for_each(|(b, o)| *o = ds(b));
     } else {
         gs.iter_mut().enumerate().for_each(|(b, o)| *o = ds(b));

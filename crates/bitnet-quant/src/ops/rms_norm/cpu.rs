@@ -7,11 +7,11 @@ fn rows_per_task(dim: usize) -> usize {
     (crate::ops::cpu_util::CHUNK / dim).max(1)
 }
 
-/// Calls `f(row_index, out_row)` for every row of `dim` values of `out`, in parallel once `out`
-/// reaches [`PAR_MIN`](crate::ops::PAR_MIN) values. Rows are independent, so the result does not
+/// Calls `f(row_index, out_row)` for every row of `dim` values of `out`, in parallel when
+/// [`parallel`](crate::ops::parallel) says so. Rows are independent, so the result does not
 /// depend on the split.
 fn for_rows(out: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if out.len() >= crate::ops::PAR_MIN {
+    if crate::ops::parallel(out.len()) {
         let per = rows_per_task(dim);
         out.par_chunks_mut(per * dim)
             .enumerate()

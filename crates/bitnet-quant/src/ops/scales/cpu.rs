@@ -2,7 +2,7 @@
 
 use crate::error::QuantError;
 use crate::ops::math::Kind;
-use crate::ops::PAR_MIN;
+use crate::ops::parallel;
 use rayon::prelude::*;
 
 /// `(sum |x|, max |x|)`; NaN shows up in the sum (the max ignores it), infinities in both.
@@ -98,14 +98,14 @@ pub(crate) fn block_params(
         check_finite(op, sum, b)?;
         Ok(finish(kind, b, sum, max, false))
     };
-    let pairs: Vec<(f32, f32)> = if block == xs.len() && xs.len() >= PAR_MIN {
+    let pairs: Vec<(f32, f32)> = if block == xs.len() && parallel(xs.len()) {
         let (sum, max) = xs
             .par_chunks(1 << 16)
             .map(abs_stats)
             .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1.max(b.1)));
         check_finite(op, sum, xs)?;
         vec![finish(kind, xs, sum, max, true)]
-    } else if xs.len() >= PAR_MIN {
+    } else if parallel(xs.len()) {
         xs.par_chunks(block).map(one).collect::<Result<_, _>>()?
     } else {
         xs.chunks(block).map(one).collect::<Result<_, _>>()?
