@@ -3,7 +3,7 @@
 use crate::rms_norm::RmsNorm;
 use crate::scheme::{Estimator, Scheme};
 use crate::Quantizer;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -178,8 +178,36 @@ impl BitLinear {
     }
 
     /// The forward with other quantizers than the configured ones (schedules change them during
-    /// training).
+    /// training). On the CPU in f32, a layer with its norm runs as one fused op
+    /// ([`crate::ops::bitlinear`]): the same numbers as [`BitLinear::forward_separate`] with fewer
+    /// passes and allocations in the backward. Elsewhere it is the separate ops.
     pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Quantizer,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor> {
+        let norm = match &self.norm {
+            Some(n) if self.fusable(x, n) => n,
+            _ => return self.forward_separate(x, weight, act),
+        };
+        let y = crate::ops::bitlinear::bitlinear_train(
+            x,
+            &self.weight,
+            norm.weight(),
+            weight.op(),
+            act.map(Quantizer::op),
+            norm.eps() as f32,
+        )?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The forward as separate ops (norm, scales, quantizers, GEMM): the path on devices without
+    /// the fused op, and the reference it is tested against.
+    pub fn forward_separate(
         &self,
         x: &Tensor,
         weight: &Quantizer,
@@ -188,6 +216,17 @@ impl BitLinear {
         let x = self.prepare_input(x, act)?;
         let w = weight.quantize(&self.weight)?;
         self.project(&x, &w)
+    }
+
+    /// Whether the fused op applies: CPU, f32 throughout, non-empty input.
+    fn fusable(&self, x: &Tensor, norm: &RmsNorm) -> bool {
+        let f32 = |t: &Tensor| t.dtype() == DType::F32;
+        x.device().is_cpu()
+            && self.weight.device().is_cpu()
+            && f32(x)
+            && f32(&self.weight)
+            && f32(norm.weight())
+            && x.elem_count() > 0
     }
 }
 

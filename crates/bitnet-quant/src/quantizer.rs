@@ -97,7 +97,8 @@ impl Quantizer {
         Kind::of(&self.scheme)
     }
 
-    fn op(&self) -> QuantizeOp {
+    /// The quantize op this quantizer applies (its kernels' view of the configuration).
+    pub fn op(&self) -> QuantizeOp {
         QuantizeOp {
             kind: self.kind(),
             estimator: EstKind::of(&self.estimator),

@@ -17,6 +17,19 @@ pub trait QuantLinear {
         weight: &Tensor,
         act: Option<&Quantizer>,
     ) -> Result<Tensor>;
+
+    /// The forward with the weight quantized by `weight` and activations by `act`. The default
+    /// quantizes the latent weight and calls [`QuantLinear::forward_quantized`]; a layer with a
+    /// fused kernel for the whole thing overrides it.
+    fn forward_with_quantizer(
+        &self,
+        x: &Tensor,
+        weight: &Quantizer,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor> {
+        let w = weight.quantize(self.latent_weight())?;
+        self.forward_quantized(x, &w, act)
+    }
 }
 
 impl QuantLinear for BitLinear {
@@ -32,6 +45,15 @@ impl QuantLinear for BitLinear {
     ) -> Result<Tensor> {
         let x = self.prepare_input(x, act)?;
         self.project(&x, weight)
+    }
+
+    fn forward_with_quantizer(
+        &self,
+        x: &Tensor,
+        weight: &Quantizer,
+        act: Option<&Quantizer>,
+    ) -> Result<Tensor> {
+        self.forward_with(x, weight, act)
     }
 }
 
@@ -208,13 +230,18 @@ impl QATLayer<BitLinear> {
 
 impl<M: QuantLinear> Module for QATLayer<M> {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.effective_weight()?;
         let lambda = self.config.lambda.value(self.step());
         let act = match self.quantization_enabled() {
             true => self.act_q.map(|q| q.with_lambda(lambda)).transpose()?,
             false => None,
         };
-        self.inner.forward_quantized(x, &w, act.as_ref())
+        match (self.weight_quantizer()?, &self.temperature) {
+            (Some(q), None) => self.inner.forward_with_quantizer(x, &q, act.as_ref()),
+            _ => {
+                let w = self.effective_weight()?;
+                self.inner.forward_quantized(x, &w, act.as_ref())
+            }
+        }
     }
 }
 

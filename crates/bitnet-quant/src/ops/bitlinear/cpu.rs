@@ -1,0 +1,74 @@
+//! CPU forward of the fused BitLinear op: the norm, scale, quantize and GEMM kernels of the
+//! separate ops, called in the same order on plain buffers.
+
+use crate::ops::quantize::QuantizeOp;
+use crate::ops::{quantize, rms_norm, scales};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The forward's output and what the backward keeps.
+pub(crate) struct Forward {
+    pub y: Vec<f32>,
+    pub xn: Vec<f32>,
+    /// `None` without an activation quantizer (the GEMM then reads `xn`).
+    pub xq: Option<Vec<f32>>,
+    pub x_params: Option<Vec<f32>>,
+    pub x_block: usize,
+    pub wq: Vec<f32>,
+    pub w_params: Vec<f32>,
+    pub w_block: usize,
+}
+
+/// `x: [m, k]`, `w: [n, k]`, `g: [k]` (row-major values).
+pub(crate) fn forward(
+    op: &'static str,
+    weight: &QuantizeOp,
+    act: Option<&QuantizeOp>,
+    eps: f32,
+    (xs, ws, gs): (&[f32], &[f32], &[f32]),
+    (m, k, n): (usize, usize, usize),
+) -> Result<Forward> {
+    let xn = rms_norm::cpu::forward(xs, gs, eps);
+    let (xq, x_params, x_block) = match act {
+        Some(a) => {
+            let block = a.granularity.block_size(m * k, k)?;
+            let params = scales::cpu::block_params(op, a.kind, &xn, block)?;
+            let xq = quantize::cpu::forward(a.kind, &xn, &params, block, a.lambda);
+            (Some(xq), Some(params), block)
+        }
+        None => (None, None, m * k),
+    };
+    let w_block = weight.granularity.block_size(n * k, k)?;
+    let w_params = scales::cpu::block_params(op, weight.kind, ws, w_block)?;
+    let wq = quantize::cpu::forward(weight.kind, ws, &w_params, w_block, weight.lambda);
+    // Moved into storages for candle's GEMM and moved back out afterwards: no copy.
+    let (lhs, xn) = match xq {
+        Some(xq) => (xq, Some(xn)),
+        None => (xn, None),
+    };
+    let lhs = CpuStorage::F32(lhs);
+    let rhs = CpuStorage::F32(wq);
+    let y = lhs.matmul(
+        &rhs,
+        (1, m, n, k),
+        &Layout::contiguous((m, k)),
+        &Layout::contiguous((n, k)).transpose(0, 1)?,
+    )?;
+    let (CpuStorage::F32(y), CpuStorage::F32(lhs), CpuStorage::F32(wq)) = (y, lhs, rhs) else {
+        candle_core::bail!("{op}: the f32 GEMM returned another dtype");
+    };
+    let (xn, xq) = match xn {
+        Some(xn) => (xn, Some(lhs)),
+        None => (lhs, None),
+    };
+    Ok(Forward {
+        y,
+        xn,
+        xq,
+        x_params,
+        x_block,
+        wq,
+        w_params,
+        w_block,
+    })
+}

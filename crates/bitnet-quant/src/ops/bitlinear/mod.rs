@@ -1,0 +1,211 @@
+//! BitLinear's training forward as one op: `(x, w, g) -> ActQuant(RMSNorm(x; g)) @ WQuant(w)^T`.
+//!
+//! Built from separate ops the layer is six graph nodes (norm, two scales, two quantizers, the
+//! GEMM). candle's backward allocates a zero tensor for every node's input gradient and adds the
+//! incoming gradient into it, so each intermediate activation costs an allocation, a memset and an
+//! add on top of its own kernel. This op runs the same kernels in one node, keeps what its
+//! backward needs (the normed and quantized input, the quantized weight, both block parameters)
+//! and skips the gradients nobody asked for: the data fed to the first layer has no gradient, so
+//! its RMSNorm input gradient is never computed.
+//!
+//! Forward: exactly the separate ops' kernels in the same order, so the output is bitwise the
+//! same as [`BitLinear::forward_separate`](crate::BitLinear::forward_separate).
+//! Backward: `dXq = dY Wq`, `dW = e_w(dY^T Xq)`, `dXn = e_x(dXq)` with `e_*` the quantizers'
+//! estimators (identity for the default STE), then RMSNorm's two gradients from `dXn`.
+//! Reference: the separate ops, which the tests compare it against (and finite differences).
+//!
+//! CPU and f32 only: [`BitLinear`](crate::BitLinear) runs the separate ops on other devices.
+
+pub(crate) mod cpu;
+
+use crate::error::QuantError;
+use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
+use crate::ops::quantize::{QuantizeGradOp, QuantizeOp};
+use crate::ops::rms_norm::RmsNormGradOp;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+/// What the forward keeps for the backward, as tensors so that the backward is plain tensor ops.
+#[derive(Debug, Clone)]
+struct Saved {
+    /// `RMSNorm(x)`, `[m, in]`.
+    xn: Tensor,
+    /// The quantized `xn` (or `xn` itself without an activation quantizer), `[m, in]`.
+    xq: Tensor,
+    /// Activation block parameters `[blocks, 2]`, if quantized.
+    x_params: Option<Tensor>,
+    /// The quantized weight `[out, in]`.
+    wq: Tensor,
+    /// Weight block parameters `[blocks, 2]`.
+    w_params: Tensor,
+}
+
+/// The op; see the module docs. One instance per forward call (it holds that call's saved
+/// tensors), built by [`bitlinear_train`].
+#[derive(Debug)]
+pub struct BitLinearOp {
+    weight: QuantizeOp,
+    act: Option<QuantizeOp>,
+    eps: f32,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// The fused forward of a BitLinear layer with an RMSNorm of weight `norm` (epsilon `eps`):
+/// `x: [.., in]`, `w: [out, in]`, `norm: [in]`, all f32 on the CPU. `weight` and `act` are the
+/// quantize ops of the weight and activation quantizers.
+pub fn bitlinear_train(
+    x: &Tensor,
+    w: &Tensor,
+    norm: &Tensor,
+    weight: QuantizeOp,
+    act: Option<QuantizeOp>,
+    eps: f32,
+) -> Result<Tensor> {
+    let op = BitLinearOp {
+        weight,
+        act,
+        eps,
+        saved: Mutex::new(None),
+    };
+    x.apply_op3(w, norm, op)
+}
+
+impl BitLinearOp {
+    fn check(&self, lx: &Layout, lw: &Layout, lg: &Layout) -> Result<(usize, usize, usize)> {
+        let op = self.name();
+        non_empty(op, lx)?;
+        let k = last_dim(lx);
+        let shape_err =
+            |what: String| -> candle_core::Error { QuantError::Shape { op, what }.into() };
+        let (n, wk) = lw
+            .shape()
+            .dims2()
+            .map_err(|_| shape_err(format!("weight must be [out, in], got {:?}", lw.shape())))?;
+        if wk != k || n == 0 {
+            return Err(shape_err(format!(
+                "weight {:?} does not match input {:?}",
+                lw.shape(),
+                lx.shape()
+            )));
+        }
+        if lg.dims() != [k] {
+            return Err(shape_err(format!(
+                "norm weight of shape [{k}] expected, got {:?}",
+                lg.shape()
+            )));
+        }
+        Ok((lx.shape().elem_count() / k, k, n))
+    }
+
+    /// `u` through a quantizer's estimator at input `x` (the identity shortcut as in
+    /// [`QuantizeOp`]'s own backward).
+    fn estimator_grad(q: &QuantizeOp, x: &Tensor, params: &Tensor, u: Tensor) -> Result<Tensor> {
+        if q.estimator == crate::ops::EstKind::Identity {
+            return Ok(u);
+        }
+        x.apply_op3_no_bwd(params, &u, &QuantizeGradOp(*q))
+    }
+}
+
+impl CustomOp3 for BitLinearOp {
+    fn name(&self) -> &'static str {
+        "bitnet-bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = self.check(lx, lw, lg)?;
+        let xs = f32_values(self.name(), sx, lx)?;
+        let ws = f32_values(self.name(), sw, lw)?;
+        let gs = f32_values(self.name(), sg, lg)?;
+        let f = cpu::forward(
+            self.name(),
+            &self.weight,
+            self.act.as_ref(),
+            self.eps,
+            (&xs, &ws, &gs),
+            (m, k, n),
+        )?;
+        let dev = candle_core::Device::Cpu;
+        let xn = Tensor::from_vec(f.xn, (m, k), &dev)?;
+        let xq = match f.xq {
+            Some(v) => Tensor::from_vec(v, (m, k), &dev)?,
+            None => xn.clone(),
+        };
+        let x_params = match f.x_params {
+            Some(p) => Some(Tensor::from_vec(p, (m * k / f.x_block, 2), &dev)?),
+            None => None,
+        };
+        let w_blocks = n * k / f.w_block;
+        let saved = Saved {
+            xn,
+            xq,
+            x_params,
+            wq: Tensor::from_vec(f.wq, (n, k), &dev)?,
+            w_params: Tensor::from_vec(f.w_params, (w_blocks, 2), &dev)?,
+        };
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        let mut dims = lx.dims().to_vec();
+        *dims.last_mut().expect("non-empty input has a last dim") = n;
+        Ok((CpuStorage::F32(f.y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        norm: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| QuantError::Shape {
+                op: "bitnet-bitlinear",
+                what: "backward before forward".into(),
+            })?;
+        let n = w.dim(0)?;
+        let g2 = grad.reshape(((), n))?;
+        let dw = match w.track_op() {
+            // `g2.t()` is a strided view; the GEMM reads it without a copy.
+            true => {
+                let dwq = g2.t()?.matmul(&s.xq)?;
+                Some(Self::estimator_grad(&self.weight, w, &s.w_params, dwq)?)
+            }
+            false => None,
+        };
+        let (need_x, need_norm) = (x.track_op(), norm.track_op());
+        if !need_x && !need_norm {
+            return Ok((None, dw, None));
+        }
+        let dxq = g2.matmul(&s.wq)?;
+        let dxn = match (&self.act, &s.x_params) {
+            (Some(a), Some(p)) => Self::estimator_grad(a, &s.xn, p, dxq)?,
+            _ => dxq,
+        }
+        .reshape(x.shape())?;
+        let rms_grad = |wrt_weight| {
+            x.apply_op3_no_bwd(
+                norm,
+                &dxn,
+                &RmsNormGradOp {
+                    eps: self.eps,
+                    wrt_weight,
+                },
+            )
+        };
+        let dx = need_x.then(|| rms_grad(false)).transpose()?;
+        let dnorm = need_norm.then(|| rms_grad(true)).transpose()?;
+        Ok((dx, dw, dnorm))
+    }
+}
