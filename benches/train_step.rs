@@ -4,7 +4,10 @@
 //! * `ternary_qat_adamw`: every layer a `QATLayer<BitLinear>` (BitNet b1.58: RMSNorm, absmean
 //!   ternary weights, int8 per-token activations, identity STE), updated by our fused `QatAdamW`;
 //! * `fp_linear_adamw`: candle-nn `Linear` layers and candle-nn `AdamW`, the plain candle baseline;
-//! * `fp_linear_qat_adamw`: the same `Linear` layers updated by `QatAdamW` (isolates the optimizer).
+//! * `fp_linear_qat_adamw`: the same `Linear` layers updated by `QatAdamW` (isolates the optimizer);
+//! * `ternary_separate_ops_adamw`: the ternary layers run as separate ops
+//!   (`BitLinear::forward_separate`: norm, scales, quantizers, GEMM as six graph nodes) instead of
+//!   the fused `ops::bitlinear` op, to measure what the fusion saves.
 //!
 //! `cpu_train_step_parts` splits each step into forward (including the loss), backward and
 //! optimizer step, so that the total can be read as a sum. `cpu_rms_norm_784` compares the fused
@@ -57,6 +60,28 @@ fn ternary_mlp(vm: &VarMap) -> Result<Mlp> {
     Ok(Mlp(layers))
 }
 
+/// A BitLinear layer run as separate ops (the path before the fused op).
+struct Separate(BitLinear);
+
+impl Module for Separate {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.0.config();
+        self.0.forward_separate(x, &c.weight, c.activation.as_ref())
+    }
+}
+
+fn separate_mlp(vm: &VarMap) -> Result<Mlp> {
+    let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+    let layers = DIMS
+        .iter()
+        .map(|&(i, o, name)| {
+            let l = Separate(BitLinear::new(i, o, vb.pp(name))?);
+            Ok(Box::new(l) as Box<dyn Module>)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Mlp(layers))
+}
+
 fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
     let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
     let layers = DIMS
@@ -83,6 +108,13 @@ type Setup<O> = fn() -> Result<(Mlp, O)>;
 fn ternary_qat() -> Result<(Mlp, QatAdamW)> {
     let vm = VarMap::new();
     let model = ternary_mlp(&vm)?;
+    let opt = QatAdamW::new(vm.all_vars(), ParamsQatAdamW::from(ParamsAdamW::default()))?;
+    Ok((model, opt))
+}
+
+fn ternary_separate() -> Result<(Mlp, QatAdamW)> {
+    let vm = VarMap::new();
+    let model = separate_mlp(&vm)?;
     let opt = QatAdamW::new(vm.all_vars(), ParamsQatAdamW::from(ParamsAdamW::default()))?;
     Ok((model, opt))
 }
@@ -159,6 +191,7 @@ fn train_step_glibc_default(c: &mut Criterion) {
 fn train_step(c: &mut Criterion) {
     bitnet::core::host_alloc::keep_freed_memory();
     bench_full(c, "ternary_qat_adamw", ternary_qat);
+    bench_full(c, "ternary_separate_ops_adamw", ternary_separate);
     bench_full(c, "fp_linear_adamw", linear_adamw);
     bench_full(c, "fp_linear_qat_adamw", linear_qat);
 }
@@ -166,6 +199,7 @@ fn train_step(c: &mut Criterion) {
 fn train_step_parts(c: &mut Criterion) {
     bitnet::core::host_alloc::keep_freed_memory();
     bench_parts(c, "ternary_qat_adamw", ternary_qat);
+    bench_parts(c, "ternary_separate_ops_adamw", ternary_separate);
     bench_parts(c, "fp_linear_adamw", linear_adamw);
     bench_parts(c, "fp_linear_qat_adamw", linear_qat);
 }
