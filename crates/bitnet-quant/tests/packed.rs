@@ -111,6 +111,69 @@ fn kernel_layout_matches_the_documentation() -> Result<()> {
 }
 
 #[test]
+fn binary_weights_pack_at_one_bit_in_the_documented_layout() -> Result<()> {
+    // 200 inputs: one full 128-weight block and one padded block. Weight i is +1 when i % 5 < 2.
+    let signs: Vec<f32> = (0..200)
+        .map(|i| if i % 5 < 2 { 0.7 } else { -0.3 })
+        .collect();
+    let w = Tensor::from_vec(signs, (1, 200), &Device::Cpu)?;
+    let q = Quantizer::new(Scheme::Binary { scaled: false }, Estimator::Identity)?;
+    let p = PackedTernary::pack(&w, &q)?;
+    assert_eq!(p.bits(), 1);
+    assert_eq!(p.row_bytes(), 2 * 16);
+    // Byte b of block k holds weights 128 k + b + 16 j in bit j; padding bits are 0.
+    let expect: Vec<u8> = (0..32)
+        .map(|byte| {
+            let (k, b) = (byte / 16, byte % 16);
+            (0..8)
+                .map(|j| {
+                    let i = 128 * k + b + 16 * j;
+                    ((i < 200 && i % 5 < 2) as u8) << j
+                })
+                .sum::<u8>()
+        })
+        .collect();
+    assert_eq!(p.data(), &expect[..]);
+    assert_eq!(max_abs_diff(&p.unpack()?, &q.quantize(&w)?), 0.0);
+    // Ternary schemes keep 2 bits.
+    let t = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    assert_eq!(PackedTernary::pack(&w, &t)?.bits(), 2);
+    Ok(())
+}
+
+#[test]
+fn binary_size_is_about_one_eighth_byte_per_weight() -> Result<()> {
+    let q = Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Identity)?;
+    for (out, inp) in [(64, 4096), (32, 6912)] {
+        let p = PackedTernary::pack(&randn((out, inp), 3), &q)?;
+        // 1/8 byte per weight plus one f32 scale for the whole tensor.
+        let want = 0.125 + 4.0 / (out * inp) as f64;
+        assert_eq!(p.bytes_per_weight(), want, "{out}x{inp}");
+    }
+    Ok(())
+}
+
+#[test]
+fn raw_binary_data_is_checked() -> Result<()> {
+    let q = Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Identity)?;
+    let p = PackedTernary::pack(&randn((3, 100), 9), &q)?;
+    let ok = PackedTernary::from_raw_bits(3, 100, Granularity::PerTensor, 1, p.data(), p.scales())?;
+    assert_eq!(ok.levels(), p.levels());
+    // Input 100 is padding (100 inputs padded to 128): byte 100 % 16 = 4 of the block, bit 6.
+    let mut data = p.data().to_vec();
+    data[4] |= 1 << 6;
+    let e = PackedTernary::from_raw_bits(3, 100, Granularity::PerTensor, 1, &data, p.scales())
+        .unwrap_err();
+    assert!(text(&e).contains("padding bit 100"), "{e}");
+    let e = PackedTernary::from_raw_bits(3, 100, Granularity::PerTensor, 3, p.data(), p.scales())
+        .unwrap_err();
+    assert!(text(&e).contains("bits"), "{e}");
+    // The 2-bit reading of 1-bit data has the wrong length.
+    assert!(PackedTernary::from_raw(3, 100, Granularity::PerTensor, p.data(), p.scales()).is_err());
+    Ok(())
+}
+
+#[test]
 fn hf_layout_matches_a_hand_made_example() -> Result<()> {
     // Levels of a [5, 2] weight; mean|w| = 0.7 so absmean gives back exactly these levels.
     let w = Tensor::new(
@@ -335,6 +398,19 @@ fn sample_layers() -> Result<Vec<(String, PackedBitLinear)>> {
                 2,
             ))?,
         ),
+        (
+            "binary".into(),
+            PackedBitLinear::from_trained(&layer(
+                200,
+                6,
+                BitLinearConfig {
+                    weight: Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Identity)?
+                        .with_granularity(Granularity::PerChannel)?,
+                    ..Default::default()
+                },
+                3,
+            ))?,
+        ),
     ])
 }
 
@@ -353,9 +429,10 @@ fn save_load_round_trip() -> Result<()> {
                 .contains(&format!("bitnet-packed-{}-roundtrip", std::process::id()))));
     let loaded = load_packed(&path)?;
     std::fs::remove_file(&path).ok();
-    assert_eq!(loaded.len(), 2);
+    assert_eq!(loaded.len(), 3);
     for ((n, l), (m, k)) in layers.iter().zip(&loaded) {
         assert_eq!(n, m);
+        assert_eq!(l.weight().bits(), k.weight().bits(), "{n}");
         assert_eq!(l.weight().data(), k.weight().data());
         assert_eq!(l.weight().scales(), k.weight().scales());
         assert_eq!(l.bias(), k.bias());

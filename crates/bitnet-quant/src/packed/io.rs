@@ -23,7 +23,9 @@ pub const FORMAT: &str = "bitnet-candle.packed";
 /// The `version` metadata value this build writes and reads.
 pub const VERSION: &str = "1";
 /// The `layout` metadata value: 2-bit codes `level + 1`, blocks of 128 weights, byte `b` of a
-/// block holding weights `b + 32 j` in bits `2j..2j+2` (see [`PackedTernary`]).
+/// block holding weights `b + 32 j` in bits `2j..2j+2` (see [`PackedTernary`]). A layer whose
+/// `layers` entry has `"bits": 1` is binary in the 1-bit layout instead (16-byte blocks, byte `b`
+/// holding weights `b + 16 j` in bit `j`).
 pub const LAYOUT: &str = "ternary2-block128-stride32";
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -34,6 +36,19 @@ struct LayerMeta {
     granularity: Granularity,
     norm_eps: Option<f64>,
     bias: bool,
+    /// 1 for binary weights in the 1-bit layout; absent (2) otherwise, so that 2-bit files are
+    /// byte for byte what earlier builds wrote, and earlier builds reject 1-bit files (unknown
+    /// field) instead of misreading them.
+    #[serde(default = "two_bits", skip_serializing_if = "is_two")]
+    bits: u8,
+}
+
+fn two_bits() -> u8 {
+    2
+}
+
+fn is_two(b: &u8) -> bool {
+    *b == 2
 }
 
 fn bad(what: impl Into<String>) -> candle_core::Error {
@@ -104,6 +119,7 @@ pub fn to_bytes(layers: &[(&str, &PackedBitLinear)]) -> Result<Vec<u8>> {
             granularity: w.granularity(),
             norm_eps: layer.norm().map(|n| n.eps()),
             bias: layer.bias().is_some(),
+            bits: w.bits(),
         };
         if meta.insert(name.to_string(), m).is_some() {
             return Err(bad(format!("layer name `{name}` appears twice")));
@@ -260,8 +276,9 @@ pub fn load_packed_bytes(bytes: &[u8]) -> Result<Vec<(String, PackedBitLinear)>>
             Dtype::F32,
             &[n_scales],
         )?;
-        let weight = PackedTernary::from_raw(out, inp, m.granularity, pw.data(), &f32s(&sc))
-            .map_err(|e| e.context(format!("layer `{name}`")))?;
+        let weight =
+            PackedTernary::from_raw_bits(out, inp, m.granularity, m.bits, pw.data(), &f32s(&sc))
+                .map_err(|e| e.context(format!("layer `{name}`")))?;
         expected.push(format!("{name}.weight_packed"));
         expected.push(format!("{name}.weight_scale"));
         let norm = match m.norm_eps {

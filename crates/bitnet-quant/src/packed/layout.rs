@@ -15,6 +15,9 @@ pub const BLOCK: usize = 128;
 /// Bytes per kernel block (`BLOCK / 4`).
 pub const BLOCK_BYTES: usize = BLOCK / 4;
 
+/// Bytes per kernel block of 1-bit (binary) weights (`BLOCK / 8`).
+pub const BLOCK_BYTES_1BIT: usize = BLOCK / 8;
+
 /// The 2-bit code of the level 0; also what padding holds, so that padded weights add nothing.
 pub const ZERO_CODE: u8 = 1;
 
@@ -39,7 +42,13 @@ const ZERO_BYTE: u8 = 0b0101_0101;
 /// Size: `out * ceil(seg / 128) * 32 * (in / seg)` bytes plus 4 bytes per scale; 0.25 bytes per
 /// weight plus padding when `in` is not a multiple of 128.
 ///
-/// Binary weights (levels ±1) pack the same way; they simply never use the zero code.
+/// # Binary weights: 1 bit each
+///
+/// A binary weight quantizer packs at 1 bit per weight ([`Self::bits`] = 1): bit 1 for +1, 0 for
+/// -1, with the same rows, segments, padding to 128 and scales. A 128-weight block is 16 bytes
+/// ([`BLOCK_BYTES_1BIT`]); byte `b` holds weights `b + 16 j` in bit `j`, so that the AVX2 kernel
+/// gets 32 consecutive weights from one shift per 128-bit lane. Padding bits are 0; they meet
+/// zero activations, so they add nothing.
 ///
 /// ```
 /// use bitnet_quant::packed::PackedTernary;
@@ -62,6 +71,8 @@ pub struct PackedTernary {
     granularity: Granularity,
     seg_len: usize,
     seg_padded: usize,
+    /// Bits per weight: 2 (ternary codes) or 1 (binary).
+    bits: u8,
     data: PoolBuffer,
     scales: Vec<f32>,
 }
@@ -117,7 +128,8 @@ pub(crate) fn scale_count(out: usize, inp: usize, granularity: Granularity) -> O
 impl PackedTernary {
     /// Packs `w` (`[out, in]`, f32/f16/bf16/f64) with the levels and scales of the weight
     /// quantizer `q`, which must be binary or ternary with `lambda = 1` (a blended weight is not
-    /// ternary). Any granularity of `q` is kept.
+    /// ternary). Any granularity of `q` is kept. Binary quantizers pack at 1 bit per weight,
+    /// ternary ones at 2.
     pub fn pack(w: &Tensor, q: &Quantizer) -> Result<Self> {
         let (out, inp) = w.dims2().map_err(|_| {
             shape_err(
@@ -152,15 +164,22 @@ impl PackedTernary {
         let scales: Vec<f32> = params.chunks_exact(2).map(|p| p[0]).collect();
         let granularity = q.granularity();
         let (seg_len, seg_padded) = segments(inp, granularity)?;
-        let mut packed = Self::zeroed(out, inp, granularity, seg_len, seg_padded, scales)?;
+        let bits = match q.kind() {
+            Kind::Binary { .. } => 1,
+            _ => 2,
+        };
+        let mut packed = Self::zeroed(out, inp, granularity, seg_len, seg_padded, bits, scales)?;
         let row_bytes = packed.row_bytes();
         let data = packed.data.as_mut_slice_of::<u8>();
         for (r, row) in levels.chunks_exact(inp).enumerate() {
             let dst = &mut data[r * row_bytes..(r + 1) * row_bytes];
             for (i, &l) in row.iter().enumerate() {
-                let (byte, shift) = position(i, seg_len, seg_padded);
-                let code = (l + 1) as u8;
-                dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
+                let (byte, shift) = position(i, seg_len, seg_padded, bits);
+                let (code, mask) = match bits {
+                    1 => ((l > 0) as u8, 1),
+                    _ => ((l + 1) as u8, 3),
+                };
+                dst[byte] = (dst[byte] & !(mask << shift)) | (code << shift);
             }
         }
         Ok(packed)
@@ -172,26 +191,29 @@ impl PackedTernary {
         granularity: Granularity,
         seg_len: usize,
         seg_padded: usize,
+        bits: u8,
         scales: Vec<f32>,
     ) -> Result<Self> {
-        let row_bytes = (inp / seg_len) * seg_padded / 4;
+        let row_bytes = (inp / seg_len) * seg_padded * bits as usize / 8;
         let len = out
             .checked_mul(row_bytes)
             .ok_or_else(|| shape_err("PackedTernary", format!("[{out}, {inp}] is too large")))?;
         let mut data = global_pool().allocate_slice::<u8>(len, Category::PackedWeights)?;
-        data.as_mut_slice_of::<u8>().fill(ZERO_BYTE);
+        data.as_mut_slice_of::<u8>()
+            .fill(if bits == 1 { 0 } else { ZERO_BYTE });
         Ok(Self {
             out_features: out,
             in_features: inp,
             granularity,
             seg_len,
             seg_padded,
+            bits,
             data,
             scales,
         })
     }
 
-    /// Rebuilds a packed weight from its raw parts (our layout, as [`Self::data`] and
+    /// Rebuilds a 2-bit packed weight from its raw parts (our layout, as [`Self::data`] and
     /// [`Self::scales`] return them), checking every length, every code (3 is invalid) and that
     /// padding holds zero codes, and that scales are finite.
     pub fn from_raw(
@@ -201,7 +223,23 @@ impl PackedTernary {
         data: &[u8],
         scales: &[f32],
     ) -> Result<Self> {
+        Self::from_raw_bits(out_features, in_features, granularity, 2, data, scales)
+    }
+
+    /// [`Self::from_raw`] for either width: `bits` 2 (ternary codes) or 1 (binary; padding bits
+    /// must be 0).
+    pub fn from_raw_bits(
+        out_features: usize,
+        in_features: usize,
+        granularity: Granularity,
+        bits: u8,
+        data: &[u8],
+        scales: &[f32],
+    ) -> Result<Self> {
         const OP: &str = "PackedTernary::from_raw";
+        if bits != 1 && bits != 2 {
+            return Err(invalid("bits", bits, "1 (binary) or 2 (ternary)").into());
+        }
         if out_features == 0 || in_features == 0 {
             return Err(shape_err(
                 OP,
@@ -228,7 +266,7 @@ impl PackedTernary {
             .into());
         }
         let row_bytes = (in_features / seg_len)
-            .checked_mul(seg_padded / 4)
+            .checked_mul(seg_padded * bits as usize / 8)
             .ok_or_else(|| shape_err(OP, "row size overflows"))?;
         let expected = out_features
             .checked_mul(row_bytes)
@@ -248,6 +286,7 @@ impl PackedTernary {
             granularity,
             seg_len,
             seg_padded,
+            bits,
             scales.to_vec(),
         )?;
         packed.data.as_mut_slice_of::<u8>().copy_from_slice(data);
@@ -255,10 +294,14 @@ impl PackedTernary {
         Ok(packed)
     }
 
-    /// Every code is 0..=2 and every padding code is the zero code.
+    /// Every code is 0..=2 and every padding code is the zero code (2-bit); every padding bit is
+    /// 0 (1-bit).
     fn validate_codes(&self) -> Result<()> {
         const OP: &str = "PackedTernary";
         let data = self.data();
+        if self.bits == 1 {
+            return self.validate_binary_padding();
+        }
         if let Some(i) = data
             .iter()
             .position(|&b| (0..4).any(|j| (b >> (2 * j)) & 3 == 3))
@@ -288,6 +331,33 @@ impl PackedTernary {
             }
         }
         Ok(())
+    }
+
+    fn validate_binary_padding(&self) -> Result<()> {
+        let row_bytes = self.row_bytes();
+        for (r, row) in self.data().chunks_exact(row_bytes).enumerate() {
+            for s in 0..self.in_features / self.seg_len {
+                for k in self.seg_len..self.seg_padded {
+                    let byte = s * self.seg_padded / 8
+                        + (k / BLOCK) * BLOCK_BYTES_1BIT
+                        + k % BLOCK_BYTES_1BIT;
+                    if (row[byte] >> ((k % BLOCK) / BLOCK_BYTES_1BIT)) & 1 != 0 {
+                        return Err(QuantError::BadData {
+                            what: format!(
+                                "PackedTernary: padding bit {k} of segment {s} in row {r} is set"
+                            ),
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bits per weight: 2 for ternary codes, 1 for binary weights.
+    pub fn bits(&self) -> u8 {
+        self.bits
     }
 
     /// Output features (rows).
@@ -322,7 +392,7 @@ impl PackedTernary {
 
     /// Bytes per packed row.
     pub fn row_bytes(&self) -> usize {
-        self.segments_per_row() * self.seg_padded / 4
+        self.segments_per_row() * self.seg_padded * self.bits as usize / 8
     }
 
     /// The packed codes, `out * row_bytes()` bytes.
@@ -350,7 +420,7 @@ impl PackedTernary {
         self.data.len() + 4 * self.scales.len()
     }
 
-    /// [`Self::size_bytes`] per weight; 0.25 plus padding and scales.
+    /// [`Self::size_bytes`] per weight; 0.25 (0.125 for binary) plus padding and scales.
     pub fn bytes_per_weight(&self) -> f64 {
         self.size_bytes() as f64 / (self.out_features * self.in_features) as f64
     }
@@ -358,8 +428,12 @@ impl PackedTernary {
     /// The level (-1, 0 or 1) of weight `(r, i)`.
     #[inline]
     pub fn level(&self, r: usize, i: usize) -> i8 {
-        let (byte, shift) = position(i, self.seg_len, self.seg_padded);
-        ((self.data()[r * self.row_bytes() + byte] >> shift) & 3) as i8 - 1
+        let (byte, shift) = position(i, self.seg_len, self.seg_padded, self.bits);
+        let b = self.data()[r * self.row_bytes() + byte] >> shift;
+        match self.bits {
+            1 => 2 * (b & 1) as i8 - 1,
+            _ => (b & 3) as i8 - 1,
+        }
     }
 
     /// All levels, row-major `[out, in]`.
@@ -470,6 +544,7 @@ impl PackedTernary {
             Granularity::PerTensor,
             seg_len,
             seg_padded,
+            2,
             vec![1.0 / ws],
         )?;
         let row_bytes = out.row_bytes();
@@ -484,7 +559,7 @@ impl PackedTernary {
                     }
                     .into());
                 }
-                let (byte, shift) = position(i, seg_len, seg_padded);
+                let (byte, shift) = position(i, seg_len, seg_padded, 2);
                 let b = &mut data[r * row_bytes + byte];
                 *b = (*b & !(3 << shift)) | (code << shift);
             }
@@ -493,13 +568,19 @@ impl PackedTernary {
     }
 }
 
-/// Byte offset within a row and bit shift of input `i`.
+/// Byte offset within a row and bit shift of input `i` at `bits` per weight.
 #[inline(always)]
-fn position(i: usize, seg_len: usize, seg_padded: usize) -> (usize, usize) {
+fn position(i: usize, seg_len: usize, seg_padded: usize, bits: u8) -> (usize, usize) {
     let (s, k) = (i / seg_len, i % seg_len);
     let (blk, o) = (k / BLOCK, k % BLOCK);
-    (
-        s * seg_padded / 4 + blk * BLOCK_BYTES + o % BLOCK_BYTES,
-        2 * (o / BLOCK_BYTES),
-    )
+    match bits {
+        1 => (
+            s * seg_padded / 8 + blk * BLOCK_BYTES_1BIT + o % BLOCK_BYTES_1BIT,
+            o / BLOCK_BYTES_1BIT,
+        ),
+        _ => (
+            s * seg_padded / 4 + blk * BLOCK_BYTES + o % BLOCK_BYTES,
+            2 * (o / BLOCK_BYTES),
+        ),
+    }
 }

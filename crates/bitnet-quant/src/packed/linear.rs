@@ -213,7 +213,8 @@ impl PackedBitLinear {
     fn row(&self, r: usize, xq: &[i8], m: &[f32], sums: &[i32], out: &mut [f32]) {
         let w = &self.weight;
         let (segp, nseg, rb) = (w.segment_padded(), w.segments_per_row(), w.row_bytes());
-        let seg_bytes = segp / 4;
+        let seg_bytes = segp * w.bits() as usize / 8;
+        let binary = w.bits() == 1;
         let row = &w.data()[r * rb..(r + 1) * rb];
         let xrow = nseg * segp;
         let bias = self.bias.as_ref().map_or(0.0, |b| b[r]);
@@ -227,7 +228,10 @@ impl PackedBitLinear {
                 let xs: [&[i8]; 4] = std::array::from_fn(|u| {
                     &xq[(t + u) * xrow + s * segp..(t + u) * xrow + (s + 1) * segp]
                 });
-                let d = self.kernel.dot4(wseg, xs);
+                let d = match binary {
+                    true => self.kernel.dot4_binary(wseg, xs),
+                    false => self.kernel.dot4(wseg, xs),
+                };
                 let scale = w.scale(r, s);
                 for (u, (a, d)) in acc.iter_mut().zip(d).enumerate() {
                     *a += (d - sums[(t + u) * nseg + s]) as f32 * scale;
@@ -243,7 +247,11 @@ impl PackedBitLinear {
             for s in 0..nseg {
                 let wseg = &row[s * seg_bytes..(s + 1) * seg_bytes];
                 let x = &xq[t * xrow + s * segp..t * xrow + (s + 1) * segp];
-                acc += (self.kernel.dot(wseg, x) - sums[t * nseg + s]) as f32 * w.scale(r, s);
+                let d = match binary {
+                    true => self.kernel.dot_binary(wseg, x),
+                    false => self.kernel.dot(wseg, x),
+                };
+                acc += (d - sums[t * nseg + s]) as f32 * w.scale(r, s);
             }
             out[t] = finish(t, acc);
             t += 1;

@@ -1,10 +1,10 @@
-//! Inference with packed weights: ternary weights at 2 bits each, int8 activations, integer dot
-//! products and one dequantizing multiply per output.
+//! Inference with packed weights: ternary weights at 2 bits each (binary weights at 1 bit), int8
+//! activations, integer dot products and one dequantizing multiply per output.
 //!
 //! * [`layout`]: [`PackedTernary`], our SIMD-friendly layout and the Hugging Face transformers
 //!   layout (`to_hf` / `from_hf`).
 //! * [`kernels`]: `sum(code * x)` over packed codes and int8 activations: scalar, AVX2 (x86-64,
-//!   chosen at run time), NEON (aarch64).
+//!   chosen at run time), NEON (aarch64; 2-bit only, 1-bit runs the scalar kernel there).
 //! * [`linear`]: [`PackedBitLinear`], built from a trained [`BitLinear`](crate::BitLinear); its
 //!   forward equals the training forward up to f32 rounding.
 //! * [`io`]: [`save_packed`] / [`load_packed`], a safetensors file with the layout and version
@@ -17,5 +17,5 @@ pub mod linear;
 
 pub use io::{load_packed, load_packed_bytes, save_packed, FORMAT, LAYOUT, VERSION};
 pub use kernels::Kernel;
-pub use layout::{PackedTernary, BLOCK};
+pub use layout::{PackedTernary, BLOCK, BLOCK_BYTES_1BIT};
 pub use linear::PackedBitLinear;

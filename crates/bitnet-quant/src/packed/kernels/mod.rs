@@ -18,7 +18,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::layout::BLOCK_BYTES;
+use super::layout::{BLOCK_BYTES, BLOCK_BYTES_1BIT};
 
 /// An implementation of the packed dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,59 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// `sum(code[i] * x[i])` over 1-bit weights (the binary layout of
+    /// [`PackedTernary`](crate::packed::PackedTernary)), with `code = 2 * bit`: the level
+    /// `2 bit - 1` plus one, so that the caller subtracts `sum(x)` exactly as for 2-bit codes.
+    /// NEON runs the scalar kernel here.
+    ///
+    /// # Panics
+    /// If `w.len()` is not a multiple of 16 or `x.len() != 8 * w.len()`.
+    ///
+    /// ```
+    /// use bitnet_quant::packed::kernels::Kernel;
+    /// let w = [0b0000_0001u8; 16]; // bit 0 set: weights 0..16 are +1, weights 16..128 are -1
+    /// let x = [1i8; 128];
+    /// let k = Kernel::detect();
+    /// assert_eq!(k.dot_binary(&w, &x) - 128, 16 - 112); // sum(level * x)
+    /// assert_eq!(k.dot_binary(&w, &x), Kernel::Scalar.dot_binary(&w, &x));
+    /// ```
+    pub fn dot_binary(self, w: &[u8], x: &[i8]) -> i32 {
+        check_binary(w, x);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is present (checked just now) and `check_binary` ensured the lengths
+            // the kernel's unchecked loads rely on.
+            Kernel::Avx2 if self.is_available() => unsafe { x86::dot_binary_avx2(w, x) },
+            _ => scalar::dot_binary(w, x),
+        }
+    }
+
+    /// Four [`Self::dot_binary`] products of one weight row, unpacking the bits once.
+    pub fn dot4_binary(self, w: &[u8], xs: [&[i8]; 4]) -> [i32; 4] {
+        for x in xs {
+            check_binary(w, x);
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_binary`.
+            Kernel::Avx2 if self.is_available() => unsafe { x86::dot4_binary_avx2(w, xs) },
+            _ => xs.map(|x| self.dot_binary(w, x)),
+        }
+    }
+}
+
+#[inline(always)]
+fn check_binary(w: &[u8], x: &[i8]) {
+    assert!(
+        w.len() % BLOCK_BYTES_1BIT == 0 && x.len() == 8 * w.len(),
+        "packed binary dot: {} weight bytes (need a multiple of {BLOCK_BYTES_1BIT}) and {} activations (need {})",
+        w.len(),
+        x.len(),
+        8 * w.len()
+    );
+}
+
 #[inline(always)]
 fn check(w: &[u8], x: &[i8]) {
     assert!(
@@ -179,6 +232,53 @@ mod tests {
                 assert_eq!(*g, scalar::dot(&w, x), "{k:?}");
             }
         }
+    }
+
+    fn random_bits(blocks: usize, seed: u64) -> (Vec<u8>, Vec<i8>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w = (0..blocks * BLOCK_BYTES_1BIT)
+            .map(|_| rng.random())
+            .collect();
+        let x = (0..blocks * 8 * BLOCK_BYTES_1BIT)
+            .map(|_| rng.random::<i8>())
+            .collect();
+        (w, x)
+    }
+
+    #[test]
+    fn binary_kernels_match_the_levels() {
+        for (blocks, seed) in [(1, 1), (2, 2), (7, 3), (32, 4)] {
+            let (w, x) = random_bits(blocks, seed);
+            // Straight from the layout's definition: weight `b + 16 j` of a block is bit `j` of
+            // byte `b`, level +1 for a set bit, -1 otherwise.
+            let mut want = 0i32;
+            for (i, &xv) in x.iter().enumerate() {
+                let (blk, o) = (i / 128, i % 128);
+                let bit = (w[blk * 16 + o % 16] >> (o / 16)) & 1;
+                want += (2 * bit as i32 - 1) * xv as i32;
+            }
+            let sum_x: i32 = x.iter().map(|&v| v as i32).sum();
+            for k in Kernel::available() {
+                assert_eq!(k.dot_binary(&w, &x) - sum_x, want, "{k:?} blocks={blocks}");
+                let xs = [&x[..], &x[..], &x[..], &x[..]];
+                assert_eq!(k.dot4_binary(&w, xs), [want + sum_x; 4], "{k:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn binary_extremes_do_not_overflow() {
+        let w = vec![0xFFu8; 64 * BLOCK_BYTES_1BIT];
+        let x = vec![-128i8; 512 * BLOCK_BYTES_1BIT];
+        for k in Kernel::available() {
+            assert_eq!(k.dot_binary(&w, &x), -2 * 128 * 128 * 64, "{k:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "packed binary dot")]
+    fn wrong_binary_lengths_panic() {
+        Kernel::detect().dot_binary(&[0u8; 16], &[0i8; 64]);
     }
 
     #[test]
