@@ -1,4 +1,4 @@
-//! From a trained QAT model to packed 2-bit integer inference on MNIST.
+//! From a trained QAT model to packed integer inference on MNIST (2-bit ternary or 1-bit binary).
 //!
 //! ```sh
 //! # train and save a checkpoint, then pack it:
