@@ -18,6 +18,10 @@
 //! group runs after `bitnet::core::host_alloc::keep_freed_memory()`, which the examples also call
 //! (it keeps freed tensor memory in the process instead of unmapping and re-faulting it each step).
 //!
+//! Every group runs with `bitnet::core::host_threads::elementwise_on_caller()` (as the examples
+//! do), set before the first candle op, unless `BITNET_BENCH_CANDLE_POOL=1` asks for candle's
+//! default spinning elementwise pool, to measure what that costs.
+//!
 //! `RAYON_NUM_THREADS=1 cargo bench --bench train_step -- --warm-up-time 1 --measurement-time 3`
 //! (and `=2` to compare thread counts).
 
@@ -169,6 +173,9 @@ fn bench_parts<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
 
 /// Must stay the first group: the tuning below is process-wide and cannot be undone.
 fn train_step_glibc_default(c: &mut Criterion) {
+    if std::env::var_os("BITNET_BENCH_CANDLE_POOL").is_none() {
+        bitnet::core::host_threads::elementwise_on_caller();
+    }
     let (x, y) = batch().unwrap();
     let mut group = c.benchmark_group("cpu_train_step_glibc_default");
     let (model, mut opt) = ternary_qat().unwrap();

@@ -126,6 +126,7 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
+    bitnet::core::host_threads::elementwise_on_caller();
     let dev = Device::Cpu;
     let data = mnist::load(&args.data, &dev)?;
     let vm = VarMap::new();

@@ -329,6 +329,7 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
+    bitnet::core::host_threads::elementwise_on_caller();
     let config = BertConfig::load(args.model.join("config.json"))?;
     let weights = args.model.join("model.safetensors");
     let tensors = load_safetensors(&weights)?;

@@ -343,6 +343,7 @@ fn main() -> Result<()> {
     };
     let args = parse_args().unwrap_or_else(|e| fail(e));
     bitnet::core::host_alloc::keep_freed_memory();
+    bitnet::core::host_threads::elementwise_on_caller();
     let dev = Device::Cpu;
     let mnist = mnist::load(&args.data, &dev)?;
     let (train_x, train_y) = match args.train_limit {

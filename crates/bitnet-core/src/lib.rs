@@ -6,6 +6,8 @@
 //!   [`global_pool`].
 //! * [`host_alloc::keep_freed_memory`]: stop glibc from unmapping and re-faulting tensor memory
 //!   on every training step (opt-in, one call in `main`).
+//! * [`host_threads::elementwise_on_caller`]: keep candle's spinning elementwise thread pool off
+//!   the cores rayon's GEMMs need (opt-in, one call at the start of `main`).
 //!
 //! Errors are [`CoreError`]; they convert into `candle_core::Error` at candle boundaries.
 //!
@@ -39,6 +41,7 @@
 pub mod device;
 pub mod error;
 pub mod host_alloc;
+pub mod host_threads;
 pub mod memory;
 
 pub use error::CoreError;
