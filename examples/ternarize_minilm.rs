@@ -16,6 +16,10 @@
 //! agreement (each line's nearest other line by the student is the teacher's). Embeddings,
 //! LayerNorms and biases stay full precision; word embeddings are frozen.
 //!
+//! `--hidden-weight X` (distill mode, default 0) adds per-layer hidden-state matching to the
+//! embedding loss: for each encoder layer, the squared error between student and teacher hidden
+//! states over the real tokens relative to the teacher's mean square, averaged over layers, times X.
+//!
 //! `--per-channel` gives every output row of a weight its own absmean scale (BitNet uses one per
 //! tensor; pretrained rows differ in norm, and packing keeps one f32 per row).
 //!
@@ -26,7 +30,7 @@
 //! last trained mode; default `runs/minilm-ternary.safetensors`). The last line is a JSON summary.
 
 use bitnet::datasets::shakespeare;
-use bitnet::models::bert::{BertConfig, BertEncoder};
+use bitnet::models::bert::{pool, BertConfig, BertEncoder};
 use bitnet::quant::packed::save_packed;
 use bitnet::quant::{Granularity, PackedBitLinear};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
@@ -62,6 +66,7 @@ struct Args {
     resume: Option<PathBuf>,
     out: PathBuf,
     per_channel: bool,
+    hidden_weight: f64,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -81,6 +86,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         resume: None,
         out: PathBuf::from("runs/minilm-ternary.safetensors"),
         per_channel: false,
+        hidden_weight: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,6 +108,17 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--resume" => a.resume = Some(val()?.into()),
             "--out" => a.out = val()?.into(),
             "--per-channel" => a.per_channel = true,
+            "--hidden-weight" => {
+                a.hidden_weight = val()?
+                    .parse()
+                    .map_err(|e| format!("--hidden-weight: {e}"))?;
+                if !(a.hidden_weight >= 0.0 && a.hidden_weight.is_finite()) {
+                    return Err(format!(
+                        "--hidden-weight must be a finite number >= 0, got {}",
+                        a.hidden_weight
+                    ));
+                }
+            }
             "-h" | "--help" => {
                 return Err("see the doc comment at the top of examples/ternarize_minilm.rs".into())
             }
@@ -185,6 +202,25 @@ fn embed_all(enc: &BertEncoder, tok: &Tokenizer, lines: &[&str], max_len: usize)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, 0)
+}
+
+/// Per-layer hidden-state matching: for each encoder layer, the mean squared difference between
+/// student and teacher hidden states over the real tokens, divided by the teacher's mean square
+/// there (so that every layer weighs the same whatever its scale), averaged over the layers.
+fn hidden_loss(student: &[Tensor], teacher: &[Tensor], mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let mut total = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    for (s, t) in student.iter().zip(teacher) {
+        let t = t.detach();
+        let err = (s - &t)?.sqr()?.broadcast_mul(&m)?.sum_all()?;
+        let scale = t
+            .sqr()?
+            .broadcast_mul(&m)?
+            .sum_all()?
+            .clamp(1e-12, f64::MAX)?;
+        total = (total + (err / scale)?)?;
+    }
+    total / student.len().max(1) as f64
 }
 
 /// (mean cosine to the teacher, top-1 retrieval agreement with the teacher).
@@ -280,13 +316,21 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
             .collect();
         let anchors: Vec<&str> = picks.iter().map(|&i| s.train[i].as_str()).collect();
         let (ids, mask) = encode(s.tok, &anchors, args.max_len)?;
-        let e = enc.embed(&ids, &mask)?;
         let l = match mode {
             "distill" => {
-                let target = s.teacher.embed(&ids, &mask)?.detach();
-                (1.0 - (&e * &target)?.sum(1)?.mean_all()?)?
+                let hs = enc.layer_outputs(&ids, &mask)?;
+                let ht = s.teacher.layer_outputs(&ids, &mask)?;
+                let e = pool(hs.last().expect("layers"), &mask)?;
+                let target = pool(ht.last().expect("layers"), &mask)?.detach();
+                let l = (1.0 - (&e * &target)?.sum(1)?.mean_all()?)?;
+                if args.hidden_weight > 0.0 {
+                    (l + (hidden_loss(&hs[1..], &ht[1..], &mask)? * args.hidden_weight)?)?
+                } else {
+                    l
+                }
             }
             _ => {
+                let e = enc.embed(&ids, &mask)?;
                 // Consecutive lines as positives, the rest of the batch as negatives.
                 let next: Vec<&str> = picks.iter().map(|&i| s.train[i + 1].as_str()).collect();
                 let (pi, pm) = encode(s.tok, &next, args.max_len)?;
@@ -329,7 +373,6 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
-    bitnet::core::host_threads::elementwise_on_caller();
     let config = BertConfig::load(args.model.join("config.json"))?;
     let weights = args.model.join("model.safetensors");
     let tensors = load_safetensors(&weights)?;

@@ -7,7 +7,7 @@
 //! Hugging Face `tokenizers` for the token ids); its first values for "This is an example
 //! sentence" are also the ones sentence-transformers prints for this model.
 
-use bitnet::models::bert::{BertConfig, BertEncoder};
+use bitnet::models::bert::{pool, BertConfig, BertEncoder};
 use bitnet::training::convert::{load_safetensors, Converter};
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::policy::PrecisionPolicy;
@@ -141,6 +141,11 @@ fn fp_encoder_matches_the_reference_embeddings() {
         .all(|(a, b)| (a - b).abs() < 1e-5));
     let again = rows(&enc.embed(&ids, &mask).unwrap());
     assert_eq!(alone, again);
+    // What per-layer distillation matches: the embedding output and one output per layer, the
+    // last of which pools to the same embedding.
+    let outs = enc.layer_outputs(&ids, &mask).unwrap();
+    assert_eq!(outs.len(), enc.config().num_hidden_layers + 1);
+    assert_eq!(rows(&pool(outs.last().unwrap(), &mask).unwrap()), again);
 }
 
 #[test]

@@ -440,7 +440,6 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
-    bitnet::core::host_threads::elementwise_on_caller();
     let corpus = shakespeare::load(&args.data, 8 * args.config.seq_len)?;
     let dev = Device::Cpu;
     let teacher = match args.distill {

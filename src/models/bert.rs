@@ -171,9 +171,16 @@ impl BertEncoder {
         self.qat_layers().iter().for_each(|l| l.set_step(step));
     }
 
-    /// Hidden states `[batch, len, hidden]` for `ids` and `mask` (`[batch, len]` u32, mask 1 for
-    /// real tokens and 0 for padding).
+    /// Hidden states `[batch, len, hidden]` of the last layer for `ids` and `mask` (`[batch, len]`
+    /// u32, mask 1 for real tokens and 0 for padding).
     pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut all = self.layer_outputs(ids, mask)?;
+        Ok(all.pop().expect("the embedding output is always there"))
+    }
+
+    /// The embedding output followed by every encoder layer's output, each `[batch, len, hidden]`
+    /// (what per-layer hidden-state distillation matches).
+    pub fn layer_outputs(&self, ids: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -191,12 +198,14 @@ impl BertEncoder {
         let typ = self.token_type.get(0)?; // single-segment input: token type 0 everywhere
         let x = word.broadcast_add(&pos)?.broadcast_add(&typ)?;
         let mut x = self.embed_norm.forward(&x)?;
+        let mut outputs = Vec::with_capacity(self.layers.len() + 1);
         // Padding keys get -10000 before the softmax, as in BERT.
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 10000.0)?.reshape((b, 1, 1, t))?;
         let heads = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()
         };
         for l in &self.layers {
+            outputs.push(x.clone());
             let q = heads(l.query.forward(&x)?)?;
             let k = heads(l.key.forward(&x)?)?;
             let v = heads(l.value.forward(&x)?)?;
@@ -207,18 +216,24 @@ impl BertEncoder {
             let f = l.intermediate.forward(&x)?.gelu_erf()?;
             x = l.out_norm.forward(&(l.output.forward(&f)? + &x)?)?;
         }
-        Ok(x)
+        outputs.push(x);
+        Ok(outputs)
     }
 
     /// Sentence embeddings `[batch, hidden]`: the mean of the hidden states over the real tokens,
     /// L2-normalised (sentence-transformers' Pooling + Normalize).
     pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let hs = self.hidden_states(ids, mask)?;
-        let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let sum = hs.broadcast_mul(&m)?.sum(1)?;
-        let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = sum.broadcast_div(&count)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norm)
+        pool(&self.hidden_states(ids, mask)?, mask)
     }
+}
+
+/// Mean pooling of hidden states `[batch, len, hidden]` over the real tokens of `mask`, then L2
+/// normalisation: [`BertEncoder::embed`] from hidden states already computed.
+pub fn pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    let mean = sum.broadcast_div(&count)?;
+    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    mean.broadcast_div(&norm)
 }
