@@ -294,60 +294,40 @@ impl PackedTernary {
         Ok(packed)
     }
 
-    /// Every code is 0..=2 and every padding code is the zero code (2-bit); every padding bit is
-    /// 0 (1-bit).
+    /// Every code is 0..=2 (2-bit), and every padding weight holds the zero code of its width
+    /// (code 1 at 2 bits, bit 0 at 1 bit).
     fn validate_codes(&self) -> Result<()> {
         const OP: &str = "PackedTernary";
         let data = self.data();
-        if self.bits == 1 {
-            return self.validate_binary_padding();
-        }
-        if let Some(i) = data
-            .iter()
-            .position(|&b| (0..4).any(|j| (b >> (2 * j)) & 3 == 3))
-        {
-            return Err(QuantError::BadData {
-                what: format!("{OP}: invalid 2-bit code 3 in packed byte {i}"),
-            }
-            .into());
-        }
-        if self.seg_len != self.seg_padded {
-            let row_bytes = self.row_bytes();
-            for (r, row) in data.chunks_exact(row_bytes).enumerate() {
-                for s in 0..self.in_features / self.seg_len {
-                    for k in self.seg_len..self.seg_padded {
-                        // Padding has no input index, so address it within the segment directly.
-                        let byte =
-                            s * self.seg_padded / 4 + (k / BLOCK) * BLOCK_BYTES + k % BLOCK_BYTES;
-                        let shift = 2 * ((k % BLOCK) / BLOCK_BYTES);
-                        if (row[byte] >> shift) & 3 != ZERO_CODE {
-                            return Err(QuantError::BadData {
-                                what: format!("{OP}: padding weight {k} of segment {s} in row {r} is not zero"),
-                            }
-                            .into());
-                        }
-                    }
+        if self.bits == 2 {
+            if let Some(i) = data
+                .iter()
+                .position(|&b| (0..4).any(|j| (b >> (2 * j)) & 3 == 3))
+            {
+                return Err(QuantError::BadData {
+                    what: format!("{OP}: invalid 2-bit code 3 in packed byte {i}"),
                 }
+                .into());
             }
         }
-        Ok(())
-    }
-
-    fn validate_binary_padding(&self) -> Result<()> {
+        let (mask, zero) = match self.bits {
+            1 => (1, 0),
+            _ => (3, ZERO_CODE),
+        };
         let row_bytes = self.row_bytes();
-        for (r, row) in self.data().chunks_exact(row_bytes).enumerate() {
+        for (r, row) in data.chunks_exact(row_bytes).enumerate() {
             for s in 0..self.in_features / self.seg_len {
+                // Padding has no input index, so it is addressed within its segment directly.
                 for k in self.seg_len..self.seg_padded {
-                    let byte = s * self.seg_padded / 8
-                        + (k / BLOCK) * BLOCK_BYTES_1BIT
-                        + k % BLOCK_BYTES_1BIT;
-                    if (row[byte] >> ((k % BLOCK) / BLOCK_BYTES_1BIT)) & 1 != 0 {
-                        return Err(QuantError::BadData {
-                            what: format!(
-                                "PackedTernary: padding bit {k} of segment {s} in row {r} is set"
+                    let (byte, shift) = slot(s, k, self.seg_padded, self.bits);
+                    if (row[byte] >> shift) & mask != zero {
+                        let what = match self.bits {
+                            1 => format!("{OP}: padding bit {k} of segment {s} in row {r} is set"),
+                            _ => format!(
+                                "{OP}: padding weight {k} of segment {s} in row {r} is not zero"
                             ),
-                        }
-                        .into());
+                        };
+                        return Err(QuantError::BadData { what }.into());
                     }
                 }
             }
@@ -571,7 +551,12 @@ impl PackedTernary {
 /// Byte offset within a row and bit shift of input `i` at `bits` per weight.
 #[inline(always)]
 fn position(i: usize, seg_len: usize, seg_padded: usize, bits: u8) -> (usize, usize) {
-    let (s, k) = (i / seg_len, i % seg_len);
+    slot(i / seg_len, i % seg_len, seg_padded, bits)
+}
+
+/// Byte offset within a row and bit shift of weight `k` (padding included) of segment `s`.
+#[inline(always)]
+fn slot(s: usize, k: usize, seg_padded: usize, bits: u8) -> (usize, usize) {
     let (blk, o) = (k / BLOCK, k % BLOCK);
     match bits {
         1 => (
