@@ -170,7 +170,10 @@ impl BitLinear {
 
     /// `x @ w^T + b` for an already quantized weight `w`; `x` is the prepared input.
     pub fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::linear::linear(x, w)?;
+        self.add_bias(crate::ops::linear::linear(x, w)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -199,10 +202,7 @@ impl BitLinear {
             act.map(Quantizer::op),
             norm.eps() as f32,
         )?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
 
     /// The forward as separate ops (norm, scales, quantizers, GEMM): the path on devices without

@@ -171,8 +171,14 @@ impl<M: QuantLinear> QATLayer<M> {
 
     /// The weight as the forward uses it at the current step.
     pub fn effective_weight(&self) -> Result<Tensor> {
+        self.weight_with(self.weight_quantizer()?)
+    }
+
+    /// The latent weight through `q` (see [`Self::weight_quantizer`]), with the learnable
+    /// surrogate when the STE has a temperature.
+    fn weight_with(&self, q: Option<Quantizer>) -> Result<Tensor> {
         let w = self.inner.latent_weight();
-        match (self.weight_quantizer()?, &self.temperature) {
+        match (q, &self.temperature) {
             (None, _) => Ok(w.clone()),
             (Some(q), Some(t)) => {
                 q.quantize_learnable(w, t, self.config.hardness.value(self.step()))
@@ -237,8 +243,8 @@ impl<M: QuantLinear> Module for QATLayer<M> {
         };
         match (self.weight_quantizer()?, &self.temperature) {
             (Some(q), None) => self.inner.forward_with_quantizer(x, &q, act.as_ref()),
-            _ => {
-                let w = self.effective_weight()?;
+            (q, _) => {
+                let w = self.weight_with(q)?;
                 self.inner.forward_quantized(x, &w, act.as_ref())
             }
         }
