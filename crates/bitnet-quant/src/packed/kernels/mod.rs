@@ -18,7 +18,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use super::layout::{BLOCK_BYTES, BLOCK_BYTES_1BIT};
+use super::layout::{BLOCK, BLOCK_BYTES, BLOCK_BYTES_1BIT};
 
 /// An implementation of the packed dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,26 +152,28 @@ impl Kernel {
     }
 }
 
+/// Whole blocks of `block_bytes` weight bytes, each holding `BLOCK` weights, and one activation
+/// per weight: what the kernels' unchecked loads rely on. `what` names the kernel family.
 #[inline(always)]
-fn check_binary(w: &[u8], x: &[i8]) {
+fn check_blocks(what: &str, w: &[u8], x: &[i8], block_bytes: usize) {
+    let per_byte = BLOCK / block_bytes;
     assert!(
-        w.len() % BLOCK_BYTES_1BIT == 0 && x.len() == 8 * w.len(),
-        "packed binary dot: {} weight bytes (need a multiple of {BLOCK_BYTES_1BIT}) and {} activations (need {})",
+        w.len() % block_bytes == 0 && x.len() == per_byte * w.len(),
+        "{what}: {} weight bytes (need a multiple of {block_bytes}) and {} activations (need {})",
         w.len(),
         x.len(),
-        8 * w.len()
+        per_byte * w.len()
     );
 }
 
 #[inline(always)]
 fn check(w: &[u8], x: &[i8]) {
-    assert!(
-        w.len() % BLOCK_BYTES == 0 && x.len() == 4 * w.len(),
-        "packed dot: {} weight bytes (need a multiple of {BLOCK_BYTES}) and {} activations (need {})",
-        w.len(),
-        x.len(),
-        4 * w.len()
-    );
+    check_blocks("packed dot", w, x, BLOCK_BYTES);
+}
+
+#[inline(always)]
+fn check_binary(w: &[u8], x: &[i8]) {
+    check_blocks("packed binary dot", w, x, BLOCK_BYTES_1BIT);
 }
 
 #[cfg(test)]
