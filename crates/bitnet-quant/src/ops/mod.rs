@@ -1,6 +1,7 @@
 //! The quantizers as candle custom ops. One folder per op; in each, `mod.rs` is the candle glue,
-//! `cpu.rs` and `cuda.rs` (feature `cuda`) the kernels, so every device's version of an op sits
-//! side by side. [`math`] holds the scalar formulas all kernels share.
+//! `cpu.rs`, `cuda.rs` (feature `cuda`) and `metal.rs` (feature `metal`) the kernels, so every
+//! device's version of an op sits side by side. [`math`] holds the scalar formulas all kernels
+//! share.
 //!
 //! * [`scales`]: per-block parameters `[blocks, 2]` (scale, aux), no gradient (a constant, as in
 //!   the `x + (q - x).detach()` formulation of STE).
@@ -19,6 +20,8 @@ pub mod learnable;
 pub mod linear;
 pub mod lsq;
 pub mod math;
+#[cfg(feature = "metal")]
+pub(crate) mod metal_util;
 pub mod quantize;
 pub mod rms_norm;
 pub mod scales;

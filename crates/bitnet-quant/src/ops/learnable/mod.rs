@@ -13,6 +13,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "metal")]
+pub(crate) mod metal;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::f32_values;
@@ -126,7 +128,7 @@ fn temperature(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<f32> {
 }
 
 /// The temperature tensor must hold exactly one value (checked without reading it).
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "metal"))]
 fn one_value(op: &'static str, l: &Layout) -> Result<()> {
     if l.shape().elem_count() != 1 {
         return Err(QuantError::Shape {
@@ -186,6 +188,31 @@ impl CustomOp3 for LearnableOp {
         Ok((out, l1.shape().clone()))
     }
 
+    /// As on CUDA, the temperature's shape is checked but not its value (reading it would wait
+    /// for the GPU on every call): a `t <= 0` or non-finite `t` gives the formula's value.
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l3)?;
+        one_value(self.name(), l2)?;
+        let out = metal::forward(
+            self.name(),
+            &self.surrogate,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -207,6 +234,33 @@ impl CustomOp3 for LearnableOp {
 /// `(x, t, [params ++ upstream]) -> [dL/dx ..., dL/dt]`, called from [`LearnableOp::bwd`] only.
 #[derive(Debug, Clone, Copy)]
 pub struct LearnableGradOp(pub LearnableOp);
+
+impl LearnableGradOp {
+    /// The GPU kernels' input checks, `(n, block)`: a non-empty `x`, a one-value `t` (its value is
+    /// not read) and exactly the parameters plus the upstream gradient in the third input.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn device_checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize)> {
+        crate::ops::cpu_util::non_empty(self.name(), l1)?;
+        let n = l1.shape().elem_count();
+        let block = self
+            .0
+            .granularity
+            .block_size(n, crate::ops::cpu_util::last_dim(l1))?;
+        one_value(self.name(), l2)?;
+        if l3.shape().elem_count() != 2 * (n / block) + n {
+            return Err(QuantError::Shape {
+                op: self.name(),
+                what: format!(
+                    "params and gradient need {} values, got {:?}",
+                    2 * (n / block) + n,
+                    l3.shape()
+                ),
+            }
+            .into());
+        }
+        Ok((n, block))
+    }
+}
 
 impl CustomOp3 for LearnableGradOp {
     fn name(&self) -> &'static str {
@@ -245,25 +299,30 @@ impl CustomOp3 for LearnableGradOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::ops::cpu_util::non_empty(self.name(), l1)?;
-        let n = l1.shape().elem_count();
-        let block = self
-            .0
-            .granularity
-            .block_size(n, crate::ops::cpu_util::last_dim(l1))?;
-        one_value(self.name(), l2)?;
-        if l3.shape().elem_count() != 2 * (n / block) + n {
-            return Err(QuantError::Shape {
-                op: self.name(),
-                what: format!(
-                    "params and gradient need {} values, got {:?}",
-                    2 * (n / block) + n,
-                    l3.shape()
-                ),
-            }
-            .into());
-        }
+        let (n, block) = self.device_checks(l1, l2, l3)?;
         let out = cuda::backward(
+            self.name(),
+            &self.0.surrogate,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        Ok((out, Shape::from(n + 1)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (n, block) = self.device_checks(l1, l2, l3)?;
+        let out = metal::backward(
             self.name(),
             &self.0.surrogate,
             (s1, l1),

@@ -8,6 +8,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "metal")]
+pub(crate) mod metal;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
@@ -95,6 +97,19 @@ impl CustomOp2 for LsqOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let block = self.block(self.name(), l1, l2)?;
+        let out = metal::forward(self.name(), self.qmax, (s1, l1), (s2, l2), block)?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -148,14 +163,32 @@ impl candle_core::CustomOp3 for LsqGradOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let block = self.0.block(self.name(), l1, l2)?;
-        if l3.shape() != l1.shape() {
-            return Err(QuantError::Shape {
-                op: self.name(),
-                what: format!("gradient {:?} vs input {:?}", l3.shape(), l1.shape()),
-            }
-            .into());
-        }
+        crate::ops::quantize::same_shape(self.name(), l1, l3)?;
         let out = cuda::backward(
+            self.name(),
+            self.0.qmax,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+        )?;
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let block = self.0.block(self.name(), l1, l2)?;
+        crate::ops::quantize::same_shape(self.name(), l1, l3)?;
+        let out = metal::backward(
             self.name(),
             self.0.qmax,
             (s1, l1),

@@ -4,6 +4,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "metal")]
+pub(crate) mod metal;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
@@ -47,7 +49,7 @@ pub(crate) fn checked_block(
 }
 
 /// The upstream gradient must have the input's shape.
-fn same_shape(op: &'static str, lx: &Layout, lu: &Layout) -> Result<()> {
+pub(crate) fn same_shape(op: &'static str, lx: &Layout, lu: &Layout) -> Result<()> {
     if lu.shape() != lx.shape() {
         return Err(QuantError::Shape {
             op,
@@ -87,6 +89,26 @@ impl CustomOp2 for QuantizeOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let block = checked_block(self.name(), self.granularity, l1, l2)?;
         let out = cuda::forward(
+            self.name(),
+            self.kind,
+            (s1, l1),
+            (s2, l2),
+            block,
+            self.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let block = checked_block(self.name(), self.granularity, l1, l2)?;
+        let out = metal::forward(
             self.name(),
             self.kind,
             (s1, l1),
@@ -156,6 +178,32 @@ impl CustomOp3 for QuantizeGradOp {
         let block = checked_block(self.name(), op.granularity, l1, l2)?;
         same_shape(self.name(), l1, l3)?;
         let out = cuda::backward(
+            self.name(),
+            op.kind,
+            op.estimator,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            block,
+            op.lambda,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let op = self.0;
+        let block = checked_block(self.name(), op.granularity, l1, l2)?;
+        same_shape(self.name(), l1, l3)?;
+        let out = metal::backward(
             self.name(),
             op.kind,
             op.estimator,

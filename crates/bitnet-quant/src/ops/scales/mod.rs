@@ -8,6 +8,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "metal")]
+pub(crate) mod metal;
 
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
 use crate::ops::math::Kind;
@@ -54,6 +56,19 @@ impl CustomOp1 for ScalesOp {
         let block = self.block_size(l)?;
         let blocks = l.shape().elem_count() / block;
         let params = cuda::block_params(self.name(), self.kind, s, l, block)?;
+        Ok((params, Shape::from((blocks, 2))))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        non_empty(self.name(), l)?;
+        let block = self.block_size(l)?;
+        let blocks = l.shape().elem_count() / block;
+        let params = metal::block_params(self.name(), self.kind, s, l, block)?;
         Ok((params, Shape::from((blocks, 2))))
     }
 }
