@@ -578,3 +578,31 @@ proptest! {
         let _ = load_packed_bytes(&f);
     }
 }
+
+#[test]
+fn packing_and_inference_draw_from_the_pool_the_caller_chose() -> Result<()> {
+    use bitnet_core::{with_pool, Category, HybridMemoryPool, PoolConfig};
+    let pool = HybridMemoryPool::new(PoolConfig::default())?;
+    let stats = |c| *pool.stats().category(c);
+    let l = layer(256, 64, BitLinearConfig::default(), 3);
+    let x = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu)?;
+    let (p, copy) = with_pool(&pool, || -> Result<_> {
+        let p = PackedBitLinear::from_trained(&l)?;
+        p.forward(&x)?;
+        Ok((p.clone(), p))
+    })?;
+    // Two weight buffers (the packed layer and its clone), both charged to the chosen pool and
+    // still alive after `with_pool` returned; the activation scratch went back after the call.
+    let packed = stats(Category::PackedWeights);
+    assert_eq!(packed.live_allocations, 2);
+    assert_eq!(packed.bytes_in_use, 2 * p.weight().data().len());
+    let scratch = stats(Category::Scratch);
+    assert!(scratch.total_allocations >= 1);
+    assert_eq!(scratch.bytes_in_use, 0);
+    // A clone made outside `with_pool` still comes from the original's pool.
+    let third = copy.clone();
+    assert_eq!(stats(Category::PackedWeights).live_allocations, 3);
+    drop((p, copy, third));
+    assert_eq!(stats(Category::PackedWeights).bytes_in_use, 0);
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::buddy::BuddyBlock;
 use super::config::MIN_ALIGN;
-use super::pool::PoolInner;
+use super::pool::{HybridMemoryPool, PoolInner};
 use super::stats::Category;
 
 /// Which allocator a buffer's block belongs to, so that drop returns it to the right one.
@@ -67,6 +67,12 @@ impl PoolBuffer {
     /// The category this buffer is charged to.
     pub fn category(&self) -> Category {
         self.category
+    }
+
+    /// The pool this buffer came from (and returns to), e.g. to allocate a copy from the same
+    /// pool and under the same cap.
+    pub fn pool(&self) -> HybridMemoryPool {
+        HybridMemoryPool::from_inner(Arc::clone(&self.pool))
     }
 
     /// The bytes.

@@ -19,12 +19,14 @@ mod buffer;
 mod config;
 mod pool;
 mod region;
+mod scoped;
 mod slab;
 mod stats;
 
 pub use buffer::PoolBuffer;
 pub use config::{PoolConfig, MAX_ALIGN, MIN_ALIGN};
 pub use pool::{global_pool, HybridMemoryPool, PoolDevice};
+pub use scoped::{current_pool, with_pool};
 pub use stats::{Category, CategoryStats, PoolStats};
 
 #[cfg(test)]

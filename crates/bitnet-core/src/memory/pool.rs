@@ -91,6 +91,11 @@ impl HybridMemoryPool {
         })
     }
 
+    /// A handle to the pool that owns `inner` (how a buffer names its pool).
+    pub(crate) fn from_inner(inner: Arc<PoolInner>) -> Self {
+        Self { inner }
+    }
+
     /// The configuration this pool was built with.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config

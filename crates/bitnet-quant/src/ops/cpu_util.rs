@@ -1,12 +1,13 @@
 //! Storage access shared by the CPU kernels.
 
 use crate::error::QuantError;
-use bitnet_core::{global_pool, Category, PoolBuffer};
+use bitnet_core::{current_pool, Category, PoolBuffer};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
 /// An op's input values in logical (row-major) order: borrowed from the storage when it is
-/// contiguous, else gathered into scratch from the shared [`global_pool`] (category `Scratch`),
+/// contiguous, else gathered into scratch from [`current_pool`] (category `Scratch`; the global pool
+/// unless the caller chose another with [`bitnet_core::with_pool`]),
 /// which takes the buffer back when this is dropped, ready for the next op's gather.
 pub(crate) enum Values<'a> {
     Borrowed(&'a [f32]),
@@ -48,7 +49,7 @@ pub(crate) fn f32_values<'a>(
     if n == 0 {
         return Ok(Values::Borrowed(&[]));
     }
-    let mut buf = global_pool().allocate_slice::<f32>(n, Category::Scratch)?;
+    let mut buf = current_pool().allocate_slice::<f32>(n, Category::Scratch)?;
     gather(
         data,
         l.dims(),
@@ -212,19 +213,29 @@ mod tests {
     }
 
     #[test]
-    fn gathered_values_come_from_the_pool_and_go_back() {
+    fn gathered_values_come_from_the_callers_pool_and_go_back() {
         let data: Vec<f32> = (0..64 * 48).map(|i| i as f32).collect();
         let storage = CpuStorage::F32(data.clone());
         let layout = Layout::contiguous((64, 48)).transpose(0, 1).unwrap();
-        let pool = global_pool();
-        let before = pool.stats().category(Category::Scratch).total_allocations;
-        let v = f32_values("test", &storage, &layout).unwrap();
-        assert!(matches!(v, Values::Gathered(_)));
-        assert_eq!(v[1], data[48]); // (0, 1) of the transpose is (1, 0) of the original
-        assert!(pool.stats().category(Category::Scratch).total_allocations > before);
-        drop(v);
-        let contiguous = f32_values("test", &storage, &Layout::contiguous((64, 48))).unwrap();
-        assert!(matches!(contiguous, Values::Borrowed(_)));
+        // A private pool: the global one is shared with the other tests running in parallel.
+        let pool = bitnet_core::HybridMemoryPool::new(bitnet_core::PoolConfig::default()).unwrap();
+        let scratch = |p: &bitnet_core::HybridMemoryPool| *p.stats().category(Category::Scratch);
+        bitnet_core::with_pool(&pool, || {
+            let v = f32_values("test", &storage, &layout).unwrap();
+            assert!(matches!(v, Values::Gathered(_)));
+            assert_eq!(v[1], data[48]); // (0, 1) of the transpose is (1, 0) of the original
+            assert_eq!(scratch(&pool).total_allocations, 1);
+            assert_eq!(scratch(&pool).bytes_in_use, 64 * 48 * 4);
+            drop(v);
+            assert_eq!(scratch(&pool).bytes_in_use, 0, "the buffer went back");
+            let contiguous = f32_values("test", &storage, &Layout::contiguous((64, 48))).unwrap();
+            assert!(matches!(contiguous, Values::Borrowed(_)));
+            assert_eq!(
+                scratch(&pool).total_allocations,
+                1,
+                "no copy of contiguous input"
+            );
+        });
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::error::{invalid, QuantError};
 use crate::ops::math::Kind;
 use crate::quantizer::Quantizer;
 use crate::scheme::Granularity;
-use bitnet_core::{global_pool, Category, PoolBuffer};
+use bitnet_core::{current_pool, Category, PoolBuffer};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Weights per kernel block. 128 codes are 32 bytes, one 256-bit AVX2 register: a block is one
@@ -79,9 +79,12 @@ pub struct PackedTernary {
 
 impl Clone for PackedTernary {
     fn clone(&self) -> Self {
-        let mut data = global_pool()
+        // From the original's pool, so the copy counts against the same cap and accounting.
+        let mut data = self
+            .data
+            .pool()
             .allocate_slice::<u8>(self.data.len(), Category::PackedWeights)
-            .expect("the pool already held a buffer of this size");
+            .expect("the pool's cap leaves room for a copy of packed weights it already holds");
         data.as_mut_slice_of::<u8>()
             .copy_from_slice(self.data.as_slice_of::<u8>());
         Self {
@@ -198,7 +201,7 @@ impl PackedTernary {
         let len = out
             .checked_mul(row_bytes)
             .ok_or_else(|| shape_err("PackedTernary", format!("[{out}, {inp}] is too large")))?;
-        let mut data = global_pool().allocate_slice::<u8>(len, Category::PackedWeights)?;
+        let mut data = current_pool().allocate_slice::<u8>(len, Category::PackedWeights)?;
         data.as_mut_slice_of::<u8>()
             .fill(if bits == 1 { 0 } else { ZERO_BYTE });
         Ok(Self {
