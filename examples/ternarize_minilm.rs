@@ -20,6 +20,11 @@
 //! embedding loss: for each encoder layer, the squared error between student and teacher hidden
 //! states over the real tokens relative to the teacher's mean square, averaged over layers, times X.
 //!
+//! `--relation-weight X` (distill mode, default 0) adds relation distillation
+//! (`bitnet_training::distillation::relation_loss`, temperature 0.05): each sentence's softmax over
+//! its similarities to the rest of the batch, student against teacher, times X. It targets what
+//! the retrieval metric reads: which sentences are each other's neighbours.
+//!
 //! `--per-channel` gives every output row of a weight its own absmean scale (BitNet uses one per
 //! tensor; pretrained rows differ in norm, and packing keeps one f32 per row).
 //!
@@ -35,6 +40,7 @@ use bitnet::quant::packed::save_packed;
 use bitnet::quant::{Granularity, PackedBitLinear};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
 use bitnet::training::convert::{load_safetensors, Converter};
+use bitnet::training::distillation::relation_loss;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::policy::PrecisionPolicy;
 use bitnet::training::progressive::LambdaSchedule;
@@ -67,6 +73,19 @@ struct Args {
     out: PathBuf,
     per_channel: bool,
     hidden_weight: f64,
+    relation_weight: f64,
+}
+
+/// Temperature of `--relation-weight`'s similarity softmax (embeddings are L2-normalised).
+const RELATION_TEMPERATURE: f64 = 0.05;
+
+/// A loss weight: a finite number >= 0.
+fn weight(flag: &str, v: String) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(w) if w >= 0.0 && w.is_finite() => Ok(w),
+        Ok(w) => Err(format!("{flag} must be a finite number >= 0, got {w}")),
+        Err(e) => Err(format!("{flag}: {e}")),
+    }
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -87,6 +106,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         out: PathBuf::from("runs/minilm-ternary.safetensors"),
         per_channel: false,
         hidden_weight: 0.0,
+        relation_weight: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -108,17 +128,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--resume" => a.resume = Some(val()?.into()),
             "--out" => a.out = val()?.into(),
             "--per-channel" => a.per_channel = true,
-            "--hidden-weight" => {
-                a.hidden_weight = val()?
-                    .parse()
-                    .map_err(|e| format!("--hidden-weight: {e}"))?;
-                if !(a.hidden_weight >= 0.0 && a.hidden_weight.is_finite()) {
-                    return Err(format!(
-                        "--hidden-weight must be a finite number >= 0, got {}",
-                        a.hidden_weight
-                    ));
-                }
-            }
+            "--hidden-weight" => a.hidden_weight = weight("--hidden-weight", val()?)?,
+            "--relation-weight" => a.relation_weight = weight("--relation-weight", val()?)?,
             "-h" | "--help" => {
                 return Err("see the doc comment at the top of examples/ternarize_minilm.rs".into())
             }
@@ -323,8 +334,13 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
                 let e = pool(hs.last().expect("layers"), &mask)?;
                 let target = pool(ht.last().expect("layers"), &mask)?.detach();
                 let l = (1.0 - (&e * &target)?.sum(1)?.mean_all()?)?;
-                if args.hidden_weight > 0.0 {
+                let l = if args.hidden_weight > 0.0 {
                     (l + (hidden_loss(&hs[1..], &ht[1..], &mask)? * args.hidden_weight)?)?
+                } else {
+                    l
+                };
+                if args.relation_weight > 0.0 {
+                    (l + (relation_loss(&e, &target, RELATION_TEMPERATURE)? * args.relation_weight)?)?
                 } else {
                     l
                 }

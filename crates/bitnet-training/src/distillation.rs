@@ -2,6 +2,8 @@
 //!
 //! * [`kd_loss`]: Hinton et al. 2015, `(1 - a) CE(y, s) + a T^2 KL(softmax(t / T) || softmax(s / T))`.
 //! * [`feature_loss`]: mean squared error between student and teacher hidden states.
+//! * [`relation_loss`]: KL between student and teacher in-batch similarity distributions
+//!   (each embedding's softmax over its similarities to the others).
 //! * [`Distiller`]: runs a frozen teacher beside the student and combines both losses.
 //!
 //! The teacher's outputs are always detached, so no gradient reaches the teacher's variables and
@@ -110,6 +112,42 @@ pub fn feature_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
         });
     }
     candle_nn::loss::mse(student, &teacher.detach())
+}
+
+/// Relation distillation over a batch of embeddings `[batch, dim]`: for each row, the softmax of
+/// its similarities (dot products) to the *other* rows at `temperature`, student against
+/// teacher, as [`kl_divergence`] (averaged over rows). The teacher is detached.
+///
+/// Matching each embedding to its target alone (`1 - cos`) leaves the errors free to reorder
+/// neighbours; this term puts the batch's neighbourhood structure, which nearest-neighbour
+/// search reads, into the loss. With L2-normalised embeddings a temperature of about 0.05 makes
+/// the closest neighbours dominate. The diagonal (each row's similarity to itself) is excluded.
+///
+/// ```
+/// use bitnet_training::distillation::relation_loss;
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let t = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev)?;
+/// assert!(relation_loss(&t, &t, 1.0)?.to_scalar::<f32>()?.abs() < 1e-6);
+/// // Rows 0 and 1 collapse onto each other: their neighbourhoods change, the loss sees it.
+/// let s = Tensor::new(&[[1f32, 0.0], [1.0, 0.0], [1.0, 1.0]], &dev)?;
+/// assert!(relation_loss(&s, &t, 1.0)?.to_scalar::<f32>()? > 0.05);
+/// # Ok(()) }
+/// ```
+pub fn relation_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    if student.dims() != teacher.dims() || student.rank() != 2 || student.dim(0)? < 2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: student.shape().clone(),
+            rhs: teacher.shape().clone(),
+            op: "relation_loss (both [batch >= 2, dim])",
+        });
+    }
+    let n = student.dim(0)?;
+    // A large finite value rather than -inf: 0 * -inf would be NaN in the KL's p * log p terms.
+    let diagonal = (Tensor::eye(n, student.dtype(), student.device())? * 1e4)?;
+    let logits = |e: &Tensor| e.matmul(&e.t()?)? - &diagonal;
+    kl_divergence(&logits(student)?, &logits(&teacher.detach())?, temperature)
 }
 
 /// A frozen teacher and the distillation hyper-parameters.

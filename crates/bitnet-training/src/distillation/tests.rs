@@ -273,3 +273,59 @@ fn distillation_improves_a_ternary_student_on_digits() {
         "kd {kd:?} vs plain {plain:?}"
     );
 }
+
+#[test]
+fn relation_loss_by_hand() {
+    let dev = Device::Cpu;
+    let t = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev).unwrap();
+    let s = Tensor::new(&[[1f32, 0.0], [1.0, 0.0], [1.0, 1.0]], &dev).unwrap();
+    // Teacher, rows 0 and 1: similarities 0 and 1 to the other two, so p = softmax(0, 1); row 2:
+    // 1 and 1. Student: every row sees 1 and 1, so q = (1/2, 1/2). Row 2 agrees; rows 0 and 1
+    // each contribute sum p ln(p / q).
+    let p0 = 1.0 / (1.0 + 1f64.exp());
+    let p1 = 1.0 - p0;
+    let want = 2.0 / 3.0 * (p0 * (2.0 * p0).ln() + p1 * (2.0 * p1).ln());
+    let got = relation_loss(&s, &t, 1.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // Temperature 0.5 doubles the logits: (0, 2) for the teacher's rows 0 and 1.
+    let p0 = 1.0 / (1.0 + 2f64.exp());
+    let p1 = 1.0 - p0;
+    let want = 2.0 / 3.0 * (p0 * (2.0 * p0).ln() + p1 * (2.0 * p1).ln());
+    let got = relation_loss(&s, &t, 0.5).unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    assert!(relation_loss(&t, &t, 0.05).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+    // One row, or mismatched shapes: an error, not a NaN.
+    assert!(relation_loss(&s.narrow(0, 0, 1).unwrap(), &t.narrow(0, 0, 1).unwrap(), 1.0).is_err());
+    assert!(relation_loss(&s, &t.narrow(0, 0, 2).unwrap(), 1.0).is_err());
+    assert!(relation_loss(&s, &t, 0.0).is_err());
+}
+
+#[test]
+fn relation_loss_gradient_matches_finite_differences_and_spares_the_teacher() {
+    let dev = Device::Cpu;
+    let s = Var::randn(0f64, 1.0, (4, 3), &dev).unwrap();
+    let t = Var::randn(0f64, 1.0, (4, 3), &dev).unwrap();
+    let f = |x: &Tensor| {
+        relation_loss(x, t.as_tensor(), 0.7)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let g = relation_loss(s.as_tensor(), t.as_tensor(), 0.7)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g.get(&t).is_none());
+    let analytic = g.get(&s).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = s.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let h = 1e-5;
+    for (i, &a) in analytic.iter().enumerate() {
+        let shifted = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            Tensor::from_vec(v, (4, 3), &dev).unwrap()
+        };
+        let fd = (f(&shifted(h)) - f(&shifted(-h))) / (2.0 * h);
+        assert!((a - fd).abs() < 1e-6 * (1.0 + fd.abs()), "entry {i}: {a} vs {fd}");
+    }
+}
