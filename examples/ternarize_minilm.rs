@@ -340,7 +340,8 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
                     l
                 };
                 if args.relation_weight > 0.0 {
-                    (l + (relation_loss(&e, &target, RELATION_TEMPERATURE)? * args.relation_weight)?)?
+                    (l + (relation_loss(&e, &target, RELATION_TEMPERATURE)?
+                        * args.relation_weight)?)?
                 } else {
                     l
                 }

@@ -46,6 +46,6 @@ pub mod memory;
 
 pub use error::CoreError;
 pub use memory::{
-    current_pool, global_pool, with_pool, Category, CategoryStats, HybridMemoryPool, PoolBuffer, PoolConfig, PoolDevice,
-    PoolStats,
+    current_pool, global_pool, with_pool, Category, CategoryStats, HybridMemoryPool, PoolBuffer,
+    PoolConfig, PoolDevice, PoolStats,
 };

@@ -106,7 +106,9 @@ mod tests {
     #[test]
     fn other_threads_keep_the_global_pool() {
         let mine = pool();
-        with_pool(&mine, || std::thread::scope(|s| s.spawn(allocate_one).join().unwrap()));
+        with_pool(&mine, || {
+            std::thread::scope(|s| s.spawn(allocate_one).join().unwrap())
+        });
         assert_eq!(allocations(&mine), 0);
     }
 

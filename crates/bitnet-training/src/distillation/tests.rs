@@ -285,17 +285,35 @@ fn relation_loss_by_hand() {
     let p0 = 1.0 / (1.0 + 1f64.exp());
     let p1 = 1.0 - p0;
     let want = 2.0 / 3.0 * (p0 * (2.0 * p0).ln() + p1 * (2.0 * p1).ln());
-    let got = relation_loss(&s, &t, 1.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got = relation_loss(&s, &t, 1.0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     // Temperature 0.5 doubles the logits: (0, 2) for the teacher's rows 0 and 1.
     let p0 = 1.0 / (1.0 + 2f64.exp());
     let p1 = 1.0 - p0;
     let want = 2.0 / 3.0 * (p0 * (2.0 * p0).ln() + p1 * (2.0 * p1).ln());
-    let got = relation_loss(&s, &t, 0.5).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let got = relation_loss(&s, &t, 0.5)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
-    assert!(relation_loss(&t, &t, 0.05).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+    assert!(
+        relation_loss(&t, &t, 0.05)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .abs()
+            < 1e-6
+    );
     // One row, or mismatched shapes: an error, not a NaN.
-    assert!(relation_loss(&s.narrow(0, 0, 1).unwrap(), &t.narrow(0, 0, 1).unwrap(), 1.0).is_err());
+    assert!(relation_loss(
+        &s.narrow(0, 0, 1).unwrap(),
+        &t.narrow(0, 0, 1).unwrap(),
+        1.0
+    )
+    .is_err());
     assert!(relation_loss(&s, &t.narrow(0, 0, 2).unwrap(), 1.0).is_err());
     assert!(relation_loss(&s, &t, 0.0).is_err());
 }
@@ -316,8 +334,19 @@ fn relation_loss_gradient_matches_finite_differences_and_spares_the_teacher() {
         .backward()
         .unwrap();
     assert!(g.get(&t).is_none());
-    let analytic = g.get(&s).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let base = s.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let analytic = g
+        .get(&s)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = s
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let h = 1e-5;
     for (i, &a) in analytic.iter().enumerate() {
         let shifted = |d: f64| {
@@ -326,6 +355,9 @@ fn relation_loss_gradient_matches_finite_differences_and_spares_the_teacher() {
             Tensor::from_vec(v, (4, 3), &dev).unwrap()
         };
         let fd = (f(&shifted(h)) - f(&shifted(-h))) / (2.0 * h);
-        assert!((a - fd).abs() < 1e-6 * (1.0 + fd.abs()), "entry {i}: {a} vs {fd}");
+        assert!(
+            (a - fd).abs() < 1e-6 * (1.0 + fd.abs()),
+            "entry {i}: {a} vs {fd}"
+        );
     }
 }
