@@ -10,6 +10,17 @@
 //!
 //! Shapes `[out, in]`: 4096x4096 and 2560x6912 (BitNet-2B's FFN down projection is 2560x6912);
 //! batch 1, 8 and 128 tokens.
+//!
+//! With `--features cuda` and a GPU, the same layers moved to the GPU with
+//! [`PackedBitLinear::to_device`] (`cuda_` rows), timed with a device synchronize after each
+//! batch of iterations and reported as GB/s of packed weights read:
+//! * `cuda_packed`, `cuda_packed_binary`: the default forward, which copies the NaN/infinity
+//!   count back to the host (one synchronisation per call, as a caller of the checked forward
+//!   pays it).
+//! * `cuda_packed_nocheck`: the ternary layer with `with_finite_check(false)`, no host
+//!   synchronisation inside the forward: the kernels' own throughput.
+//! * `cuda_f32`: candle's (cuBLAS) f32 matmul on the dequantized weight, throughput in f32
+//!   weight bytes; the baseline.
 
 use bitnet::quant::packed::PackedBitLinear;
 use bitnet::quant::{BitLinear, BitLinearConfig, Estimator, Quantizer, Scheme};
@@ -17,25 +28,35 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 
+/// Shapes `[out, in]` and batch sizes of every row, CPU and CUDA.
+const SHAPES: [(usize, usize); 2] = [(4096, 4096), (2560, 6912)];
+const BATCHES: [usize; 3] = [1, 8, 128];
+
+/// The ternary and binary packed layers (no norm) of one random weight, and the dequantized f32
+/// ternary weight, on the CPU.
+fn layers(out: usize, inp: usize) -> (PackedBitLinear, PackedBitLinear, Tensor) {
+    let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu).unwrap();
+    let cfg = BitLinearConfig {
+        norm: false,
+        ..Default::default()
+    };
+    let layer = BitLinear::from_parts(w.clone(), None, None, cfg);
+    let packed = PackedBitLinear::from_trained(&layer).unwrap();
+    let binary = BitLinearConfig {
+        weight: Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Identity).unwrap(),
+        ..cfg
+    };
+    let packed_binary =
+        PackedBitLinear::from_trained(&BitLinear::from_parts(w, None, None, binary)).unwrap();
+    (packed, packed_binary, layer.quantized_weight().unwrap())
+}
+
 fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("packed_matmul");
     g.sample_size(10);
-    for (out, inp) in [(4096usize, 4096usize), (2560, 6912)] {
-        let w = Tensor::randn(0f32, 0.02, (out, inp), &dev).unwrap();
-        let cfg = BitLinearConfig {
-            norm: false,
-            ..Default::default()
-        };
-        let layer = BitLinear::from_parts(w.clone(), None, None, cfg);
-        let packed = PackedBitLinear::from_trained(&layer).unwrap();
-        let binary = BitLinearConfig {
-            weight: Quantizer::new(Scheme::Binary { scaled: true }, Estimator::Identity).unwrap(),
-            ..cfg
-        };
-        let packed_binary =
-            PackedBitLinear::from_trained(&BitLinear::from_parts(w, None, None, binary)).unwrap();
-        let wq = layer.quantized_weight().unwrap();
+    for (out, inp) in SHAPES {
+        let (packed, packed_binary, wq) = layers(out, inp);
         eprintln!(
             "{out}x{inp}: packed {} bytes ({:.4} bytes/weight), f32 {} bytes, kernel {:?}",
             packed.weight().size_bytes(),
@@ -48,7 +69,7 @@ fn bench(c: &mut Criterion) {
             packed_binary.weight().size_bytes(),
             packed_binary.weight().bytes_per_weight(),
         );
-        for batch in [1usize, 8, 128] {
+        for batch in BATCHES {
             let x = Tensor::randn(0f32, 1.0, (batch, inp), &dev).unwrap();
             let id = format!("{out}x{inp}/b{batch}");
             g.throughput(Throughput::Elements((batch * out * inp) as u64));
@@ -76,5 +97,66 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// The `cuda_` rows: the CPU rows' layers and shapes on CUDA device 0 (skipped, with a note, when
+/// there is none).
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use std::time::{Duration, Instant};
+    let dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("packed_matmul: no CUDA device, cuda_ rows skipped: {e}");
+            return;
+        }
+    };
+    // Each timing ends with a synchronize so that it covers the kernels, not their launches.
+    let timed = |iters: u64, f: &dyn Fn() -> Tensor| -> Duration {
+        dev.synchronize().unwrap();
+        let start = Instant::now();
+        for _ in 0..iters {
+            black_box(f());
+        }
+        dev.synchronize().unwrap();
+        start.elapsed()
+    };
+    let mut g = c.benchmark_group("packed_matmul");
+    g.sample_size(20);
+    for (out, inp) in SHAPES {
+        let (packed, packed_binary, wq) = layers(out, inp);
+        let ternary = packed.to_device(&dev).unwrap();
+        let nocheck = ternary.clone().with_finite_check(false);
+        let binary = packed_binary.to_device(&dev).unwrap();
+        let wq = wq.to_device(&dev).unwrap();
+        let wt = wq.t().unwrap();
+        let (tb, bb) = (
+            packed.weight().size_bytes() as u64,
+            packed_binary.weight().size_bytes() as u64,
+        );
+        for batch in BATCHES {
+            let x = Tensor::randn(0f32, 1.0, (batch, inp), &dev).unwrap();
+            let id = format!("{out}x{inp}/b{batch}");
+            g.throughput(Throughput::Bytes(tb));
+            g.bench_function(BenchmarkId::new("cuda_packed", &id), |b| {
+                b.iter_custom(|n| timed(n, &|| ternary.forward(&x).unwrap()))
+            });
+            g.bench_function(BenchmarkId::new("cuda_packed_nocheck", &id), |b| {
+                b.iter_custom(|n| timed(n, &|| nocheck.forward(&x).unwrap()))
+            });
+            g.throughput(Throughput::Bytes(bb));
+            g.bench_function(BenchmarkId::new("cuda_packed_binary", &id), |b| {
+                b.iter_custom(|n| timed(n, &|| binary.forward(&x).unwrap()))
+            });
+            g.throughput(Throughput::Bytes((out * inp * 4) as u64));
+            g.bench_function(BenchmarkId::new("cuda_f32", &id), |b| {
+                b.iter_custom(|n| timed(n, &|| x.matmul(&wt).unwrap()))
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(feature = "cuda")]
+criterion_group!(benches, bench, bench_cuda);
+#[cfg(not(feature = "cuda"))]
 criterion_group!(benches, bench);
 criterion_main!(benches);

@@ -32,6 +32,14 @@ pub enum QuantError {
     /// scales in the single-scale Hugging Face layout).
     #[error("{op}: unsupported, {what}")]
     Unsupported { op: &'static str, what: String },
+    /// An input on another device than the layer's weights (see
+    /// [`PackedBitLinear::to_device`](crate::PackedBitLinear::to_device)).
+    #[error("{op}: device mismatch, the layer is on {layer:?} and the input on {input:?}; move one of them with `to_device`")]
+    Device {
+        op: &'static str,
+        layer: candle_core::DeviceLocation,
+        input: candle_core::DeviceLocation,
+    },
     /// Packed data or a packed-weights file that is malformed; `what` names the part.
     #[error("bad packed data: {what}")]
     BadData { what: String },

@@ -17,6 +17,11 @@
 //! * reductions of gradients (`dL/dt`, LSQ's `dL/ds`): f64 sums in another order; 1e-6 relative
 //!   plus a small absolute term for sums that cancel to near zero (1e-5 relative for `dL/dt`,
 //!   whose terms carry the `tanh` differences above).
+//! * the packed layer ([`PackedBitLinear`] moved with `to_device`): 1e-6 relative, no absolute
+//!   term. The kernels reproduce the CPU path's float operations in its order (the norm's 8-lane
+//!   sum of squares, `round_clamped`, one `acc += sum * scale` per segment, `acc * m / 127 +
+//!   bias`) and the integer sums are exact, so the outputs are expected to be bit-identical; the
+//!   relative bound only names the contract.
 
 #![cfg(feature = "cuda")]
 
@@ -25,8 +30,11 @@ use bitnet_quant::ops::lsq::{LsqGradOp, LsqOp};
 use bitnet_quant::ops::quantize::{QuantizeGradOp, QuantizeOp};
 use bitnet_quant::ops::scales::scales;
 use bitnet_quant::ops::{EstKind, Kind};
-use bitnet_quant::{Estimator, Granularity, Quantizer, Scheme, Threshold};
-use candle_core::{test_device, Device, Result, Tensor, Var};
+use bitnet_quant::packed::PackedBitLinear;
+use bitnet_quant::{
+    BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme, Threshold,
+};
+use candle_core::{test_device, DType, Device, Module, Result, Tensor, Var};
 
 /// Odd sizes (one value, one short row, a ragged matrix) and a large one.
 const SHAPES: [(usize, usize); 4] = [(1, 1), (1, 7), (1000, 37), (4096, 4096)];
@@ -386,6 +394,197 @@ fn non_finite(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A trained-looking layer `[out, inp]` with the weight quantizer `weight` (granularity set),
+/// optional bias and norm (a non-trivial norm weight), packed on the CPU.
+fn packed_layer(
+    inp: usize,
+    out: usize,
+    weight: Quantizer,
+    bias: bool,
+    norm: bool,
+    seed: u64,
+) -> Result<PackedBitLinear> {
+    let w = Tensor::from_vec(values(out * inp, seed), (out, inp), &Device::Cpu)?;
+    let b = bias
+        .then(|| Tensor::from_vec(values(out, seed + 1), out, &Device::Cpu))
+        .transpose()?;
+    let n = norm
+        .then(|| -> Result<RmsNorm> {
+            let nw = (Tensor::from_vec(values(inp, seed + 2), inp, &Device::Cpu)? * 5.0)? + 1.0;
+            Ok(RmsNorm::from_weight(nw?, 1e-6))
+        })
+        .transpose()?;
+    let cfg = BitLinearConfig {
+        bias,
+        norm,
+        weight,
+        ..Default::default()
+    };
+    PackedBitLinear::from_trained(&BitLinear::from_parts(w, b, n, cfg))
+}
+
+/// Input `[dims..]` on the CPU and on `dev`, about N(0, 1) with the generator's zeros and ties.
+fn packed_input(dims: &[usize], seed: u64, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let n = dims.iter().product();
+    let cpu = (Tensor::from_vec(values(n, seed), dims, &Device::Cpu)? * 20.0)?;
+    let on_dev = cpu.to_device(dev)?;
+    Ok((cpu, on_dev))
+}
+
+/// The packed layer on the device equals the CPU packed layer: ternary (2-bit) and binary
+/// (1-bit) weights, every granularity (groups of one and of several 128-weight blocks), with
+/// and without bias and norm; batch 1 (the GEMV kernel), 2..=4 tokens, and larger batches that
+/// are not multiples of the 8-token tile (a 3-d input among them); input widths that are not
+/// multiples of 128 and odd output counts.
+fn packed_matmul(dev: &Device) -> Result<()> {
+    // (inp, out, group): groups of one block, of a block with padding, of several blocks.
+    let shapes = [
+        (7usize, 5usize, 7usize),
+        (130, 31, 65),
+        (300, 1, 100),
+        (1000, 37, 200),
+        (4096, 257, 128),
+        (6912, 33, 384),
+    ];
+    let schemes = [Scheme::TernaryAbsmean, Scheme::Binary { scaled: true }];
+    let mut checked = 0;
+    for (k, &(inp, out, group)) in shapes.iter().enumerate() {
+        for scheme in schemes {
+            for g in [
+                Granularity::PerTensor,
+                Granularity::PerChannel,
+                Granularity::PerGroup(group),
+            ] {
+                for (bias, norm) in [(false, false), (true, true), (false, true)] {
+                    let q = Quantizer::new(scheme, Estimator::Identity)?.with_granularity(g)?;
+                    let seed = 1000 + 10 * k as u64;
+                    let cpu = packed_layer(inp, out, q, bias, norm, seed)?;
+                    let on_dev = cpu.to_device(dev)?;
+                    assert!(on_dev.device().same_device(dev));
+                    let batches: [&[usize]; 7] = [
+                        &[1, inp],
+                        &[inp],
+                        &[2, inp],
+                        &[4, inp],
+                        &[5, inp],
+                        &[2, 3, inp],
+                        &[17, inp],
+                    ];
+                    for (b, dims) in batches.iter().enumerate() {
+                        let (x_cpu, x_dev) = packed_input(dims, seed + b as u64, dev)?;
+                        let want = cpu.forward(&x_cpu)?;
+                        let got = on_dev.forward(&x_dev)?;
+                        assert_eq!(got.dims(), want.dims());
+                        assert!(got.device().same_device(dev));
+                        let what = format!(
+                            "packed {scheme:?} {g:?} [{out}, {inp}] bias={bias} norm={norm} {dims:?}"
+                        );
+                        assert_close(&what, &host(&got)?, &host(&want)?, 1e-6, 0.0, 0.0);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 700, "{checked}");
+
+    // 129 tokens (17 tiles of 8, the last one short), a transposed (non-contiguous) input and
+    // a bf16 input on the large per-group layer.
+    for scheme in schemes {
+        let q = Quantizer::new(scheme, Estimator::Identity)?
+            .with_granularity(Granularity::PerGroup(128))?;
+        let cpu = packed_layer(4096, 96, q, true, true, 77)?;
+        let on_dev = cpu.to_device(dev)?;
+        let (x_cpu, x_dev) = packed_input(&[129, 4096], 78, dev)?;
+        let what = format!("packed {scheme:?} 129 tokens");
+        let want = host(&cpu.forward(&x_cpu)?)?;
+        assert_close(
+            &what,
+            &host(&on_dev.forward(&x_dev)?)?,
+            &want,
+            1e-6,
+            0.0,
+            0.0,
+        );
+
+        let (xt_cpu, xt_dev) = packed_input(&[4096, 6], 79, dev)?;
+        let want = host(&cpu.forward(&xt_cpu.t()?)?)?;
+        let got = host(&on_dev.forward(&xt_dev.t()?)?)?;
+        assert_close(&format!("{what} transposed"), &got, &want, 1e-6, 0.0, 0.0);
+
+        let (xb_cpu, xb_dev) = packed_input(&[3, 4096], 80, dev)?;
+        let (xb_cpu, xb_dev) = (xb_cpu.to_dtype(DType::BF16)?, xb_dev.to_dtype(DType::BF16)?);
+        let got = on_dev.forward(&xb_dev)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = host(&cpu.forward(&xb_cpu)?.to_dtype(DType::F32)?)?;
+        let got = host(&got.to_dtype(DType::F32)?)?;
+        assert_close(&format!("{what} bf16"), &got, &want, 1e-6, 0.0, 0.0);
+    }
+    Ok(())
+}
+
+/// Bad input to a layer on the device: clear errors, and the defined result of NaN input with
+/// the finite check off.
+fn packed_errors(dev: &Device) -> Result<()> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    let cpu = packed_layer(300, 7, q, true, true, 5)?;
+    let layer = cpu.to_device(dev)?;
+    let text = |e: candle_core::Error| format!("{e} {e:?}");
+    let e = layer
+        .forward(&Tensor::zeros((2, 299), DType::F32, dev)?)
+        .unwrap_err();
+    assert!(text(e).contains("last dimension 300"));
+    let e = layer
+        .forward(&Tensor::zeros((2, 300), DType::U8, dev)?)
+        .unwrap_err();
+    assert!(text(e).contains("dtype"));
+    let empty = layer.forward(&Tensor::zeros((0, 300), DType::F32, dev)?)?;
+    assert_eq!(empty.dims(), &[0, 7]);
+    assert!(empty.device().same_device(dev));
+
+    let (x_cpu, _) = packed_input(&[3, 300], 6, dev)?;
+    let mut v = host(&x_cpu)?;
+    v[310] = f32::NAN;
+    let bad = Tensor::from_vec(v, (3, 300), dev)?;
+    assert!(text(layer.forward(&bad).unwrap_err()).contains("NaN or infinite"));
+    // Unchecked: the NaN token's outputs are NaN, the others are the CPU layer's.
+    let y = host(&layer.clone().with_finite_check(false).forward(&bad)?)?;
+    let want = host(&cpu.forward(&x_cpu)?)?;
+    assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
+    assert_close("unchecked token 0", &y[..7], &want[..7], 1e-6, 0.0, 0.0);
+    assert_close("unchecked token 2", &y[14..], &want[14..], 1e-6, 0.0, 0.0);
+
+    if !dev.is_cpu() {
+        // The layer lives on the GPU: CPU input is a device mismatch, not a silent copy.
+        let e = layer.forward(&x_cpu).unwrap_err();
+        assert!(text(e).contains("device mismatch"));
+        // Back on the CPU it takes CPU input again.
+        let back = layer.to_device(&Device::Cpu)?;
+        assert!(back.device().is_cpu());
+        assert_close(
+            "back on the CPU",
+            &host(&back.forward(&x_cpu)?)?,
+            &want,
+            0.0,
+            0.0,
+            0.0,
+        );
+    }
+    Ok(())
+}
+
+test_device!(
+    packed_matmul,
+    packed_matmul_cpu,
+    packed_matmul_cuda,
+    packed_matmul_metal
+);
+test_device!(
+    packed_errors,
+    packed_errors_cpu,
+    packed_errors_cuda,
+    packed_errors_metal
+);
 test_device!(
     scales_and_forward,
     scales_and_forward_cpu,

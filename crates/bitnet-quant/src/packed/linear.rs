@@ -28,6 +28,8 @@ const ROWS_PER_TASK: usize = 16;
 /// multiplies dequantized f32 values; here the sum is exact in i32).
 ///
 /// Runs on the CPU: input on another device is copied to the CPU and the output copied back.
+/// [`Self::to_device`] moves the layer to a CUDA GPU (feature `cuda`), where its forward runs
+/// CUDA kernels with the same result (see [`Self::to_device`]).
 ///
 /// ```
 /// use bitnet_quant::packed::PackedBitLinear;
@@ -49,6 +51,11 @@ pub struct PackedBitLinear {
     bias: Option<Vec<f32>>,
     norm: Option<RmsNorm>,
     kernel: Kernel,
+    /// Fail on NaN/infinite input; off, such tokens give NaN outputs (see `with_finite_check`).
+    check_finite: bool,
+    /// The layer's tensors on a CUDA device, when it was moved there; shared by clones.
+    #[cfg(feature = "cuda")]
+    cuda: Option<std::sync::Arc<super::cuda::CudaPacked>>,
 }
 
 impl PackedBitLinear {
@@ -125,7 +132,120 @@ impl PackedBitLinear {
             bias,
             norm,
             kernel: Kernel::detect(),
+            check_finite: true,
+            #[cfg(feature = "cuda")]
+            cuda: None,
         })
+    }
+
+    /// The same layer on `device`, for [`Module::forward`] on input from that device.
+    ///
+    /// * [`Device::Cpu`]: the CPU layer (the form every constructor returns).
+    /// * A CUDA device (feature `cuda`): the packed codes, scales, bias and norm weight are copied
+    ///   to the GPU once, here; each forward then runs two CUDA kernels (int8 quantization of
+    ///   the activations per token with the optional norm, then the packed integer matmul) and
+    ///   returns a tensor on that GPU equal to the CPU layer's output (integer sums are exact
+    ///   and every float operation is the CPU's, in the same order). Input must be on the same
+    ///   device, else [`QuantError::Device`]. The host copy stays, so [`Self::weight`],
+    ///   [`save_packed`](super::save_packed) and `to_device(&Device::Cpu)` keep working.
+    /// * Metal, or CUDA without the `cuda` feature: [`QuantError::Unsupported`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "cuda")]
+    /// # fn main() -> candle_core::Result<()> {
+    /// use bitnet_quant::packed::PackedBitLinear;
+    /// use bitnet_quant::BitLinear;
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let layer = BitLinear::new(200, 24, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let gpu = Device::new_cuda(0)?;
+    /// let packed = PackedBitLinear::from_trained(&layer)?.to_device(&gpu)?;
+    /// let y = packed.forward(&Tensor::randn(0f32, 1.0, (3, 200), &gpu)?)?; // on the GPU
+    /// # Ok(()) }
+    /// # #[cfg(not(feature = "cuda"))]
+    /// # fn main() {}
+    /// ```
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        const OP: &str = "PackedBitLinear::to_device";
+        match device {
+            Device::Cpu => Ok(Self {
+                #[cfg(feature = "cuda")]
+                cuda: None,
+                ..self.clone()
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => {
+                if let Some(c) = &self.cuda {
+                    if c.device().same_device(device) {
+                        return Ok(self.clone());
+                    }
+                }
+                let norm = match &self.norm {
+                    Some(n) => Some((n.weight().flatten_all()?.to_vec1::<f32>()?, n.eps() as f32)),
+                    None => None,
+                };
+                let on_gpu = super::cuda::CudaPacked::upload(
+                    dev,
+                    &self.weight,
+                    self.bias.as_deref(),
+                    norm.as_ref().map(|(w, eps)| (w.as_slice(), *eps)),
+                )?;
+                let mut l = self.clone();
+                l.cuda = Some(std::sync::Arc::new(on_gpu));
+                Ok(l)
+            }
+            other => Err(QuantError::Unsupported {
+                op: OP,
+                what: format!(
+                    "device {:?}: packed inference runs on the CPU and, with the `cuda` feature, on CUDA GPUs",
+                    other.location()
+                ),
+            }
+            .into()),
+        }
+    }
+
+    /// The device the layer computes on: the CPU, or the GPU given to [`Self::to_device`].
+    pub fn device(&self) -> Device {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &self.cuda {
+            return c.device().clone();
+        }
+        Device::Cpu
+    }
+
+    /// The same layer with the NaN/infinity check of the input on (the default) or off.
+    ///
+    /// With the check on, non-finite input (after the norm) is a [`QuantError::NonFinite`]
+    /// error on every device. On CUDA the check copies a count back to the host, which waits
+    /// for the kernels: one synchronisation per forward, a large part of a batch-1 call on a
+    /// fast GPU. With it off, a CUDA forward never synchronises, and on every device a token
+    /// holding NaN or infinity gets NaN in all of its outputs (the other tokens are unaffected).
+    ///
+    /// ```
+    /// use bitnet_quant::packed::PackedBitLinear;
+    /// use bitnet_quant::BitLinear;
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let layer = BitLinear::new(4, 2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let packed = PackedBitLinear::from_trained(&layer)?;
+    /// let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [f32::NAN, 0.0, 0.0, 0.0]], &Device::Cpu)?;
+    /// assert!(packed.forward(&x).is_err());
+    /// let y = packed.with_finite_check(false).forward(&x)?.to_vec2::<f32>()?;
+    /// assert!(y[0].iter().all(|v| v.is_finite()) && y[1].iter().all(|v| v.is_nan()));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_finite_check(mut self, check: bool) -> Self {
+        self.check_finite = check;
+        self
+    }
+
+    /// Whether [`Module::forward`] fails on NaN/infinite input (see [`Self::with_finite_check`]).
+    pub fn finite_check(&self) -> bool {
+        self.check_finite
     }
 
     /// The same layer computing with another kernel (an unavailable one falls back to
@@ -257,6 +377,36 @@ impl PackedBitLinear {
             t += 1;
         }
     }
+
+    /// The forward of a layer moved to CUDA: input checks done by the caller, `out_dims` the
+    /// output shape.
+    #[cfg(feature = "cuda")]
+    fn forward_cuda(
+        &self,
+        on_gpu: &std::sync::Arc<super::cuda::CudaPacked>,
+        x: &Tensor,
+        out_dims: Vec<usize>,
+    ) -> Result<Tensor> {
+        if !x.device().same_device(on_gpu.device()) {
+            return Err(QuantError::Device {
+                op: "PackedBitLinear::forward",
+                layer: on_gpu.device().location(),
+                input: x.device().location(),
+            }
+            .into());
+        }
+        let dtype = x.dtype();
+        if x.elem_count() == 0 {
+            return Tensor::zeros(out_dims, dtype, x.device());
+        }
+        let op = super::cuda::PackedMatmul {
+            weights: on_gpu.clone(),
+            check_finite: self.check_finite,
+        };
+        x.to_dtype(DType::F32)?
+            .apply_op1_no_bwd(&op)?
+            .to_dtype(dtype)
+    }
 }
 
 impl Module for PackedBitLinear {
@@ -277,6 +427,10 @@ impl Module for PackedBitLinear {
         }
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("checked above") = out;
+        #[cfg(feature = "cuda")]
+        if let Some(on_gpu) = &self.cuda {
+            return self.forward_cuda(on_gpu, x, out_dims);
+        }
         let x = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let x = match &self.norm {
             Some(n) => n.forward(&x)?,
@@ -288,14 +442,23 @@ impl Module for PackedBitLinear {
             return Tensor::zeros(out_dims, dtype, &device);
         }
         let bad = xs.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
+        if bad > 0 && self.check_finite {
             return Err(QuantError::NonFinite { op: OP, count: bad }.into());
         }
         let w = &self.weight;
         let xrow = w.segments_per_row() * w.segment_padded();
         let mut xq_buf = global_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
         let xq = xq_buf.as_mut_slice_of::<i8>();
-        let (m, sums) = self.quantize_input(&xs, tokens, xq);
+        let (mut m, sums) = self.quantize_input(&xs, tokens, xq);
+        if bad > 0 {
+            // Unchecked: the result the CUDA kernels define, NaN for every output of a token
+            // holding NaN or infinity, rather than whatever its zeroed levels would give.
+            for (mt, x) in m.iter_mut().zip(xs.chunks_exact(inp)) {
+                if x.iter().any(|v| !v.is_finite()) {
+                    *mt = f32::NAN;
+                }
+            }
+        }
         let xq: &[i8] = xq;
         // Rows outer, tokens inner: each weight row is read from memory once per call and its
         // codes are reused for every token while they sit in L1.

@@ -7,9 +7,13 @@
 //!   chosen at run time), NEON (aarch64; 2-bit only, 1-bit runs the scalar kernel there).
 //! * [`linear`]: [`PackedBitLinear`], built from a trained [`BitLinear`](crate::BitLinear); its
 //!   forward equals the training forward up to f32 rounding.
+//! * `cuda` (feature `cuda`): the same forward as CUDA kernels, for a layer moved to a GPU with
+//!   [`PackedBitLinear::to_device`]; equal to the CPU forward.
 //! * [`io`]: [`save_packed`] / [`load_packed`], a safetensors file with the layout and version
 //!   in its metadata, written atomically and checked thoroughly on load.
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod io;
 pub mod kernels;
 pub mod layout;
