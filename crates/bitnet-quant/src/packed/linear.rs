@@ -7,7 +7,7 @@ use crate::ops::math::Kind;
 use crate::rms_norm::RmsNorm;
 use crate::scheme::{Granularity, Scheme};
 use crate::BitLinear;
-use bitnet_core::{global_pool, Category};
+use bitnet_core::{current_pool, Category};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use rayon::prelude::*;
 
@@ -447,7 +447,7 @@ impl Module for PackedBitLinear {
         }
         let w = &self.weight;
         let xrow = w.segments_per_row() * w.segment_padded();
-        let mut xq_buf = global_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
+        let mut xq_buf = current_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
         let xq = xq_buf.as_mut_slice_of::<i8>();
         let (mut m, sums) = self.quantize_input(&xs, tokens, xq);
         if bad > 0 {
