@@ -315,6 +315,41 @@ pub(crate) fn dispatch(
     enc.dispatch_thread_groups(size(groups.max(1)), size(threads.min(allowed).max(1)));
 }
 
+/// Sets `pipeline` on `enc`, binds its arguments with `bind` (a `set_params!` in the kernel's
+/// argument order) and dispatches it as [`dispatch`] does: the three steps of every launch, kept
+/// together so that no launch binds its arguments to the previous kernel.
+pub(crate) fn encode(
+    enc: &ComputeCommandEncoder,
+    pipeline: &ComputePipeline,
+    groups: usize,
+    threads: usize,
+    bind: impl FnOnce(&ComputeCommandEncoder),
+) {
+    enc.set_compute_pipeline_state(pipeline);
+    bind(enc);
+    dispatch(enc, pipeline, groups, threads);
+}
+
+/// Runs kernel `name` of `module` (see [`pipeline`]) once over `n` values with one thread per
+/// value in a grid-stride loop ([`stride_groups`] threadgroups of [`THREADS`]), the launch of
+/// every elementwise op: a new f32 output of `n` values, which `bind` gets to bind with the
+/// inputs, then returned for candle.
+pub(crate) fn run_elementwise(
+    dev: &MetalDevice,
+    (module, src, name): (&'static str, &str, &'static str),
+    n: usize,
+    bind: impl FnOnce(&ComputeCommandEncoder, &Buffer),
+) -> Result<MetalStorage> {
+    let out = f32_buffer(dev, n, name)?;
+    let f = pipeline(dev, module, src, name)?;
+    {
+        let encoder = dev.command_encoder()?;
+        let enc: &ComputeCommandEncoder = encoder.as_ref();
+        encode(enc, &f, stride_groups(n), THREADS, |enc| bind(enc, &out));
+    }
+    Ok(wrap(out, dev, n))
+}
+
 /// Enough threadgroups of [`THREADS`] threads for a grid-stride loop over `n` values: the same
 /// grid as `cuda_util::stride_blocks`, so both devices reduce in the same order.
 pub(crate) fn stride_groups(n: usize) -> usize {

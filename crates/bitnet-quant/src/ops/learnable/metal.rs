@@ -5,7 +5,7 @@
 
 use super::Surrogate;
 use crate::ops::metal_util::{
-    dispatch, f32_buffer, f32_view, pipeline, stride_groups, wrap, THREADS,
+    encode, f32_buffer, f32_view, pipeline, run_elementwise, stride_groups, wrap, THREADS,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{Layout, MetalStorage, Result};
@@ -149,26 +149,21 @@ pub(crate) fn forward(
     let n = lx.shape().elem_count();
     let (code, _, _) = sur.kind.device_code();
     let (n_u, block_u) = (n as u64, block as u64);
-    let out = f32_buffer(dev, n, "bq_learnable_fwd")?;
-    let f = pipeline(dev, MODULE, SRC, "bq_learnable_fwd")?;
-    let encoder = dev.command_encoder()?;
-    let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&f);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&t),
-            Input::from_buffer_offset(&p),
-            Output::new(&out),
-            n_u,
-            block_u,
-            code,
-            sur.hardness
-        )
-    );
-    dispatch(enc, &f, stride_groups(n), THREADS);
-    Ok(wrap(out, dev, n))
+    run_elementwise(dev, (MODULE, SRC, "bq_learnable_fwd"), n, |enc, out| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&t),
+                Input::from_buffer_offset(&p),
+                Output::new(out),
+                n_u,
+                block_u,
+                code,
+                sur.hardness
+            )
+        );
+    })
 }
 
 /// `[dL/dx (one per value) ..., dL/dt]`; `rest` holds the parameters then the upstream gradient.
@@ -199,24 +194,23 @@ pub(crate) fn backward(
 
     let encoder = dev.command_encoder()?;
     let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&bwd);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&t),
-            Input::from_buffer_offset(&rest),
-            Output::new(&out),
-            Output::new(&partial),
-            n_u,
-            block_u,
-            code
-        )
-    );
-    dispatch(enc, &bwd, grid, THREADS);
-
-    enc.set_compute_pipeline_state(&dt);
-    set_params!(enc, (Input::new(&partial), grid_u, Output::new(&out), n_u));
-    dispatch(enc, &dt, 1, THREADS);
+    encode(enc, &bwd, grid, THREADS, |enc| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&t),
+                Input::from_buffer_offset(&rest),
+                Output::new(&out),
+                Output::new(&partial),
+                n_u,
+                block_u,
+                code
+            )
+        );
+    });
+    encode(enc, &dt, 1, THREADS, |enc| {
+        set_params!(enc, (Input::new(&partial), grid_u, Output::new(&out), n_u));
+    });
     Ok(wrap(out, dev, n + 1))
 }

@@ -140,6 +140,17 @@ fn one_value(op: &'static str, l: &Layout) -> Result<()> {
     Ok(())
 }
 
+impl LearnableOp {
+    /// The GPU kernels' input checks, the block size: parameters that match `x`'s blocks and a
+    /// one-value `t` (its value is not read).
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn device_checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<usize> {
+        let block = checked_block(self.name(), self.granularity, l1, l3)?;
+        one_value(self.name(), l2)?;
+        Ok(block)
+    }
+}
+
 impl CustomOp3 for LearnableOp {
     fn name(&self) -> &'static str {
         "bitnet-learnable"
@@ -175,8 +186,7 @@ impl CustomOp3 for LearnableOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let block = checked_block(self.name(), self.granularity, l1, l3)?;
-        one_value(self.name(), l2)?;
+        let block = self.device_checks(l1, l2, l3)?;
         let out = cuda::forward(
             self.name(),
             &self.surrogate,
@@ -200,8 +210,7 @@ impl CustomOp3 for LearnableOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let block = checked_block(self.name(), self.granularity, l1, l3)?;
-        one_value(self.name(), l2)?;
+        let block = self.device_checks(l1, l2, l3)?;
         let out = metal::forward(
             self.name(),
             &self.surrogate,

@@ -4,7 +4,7 @@
 //! each block's partials in a fixed order.
 
 use crate::ops::metal_util::{
-    dispatch, f32_buffer, f32_view, pipeline, splits, stride_groups, wrap, THREADS,
+    encode, f32_buffer, f32_view, pipeline, run_elementwise, splits, wrap,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{Layout, MetalStorage, Result};
@@ -97,24 +97,19 @@ pub(crate) fn forward(
     let steps = f32_view(op, ss, ls, &mut ts)?;
     let n = lx.shape().elem_count();
     let (n_u, block_u) = (n as u64, block as u64);
-    let out = f32_buffer(dev, n, "bq_lsq_fwd")?;
-    let f = pipeline(dev, MODULE, SRC, "bq_lsq_fwd")?;
-    let encoder = dev.command_encoder()?;
-    let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&f);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&steps),
-            Output::new(&out),
-            n_u,
-            block_u,
-            qmax
-        )
-    );
-    dispatch(enc, &f, stride_groups(n), THREADS);
-    Ok(wrap(out, dev, n))
+    run_elementwise(dev, (MODULE, SRC, "bq_lsq_fwd"), n, |enc, out| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&steps),
+                Output::new(out),
+                n_u,
+                block_u,
+                qmax
+            )
+        );
+    })
 }
 
 /// `[dL/dx ..., dL/ds per block ...]`.
@@ -153,35 +148,34 @@ pub(crate) fn backward(
 
     let encoder = dev.command_encoder()?;
     let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&bwd);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&steps),
-            Input::from_buffer_offset(&u),
-            Output::new(&out),
-            Output::new(&partial),
-            block_u,
-            nsplit_u,
-            chunk_u,
-            qmax
-        )
-    );
-    dispatch(enc, &bwd, grid, threads);
-
-    enc.set_compute_pipeline_state(&ds);
-    set_params!(
-        enc,
-        (
-            Input::new(&partial),
-            nsplit_u,
-            blocks_u,
-            g,
-            Output::new(&out),
-            n_u
-        )
-    );
-    dispatch(enc, &ds, blocks.div_ceil(128), 128);
+    encode(enc, &bwd, grid, threads, |enc| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&steps),
+                Input::from_buffer_offset(&u),
+                Output::new(&out),
+                Output::new(&partial),
+                block_u,
+                nsplit_u,
+                chunk_u,
+                qmax
+            )
+        );
+    });
+    encode(enc, &ds, blocks.div_ceil(128), 128, |enc| {
+        set_params!(
+            enc,
+            (
+                Input::new(&partial),
+                nsplit_u,
+                blocks_u,
+                g,
+                Output::new(&out),
+                n_u
+            )
+        );
+    });
     Ok(wrap(out, dev, n + blocks))
 }

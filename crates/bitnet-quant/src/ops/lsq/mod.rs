@@ -129,6 +129,19 @@ impl CustomOp2 for LsqOp {
 #[derive(Debug, Clone, Copy)]
 pub struct LsqGradOp(pub LsqOp);
 
+impl LsqGradOp {
+    /// The GPU kernels' input checks and output, `(block, shape)`: steps that match `x`'s blocks,
+    /// an upstream gradient of `x`'s shape, and one `dL/dx` per value then one `dL/ds` per step.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn device_checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, Shape)> {
+        use candle_core::CustomOp3;
+        let block = self.0.block(self.name(), l1, l2)?;
+        crate::ops::quantize::same_shape(self.name(), l1, l3)?;
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((block, Shape::from(len)))
+    }
+}
+
 impl candle_core::CustomOp3 for LsqGradOp {
     fn name(&self) -> &'static str {
         "bitnet-lsq-grad"
@@ -162,8 +175,7 @@ impl candle_core::CustomOp3 for LsqGradOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let block = self.0.block(self.name(), l1, l2)?;
-        crate::ops::quantize::same_shape(self.name(), l1, l3)?;
+        let (block, shape) = self.device_checks(l1, l2, l3)?;
         let out = cuda::backward(
             self.name(),
             self.0.qmax,
@@ -172,8 +184,7 @@ impl candle_core::CustomOp3 for LsqGradOp {
             (s3, l3),
             block,
         )?;
-        let len = l1.shape().elem_count() + l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        Ok((out, shape))
     }
 
     #[cfg(feature = "metal")]
@@ -186,8 +197,7 @@ impl candle_core::CustomOp3 for LsqGradOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let block = self.0.block(self.name(), l1, l2)?;
-        crate::ops::quantize::same_shape(self.name(), l1, l3)?;
+        let (block, shape) = self.device_checks(l1, l2, l3)?;
         let out = metal::backward(
             self.name(),
             self.0.qmax,
@@ -196,8 +206,7 @@ impl candle_core::CustomOp3 for LsqGradOp {
             (s3, l3),
             block,
         )?;
-        let len = l1.shape().elem_count() + l2.shape().elem_count();
-        Ok((out, Shape::from(len)))
+        Ok((out, shape))
     }
 }
 

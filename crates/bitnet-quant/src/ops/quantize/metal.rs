@@ -2,12 +2,9 @@
 //! one thread per value in a grid-stride loop, each value's block parameters read from `params`.
 
 use crate::ops::math::{EstKind, Kind};
-use crate::ops::metal_util::{
-    dispatch, f32_buffer, f32_view, pipeline, stride_groups, wrap, THREADS,
-};
+use crate::ops::metal_util::{f32_view, run_elementwise};
 use candle_core::backend::BackendStorage;
 use candle_core::{Layout, MetalStorage, Result};
-use candle_metal_kernels::metal::ComputeCommandEncoder;
 use candle_metal_kernels::set_params;
 use candle_metal_kernels::utils::Input;
 use candle_metal_kernels::Output;
@@ -68,26 +65,21 @@ pub(crate) fn forward(
     let n = lx.shape().elem_count();
     let (code, _, qmax) = kind.device_code();
     let (n_u, block_u) = (n as u64, block as u64);
-    let out = f32_buffer(dev, n, "bq_quantize_fwd")?;
-    let f = pipeline(dev, MODULE, SRC, "bq_quantize_fwd")?;
-    let encoder = dev.command_encoder()?;
-    let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&f);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&p),
-            Output::new(&out),
-            n_u,
-            block_u,
-            code,
-            qmax,
-            lambda
-        )
-    );
-    dispatch(enc, &f, stride_groups(n), THREADS);
-    Ok(wrap(out, dev, n))
+    run_elementwise(dev, (MODULE, SRC, "bq_quantize_fwd"), n, |enc, out| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&p),
+                Output::new(out),
+                n_u,
+                block_u,
+                code,
+                qmax,
+                lambda
+            )
+        );
+    })
 }
 
 /// `u * ((1 - lambda) + lambda * e'(x / n))` for every value.
@@ -111,26 +103,21 @@ pub(crate) fn backward(
     let (code, _, _) = kind.device_code();
     let (est_code, est_p) = est.device_code();
     let (n_u, block_u) = (n as u64, block as u64);
-    let out = f32_buffer(dev, n, "bq_quantize_bwd")?;
-    let f = pipeline(dev, MODULE, SRC, "bq_quantize_bwd")?;
-    let encoder = dev.command_encoder()?;
-    let enc: &ComputeCommandEncoder = encoder.as_ref();
-    enc.set_compute_pipeline_state(&f);
-    set_params!(
-        enc,
-        (
-            Input::from_buffer_offset(&x),
-            Input::from_buffer_offset(&p),
-            Input::from_buffer_offset(&u),
-            Output::new(&out),
-            n_u,
-            block_u,
-            code,
-            est_code,
-            est_p,
-            lambda
-        )
-    );
-    dispatch(enc, &f, stride_groups(n), THREADS);
-    Ok(wrap(out, dev, n))
+    run_elementwise(dev, (MODULE, SRC, "bq_quantize_bwd"), n, |enc, out| {
+        set_params!(
+            enc,
+            (
+                Input::from_buffer_offset(&x),
+                Input::from_buffer_offset(&p),
+                Input::from_buffer_offset(&u),
+                Output::new(out),
+                n_u,
+                block_u,
+                code,
+                est_code,
+                est_p,
+                lambda
+            )
+        );
+    })
 }

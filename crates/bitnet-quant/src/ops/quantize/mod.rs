@@ -140,6 +140,16 @@ impl CustomOp2 for QuantizeOp {
 #[derive(Debug, Clone, Copy)]
 pub struct QuantizeGradOp(pub QuantizeOp);
 
+impl QuantizeGradOp {
+    /// Every device's input checks, the block size: parameters that match `x`'s blocks and an
+    /// upstream gradient of `x`'s shape.
+    fn checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<usize> {
+        let block = checked_block(self.name(), self.0.granularity, l1, l2)?;
+        same_shape(self.name(), l1, l3)?;
+        Ok(block)
+    }
+}
+
 impl CustomOp3 for QuantizeGradOp {
     fn name(&self) -> &'static str {
         "bitnet-quantize-grad"
@@ -155,8 +165,7 @@ impl CustomOp3 for QuantizeGradOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
-        let block = checked_block(self.name(), op.granularity, l1, l2)?;
-        same_shape(self.name(), l1, l3)?;
+        let block = self.checks(l1, l2, l3)?;
         let xs = f32_values(self.name(), s1, l1)?;
         let ps = f32_values(self.name(), s2, l2)?;
         let us = f32_values(self.name(), s3, l3)?;
@@ -175,8 +184,7 @@ impl CustomOp3 for QuantizeGradOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let op = self.0;
-        let block = checked_block(self.name(), op.granularity, l1, l2)?;
-        same_shape(self.name(), l1, l3)?;
+        let block = self.checks(l1, l2, l3)?;
         let out = cuda::backward(
             self.name(),
             op.kind,
@@ -201,8 +209,7 @@ impl CustomOp3 for QuantizeGradOp {
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let op = self.0;
-        let block = checked_block(self.name(), op.granularity, l1, l2)?;
-        same_shape(self.name(), l1, l3)?;
+        let block = self.checks(l1, l2, l3)?;
         let out = metal::backward(
             self.name(),
             op.kind,

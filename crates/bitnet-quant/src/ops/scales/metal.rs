@@ -10,7 +10,7 @@
 use crate::error::QuantError;
 use crate::ops::math::Kind;
 use crate::ops::metal_util::{
-    dispatch, f32_buffer, f32_view, pipeline, read_counter, splits, wrap, zeroed_counter,
+    encode, f32_buffer, f32_view, pipeline, read_counter, splits, wrap, zeroed_counter,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, MetalStorage, Result};
@@ -205,41 +205,7 @@ pub(crate) fn block_params(
         let encoder = dev.command_encoder()?;
         let enc: &ComputeCommandEncoder = encoder.as_ref();
 
-        enc.set_compute_pipeline_state(&abs_partial);
-        set_params!(
-            enc,
-            (
-                Input::from_buffer_offset(&x),
-                block_u,
-                nsplit_u,
-                chunk_u,
-                Output::new(&psum),
-                Output::new(&pmax),
-                Output::new(&nonfinite)
-            )
-        );
-        dispatch(enc, &abs_partial, grid, threads);
-
-        enc.set_compute_pipeline_state(&finish);
-        set_params!(
-            enc,
-            (
-                Input::new(&psum),
-                Input::new(&pmax),
-                nsplit_u,
-                block_u,
-                blocks_u,
-                code,
-                fixed,
-                qmax,
-                Output::new(&params),
-                Output::new(&nonfinite)
-            )
-        );
-        dispatch(enc, &finish, fin_groups, 128);
-
-        if let Some((above_partial, above_finish, pcount)) = &above {
-            enc.set_compute_pipeline_state(above_partial);
+        encode(enc, &abs_partial, grid, threads, |enc| {
             set_params!(
                 enc,
                 (
@@ -247,25 +213,59 @@ pub(crate) fn block_params(
                     block_u,
                     nsplit_u,
                     chunk_u,
-                    Input::new(&params),
                     Output::new(&psum),
-                    Output::new(pcount)
+                    Output::new(&pmax),
+                    Output::new(&nonfinite)
                 )
             );
-            dispatch(enc, above_partial, grid, threads);
+        });
 
-            enc.set_compute_pipeline_state(above_finish);
+        encode(enc, &finish, fin_groups, 128, |enc| {
             set_params!(
                 enc,
                 (
                     Input::new(&psum),
-                    Input::new(pcount),
+                    Input::new(&pmax),
                     nsplit_u,
+                    block_u,
                     blocks_u,
-                    Output::new(&params)
+                    code,
+                    fixed,
+                    qmax,
+                    Output::new(&params),
+                    Output::new(&nonfinite)
                 )
             );
-            dispatch(enc, above_finish, fin_groups, 128);
+        });
+
+        if let Some((above_partial, above_finish, pcount)) = &above {
+            encode(enc, above_partial, grid, threads, |enc| {
+                set_params!(
+                    enc,
+                    (
+                        Input::from_buffer_offset(&x),
+                        block_u,
+                        nsplit_u,
+                        chunk_u,
+                        Input::new(&params),
+                        Output::new(&psum),
+                        Output::new(pcount)
+                    )
+                );
+            });
+
+            encode(enc, above_finish, fin_groups, 128, |enc| {
+                set_params!(
+                    enc,
+                    (
+                        Input::new(&psum),
+                        Input::new(pcount),
+                        nsplit_u,
+                        blocks_u,
+                        Output::new(&params)
+                    )
+                );
+            });
         }
     }
 

@@ -30,6 +30,15 @@ impl ScalesOp {
             .granularity
             .block_size(l.shape().elem_count(), last_dim(l))?)
     }
+
+    /// The GPU kernels' input checks and sizes, `(block, blocks)`: a non-empty input, as on the
+    /// CPU, whose values split into whole blocks.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn device_blocks(&self, l: &Layout) -> Result<(usize, usize)> {
+        non_empty(self.name(), l)?;
+        let block = self.block_size(l)?;
+        Ok((block, l.shape().elem_count() / block))
+    }
 }
 
 impl CustomOp1 for ScalesOp {
@@ -52,9 +61,7 @@ impl CustomOp1 for ScalesOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        non_empty(self.name(), l)?;
-        let block = self.block_size(l)?;
-        let blocks = l.shape().elem_count() / block;
+        let (block, blocks) = self.device_blocks(l)?;
         let params = cuda::block_params(self.name(), self.kind, s, l, block)?;
         Ok((params, Shape::from((blocks, 2))))
     }
@@ -65,9 +72,7 @@ impl CustomOp1 for ScalesOp {
         s: &candle_core::MetalStorage,
         l: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        non_empty(self.name(), l)?;
-        let block = self.block_size(l)?;
-        let blocks = l.shape().elem_count() / block;
+        let (block, blocks) = self.device_blocks(l)?;
         let params = metal::block_params(self.name(), self.kind, s, l, block)?;
         Ok((params, Shape::from((blocks, 2))))
     }
