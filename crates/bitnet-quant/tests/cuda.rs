@@ -19,26 +19,15 @@ use bitnet_quant::{
     BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme,
 };
 use candle_core::{test_device, DType, Device, Module, Result, Tensor};
-use gpu_common::{assert_close, autograd, host, non_finite, scales_and_forward, values};
+use gpu_common::{
+    assert_close, autograd, host, learnable, lsq, non_finite, quantize_backward,
+    scales_and_forward, values,
+};
 
-// The backward checks on row-major inputs only: the transposed variants came with the Metal
-// port and have not yet been run against the CUDA kernels, so turning them on here would be a
-// new, unverified check rather than the existing one.
-
-/// [`gpu_common::quantize_backward`] on row-major inputs.
-fn quantize_backward(dev: &Device) -> Result<()> {
-    gpu_common::quantize_backward(dev, false)
-}
-
-/// [`gpu_common::learnable`] on row-major inputs.
-fn learnable(dev: &Device) -> Result<()> {
-    gpu_common::learnable(dev, false)
-}
-
-/// [`gpu_common::lsq`] on row-major inputs.
-fn lsq(dev: &Device) -> Result<()> {
-    gpu_common::lsq(dev, false)
-}
+/// The backward checks run on row-major inputs only: the transposed variants came with the
+/// Metal port and have not yet been run against the CUDA kernels, so turning them on here would
+/// be a new, unverified check rather than the existing one.
+const BACKWARD_TRANSPOSED: bool = false;
 
 /// A trained-looking layer `[out, inp]` with the weight quantizer `weight` (granularity set),
 /// optional bias and norm (a non-trivial norm weight), packed on the CPU.

@@ -19,23 +19,13 @@ use bitnet_quant::ops::{EstKind, Kind};
 use bitnet_quant::{Granularity, Scheme};
 use candle_core::{test_device, DType, Device, Result, Tensor};
 use gpu_common::{
-    assert_exact, autograd, granularities, host, non_finite, scales_and_forward, values,
+    assert_exact, autograd, granularities, host, learnable, lsq, non_finite, quantize_backward,
+    scales_and_forward, values,
 };
 
-/// [`gpu_common::quantize_backward`] on row-major and transposed inputs.
-fn quantize_backward(dev: &Device) -> Result<()> {
-    gpu_common::quantize_backward(dev, true)
-}
-
-/// [`gpu_common::learnable`] on row-major and transposed inputs.
-fn learnable(dev: &Device) -> Result<()> {
-    gpu_common::learnable(dev, true)
-}
-
-/// [`gpu_common::lsq`] on row-major and transposed inputs.
-fn lsq(dev: &Device) -> Result<()> {
-    gpu_common::lsq(dev, true)
-}
+/// The backward ops also get transposed (non-contiguous) inputs: each Metal kernel gathers them
+/// through its own strided copy (`metal_util::f32_view`), which these checks cover.
+const BACKWARD_TRANSPOSED: bool = true;
 
 /// Finite values whose `sum|x|` in a block passes `f32::MAX` (37 values of 3e37 in a row): the
 /// CPU's f32 lane sums overflow and it reports non-finite input; Metal's double-float sums have

@@ -107,10 +107,10 @@ fn maybe_t(p: &(Tensor, Tensor), transposed: bool) -> Result<(Tensor, Tensor)> {
     }
 }
 
-/// The layouts a backward check runs on: row-major, and the transpose too when asked (see the
-/// callers in `cuda.rs` and `metal.rs` for which device checks which).
-fn layouts(transposed_too: bool) -> &'static [bool] {
-    if transposed_too {
+/// The layouts a backward check runs on: row-major, and the transpose too where the including
+/// file sets `BACKWARD_TRANSPOSED` (see there for why each device does or does not).
+fn backward_layouts() -> &'static [bool] {
+    if super::BACKWARD_TRANSPOSED {
         &[false, true]
     } else {
         &[false]
@@ -228,14 +228,14 @@ fn transcendental(e: EstKind) -> bool {
 }
 
 /// The estimator's gradient op on both devices with the same parameters and upstream gradient,
-/// on row-major `x` and upstream (and transposed ones with `transposed_too`); every estimator on
-/// every scheme for the small shapes, a sample on the large one (half the schemes per layout).
-pub fn quantize_backward(dev: &Device, transposed_too: bool) -> Result<()> {
+/// on row-major `x` and upstream (and transposed ones, see [`backward_layouts`]); every estimator
+/// on every scheme for the small shapes, a sample on the large one (half the schemes per layout).
+pub fn quantize_backward(dev: &Device) -> Result<()> {
     for (seed, &(r, c)) in SHAPES.iter().enumerate() {
         let xs = pair((r, c), seed as u64, dev)?;
         let us = pair((r, c), 100 + seed as u64, dev)?;
         let large = r * c > 1 << 20;
-        for &transposed in layouts(transposed_too) {
+        for &transposed in backward_layouts() {
             let (x_cpu, x_dev) = maybe_t(&xs, transposed)?;
             let (u_cpu, u_dev) = maybe_t(&us, transposed)?;
             for g in granularities(x_cpu.dims()[1]) {
@@ -277,15 +277,15 @@ pub fn quantize_backward(dev: &Device, transposed_too: bool) -> Result<()> {
 }
 
 /// The learnable surrogate: forward, `dL/dx` and `dL/dt` on both devices, `x` row-major (and
-/// transposed with `transposed_too`, the large shape row-major only).
-pub fn learnable(dev: &Device, transposed_too: bool) -> Result<()> {
+/// transposed, see [`backward_layouts`]; the large shape row-major only).
+pub fn learnable(dev: &Device) -> Result<()> {
     for (seed, &(r, c)) in SHAPES.iter().enumerate() {
         let xs = pair((r, c), seed as u64, dev)?;
         let (u_cpu, u_dev) = pair((r, c), 200 + seed as u64, dev)?;
         let t_cpu = Tensor::new(&[3.0f32], &Device::Cpu)?;
         let t_dev = t_cpu.to_device(dev)?;
         let large = r * c > 1 << 20;
-        for &transposed in layouts(transposed_too) {
+        for &transposed in backward_layouts() {
             if large && transposed {
                 continue;
             }
@@ -338,13 +338,13 @@ pub fn learnable(dev: &Device, transposed_too: bool) -> Result<()> {
 }
 
 /// LSQ forward and backward on both devices with the same steps, `x` and upstream row-major (and
-/// transposed with `transposed_too`, the large shape row-major only).
-pub fn lsq(dev: &Device, transposed_too: bool) -> Result<()> {
+/// transposed, see [`backward_layouts`]; the large shape row-major only).
+pub fn lsq(dev: &Device) -> Result<()> {
     for (seed, &(r, c)) in SHAPES.iter().enumerate() {
         let xs = pair((r, c), seed as u64, dev)?;
         let us = pair((r, c), 300 + seed as u64, dev)?;
         let large = r * c > 1 << 20;
-        for &transposed in layouts(transposed_too) {
+        for &transposed in backward_layouts() {
             if large && transposed {
                 continue;
             }
