@@ -10,6 +10,8 @@
 //! Options:
 //! * `--mode fp|ternary|binary`, `--epochs N`, `--batch N`, `--lr X`, `--seed N`;
 //! * `--data DIR` (default: the copy in `data/mnist`), `--train-limit N` (first N images only);
+//! * `--device cpu|auto|cuda[:N]|metal[:N]` (default `cpu`; a GPU needs the `cuda` or `metal`
+//!   feature, e.g. `cargo run --release --features cuda --example train_mnist -- --device cuda`);
 //! * `--log FILE`: per-layer state (level shares, flip ratio, MSE, SQNR, norms) as JSON lines;
 //! * `--save DIR`: a checkpoint after every epoch (weights, optimizer state, step), which
 //!   `--teacher` and `examples/export_and_infer` read;
@@ -45,7 +47,8 @@ use std::time::Instant;
 const USAGE: &str = "usage: train_mnist [--mode fp|ternary|binary] [--epochs N] [--data DIR] \
 [--log FILE] [--save DIR] [--batch N] [--lr X] [--seed N] [--train-limit N] [--distill] \
 [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
-[--schedule constant|linear|exponential|sigmoid|step] [--warmup-steps N] [--report]";
+[--schedule constant|linear|exponential|sigmoid|step] [--warmup-steps N] [--report] \
+[--device cpu|auto|cuda[:N]|metal[:N]]";
 
 struct Args {
     mode: String,
@@ -64,6 +67,7 @@ struct Args {
     schedule: String,
     warmup_steps: Option<usize>,
     report: bool,
+    device: bitnet::core::device::Preference,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -84,6 +88,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         schedule: "constant".into(),
         warmup_steps: None,
         report: false,
+        device: bitnet::core::device::Preference::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -107,6 +112,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--schedule" => a.schedule = val()?,
             "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
             "--report" => a.report = true,
+            "--device" => a.device = val()?.parse().map_err(|e| format!("--device: {e}"))?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -344,7 +350,10 @@ fn main() -> Result<()> {
     let args = parse_args().unwrap_or_else(|e| fail(e));
     bitnet::core::host_alloc::keep_freed_memory();
     bitnet::core::host_threads::elementwise_on_caller();
-    let dev = Device::Cpu;
+    let selected = bitnet::core::device::select_with_reason(args.device)
+        .unwrap_or_else(|e| fail(format!("--device: {e}")));
+    println!("device: {} ({})", selected.info.name, selected.reason);
+    let dev = selected.device;
     let mnist = mnist::load(&args.data, &dev)?;
     let (train_x, train_y) = match args.train_limit {
         Some(n) => (
@@ -412,6 +421,7 @@ fn main() -> Result<()> {
             "distill": args.distill,
             "teacher_accuracy": distiller.as_ref().map(|(_, a)| (a * 10000.0).round() / 10000.0),
             "schedule": args.schedule,
+            "device": selected.info.name,
         })
     );
     Ok(())

@@ -59,6 +59,38 @@ pub struct Selection {
     pub reason: String,
 }
 
+/// Parses the spellings a command line would use: `auto`, `cpu`, `cuda`, `cuda:N`, `metal`,
+/// `metal:N` (case-insensitive; no ordinal means device 0).
+///
+/// ```
+/// use bitnet_core::device::Preference;
+/// assert_eq!("cuda:1".parse::<Preference>().unwrap(), Preference::Cuda(1));
+/// assert!("gpu".parse::<Preference>().is_err());
+/// ```
+impl std::str::FromStr for Preference {
+    type Err = CoreError;
+
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        let bad = || CoreError::InvalidConfig {
+            field: "device",
+            value: format!("{s:?}"),
+            allowed: "auto, cpu, cuda, cuda:N, metal or metal:N",
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        let (kind, ordinal) = match lower.split_once(':') {
+            Some((k, n)) => (k, Some(n.parse::<usize>().map_err(|_| bad())?)),
+            None => (lower.as_str(), None),
+        };
+        match (kind, ordinal) {
+            ("auto", None) => Ok(Preference::Auto),
+            ("cpu", None) => Ok(Preference::Cpu),
+            ("cuda", n) => Ok(Preference::Cuda(n.unwrap_or(0))),
+            ("metal", n) => Ok(Preference::Metal(n.unwrap_or(0))),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Opens the preferred device. See [`select_with_reason`] for the explanation of the choice.
 pub fn select(preference: Preference) -> candle_core::Result<Device> {
     Ok(select_with_reason(preference)?.device)
@@ -187,6 +219,31 @@ fn open_metal(ordinal: usize) -> Result<Device, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preference_parses_command_line_spellings() {
+        let ok = [
+            ("auto", Preference::Auto),
+            ("cpu", Preference::Cpu),
+            (" CPU ", Preference::Cpu),
+            ("cuda", Preference::Cuda(0)),
+            ("cuda:3", Preference::Cuda(3)),
+            ("Metal", Preference::Metal(0)),
+            ("metal:1", Preference::Metal(1)),
+        ];
+        for (text, want) in ok {
+            assert_eq!(text.parse::<Preference>().unwrap(), want, "{text:?}");
+        }
+        for text in [
+            "", "gpu", "cuda:", "cuda:x", "cuda:-1", "cpu:0", "auto:1", "cuda:1:2",
+        ] {
+            let e = text.parse::<Preference>().unwrap_err().to_string();
+            assert!(
+                e.contains("`device`") && e.contains("cuda:N"),
+                "{text:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn cpu_preference_gives_cpu() {
