@@ -136,7 +136,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for n in [64usize, 1000, 4096, 1 << 16] {
             for _ in 0..200 {
-                let xs: Vec<f32> = (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+                let xs: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
                 let mut rev = xs.clone();
                 rev.reverse();
                 let mut rot = xs.clone();
