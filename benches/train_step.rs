@@ -5,6 +5,9 @@
 //!   ternary weights, int8 per-token activations, identity STE), updated by our fused `QatAdamW`;
 //! * `fp_linear_adamw`: candle-nn `Linear` layers and candle-nn `AdamW`, the plain candle baseline;
 //! * `fp_linear_qat_adamw`: the same `Linear` layers updated by `QatAdamW` (isolates the optimizer);
+//! * `ternary_qat_adamw_2_shards`: the ternary step with the batch split into two row blocks whose
+//!   forward and backward run side by side (`bitnet_training::data_parallel`), the same
+//!   gradients summed; it pays with 2 threads and costs with 1;
 //! * `ternary_separate_ops_adamw`: the ternary layers run as separate ops
 //!   (`BitLinear::forward_separate`: norm, scales, quantizers, GEMM as six graph nodes) instead of
 //!   the fused `ops::bitlinear` op, to measure what the fusion saves.
@@ -26,6 +29,7 @@
 //! (and `=2` to compare thread counts).
 
 use bitnet::quant::{BitLinear, RmsNorm};
+use bitnet::training::data_parallel::sharded_backward;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::{QATConfig, QATLayer};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -36,7 +40,7 @@ const DIMS: [(usize, usize, &str); 3] = [(784, 256, "fc1"), (256, 256, "fc2"), (
 const BATCH: usize = 128;
 
 /// The MLP: layers with a ReLU between them.
-struct Mlp(Vec<Box<dyn Module>>);
+struct Mlp(Vec<Box<dyn Module + Send + Sync>>);
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -58,7 +62,7 @@ fn ternary_mlp(vm: &VarMap) -> Result<Mlp> {
         .map(|&(i, o, name)| {
             let l: QATLayer<BitLinear> =
                 QATLayer::bitlinear(i, o, QATConfig::ternary(), vb.pp(name))?;
-            Ok(Box::new(l) as Box<dyn Module>)
+            Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
     Ok(Mlp(layers))
@@ -80,7 +84,7 @@ fn separate_mlp(vm: &VarMap) -> Result<Mlp> {
         .iter()
         .map(|&(i, o, name)| {
             let l = Separate(BitLinear::new(i, o, vb.pp(name))?);
-            Ok(Box::new(l) as Box<dyn Module>)
+            Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
     Ok(Mlp(layers))
@@ -90,7 +94,9 @@ fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
     let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
     let layers = DIMS
         .iter()
-        .map(|&(i, o, name)| Ok(Box::new(candle_nn::linear(i, o, vb.pp(name))?) as Box<dyn Module>))
+        .map(|&(i, o, name)| {
+            Ok(Box::new(candle_nn::linear(i, o, vb.pp(name))?) as Box<dyn Module + Send + Sync>)
+        })
         .collect::<Result<_>>()?;
     Ok(Mlp(layers))
 }
@@ -150,6 +156,21 @@ fn bench_full<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
         });
 }
 
+/// The ternary step with the batch split into `shards` row blocks that run forward and backward
+/// in parallel (`bitnet_training::data_parallel::sharded_backward`).
+fn bench_sharded(c: &mut Criterion, name: &str, shards: usize) {
+    let (x, y) = batch().unwrap();
+    let (model, mut opt) = ternary_qat().unwrap();
+    c.benchmark_group("cpu_train_step")
+        .bench_function(name, |b| {
+            b.iter(|| {
+                let (_, grads) =
+                    sharded_backward(&[&x, &y], shards, |b| loss_of(&model, &b[0], &b[1])).unwrap();
+                opt.step(&grads).unwrap();
+            })
+        });
+}
+
 fn bench_parts<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
     let (x, y) = batch().unwrap();
     let (model, mut opt) = setup().unwrap();
@@ -198,6 +219,7 @@ fn train_step_glibc_default(c: &mut Criterion) {
 fn train_step(c: &mut Criterion) {
     bitnet::core::host_alloc::keep_freed_memory();
     bench_full(c, "ternary_qat_adamw", ternary_qat);
+    bench_sharded(c, "ternary_qat_adamw_2_shards", 2);
     bench_full(c, "ternary_separate_ops_adamw", ternary_separate);
     bench_full(c, "fp_linear_adamw", linear_adamw);
     bench_full(c, "fp_linear_qat_adamw", linear_qat);

@@ -12,6 +12,10 @@
 //! * `--data DIR` (default: the copy in `data/mnist`), `--train-limit N` (first N images only);
 //! * `--device cpu|auto|cuda[:N]|metal[:N]` (default `cpu`; a GPU needs the `cuda` or `metal`
 //!   feature, e.g. `cargo run --release --features cuda --example train_mnist -- --device cuda`);
+//! * `--shards N`: each batch is split into N row blocks whose forward and backward run in
+//!   parallel, one per core (`bitnet_training::data_parallel`); their summed gradients are the
+//!   batch's. Default on the CPU: rayon's thread count (so `RAYON_NUM_THREADS=1` trains
+//!   unsharded); on a GPU: 1.
 //! * `--log FILE`: per-layer state (level shares, flip ratio, MSE, SQNR, norms) as JSON lines;
 //! * `--save DIR`: a checkpoint after every epoch (weights, optimizer state, step), which
 //!   `--teacher` and `examples/export_and_infer` read;
@@ -31,6 +35,7 @@ use bitnet::datasets::mnist;
 use bitnet::models::{accuracy, MnistMlp};
 use bitnet::prelude::*;
 use bitnet::training::checkpoint::{self, TrainingState};
+use bitnet::training::data_parallel::sharded_backward;
 use bitnet::training::distillation::Distiller;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::progressive::LambdaSchedule;
@@ -48,7 +53,7 @@ const USAGE: &str = "usage: train_mnist [--mode fp|ternary|binary] [--epochs N] 
 [--log FILE] [--save DIR] [--batch N] [--lr X] [--seed N] [--train-limit N] [--distill] \
 [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
 [--schedule constant|linear|exponential|sigmoid|step] [--warmup-steps N] [--report] \
-[--device cpu|auto|cuda[:N]|metal[:N]]";
+[--device cpu|auto|cuda[:N]|metal[:N]] [--shards N]";
 
 struct Args {
     mode: String,
@@ -68,6 +73,7 @@ struct Args {
     warmup_steps: Option<usize>,
     report: bool,
     device: bitnet::core::device::Preference,
+    shards: Option<usize>,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -89,6 +95,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         warmup_steps: None,
         report: false,
         device: bitnet::core::device::Preference::Cpu,
+        shards: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -112,6 +119,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--schedule" => a.schedule = val()?,
             "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
             "--report" => a.report = true,
+            "--shards" => a.shards = Some(count(val()?)?),
             "--device" => a.device = val()?.parse().map_err(|e| format!("--device: {e}"))?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
@@ -123,8 +131,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             a.mode
         ));
     }
-    if a.batch == 0 || a.epochs == 0 {
-        return Err("--batch and --epochs must be at least 1".into());
+    if a.batch == 0 || a.epochs == 0 || a.shards == Some(0) {
+        return Err("--batch, --epochs and --shards must be at least 1".into());
     }
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return Err(format!("--lr must be a finite number > 0, got {}", a.lr));
@@ -188,6 +196,11 @@ fn train(
         },
     )?;
     let dev = data.train_x.device();
+    let shards = args.shards.unwrap_or(if dev.is_cpu() {
+        rayon::current_num_threads()
+    } else {
+        1
+    });
     let n = data.train_x.dim(0)?;
     let steps_per_epoch = n.div_ceil(args.batch);
     let total = steps_per_epoch * args.epochs;
@@ -214,12 +227,13 @@ fn train(
             let lr =
                 args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
             opt.set_learning_rate(lr);
-            let logits = model.forward(&x)?;
-            let loss = match teacher {
-                Some(d) => d.loss(&x, &logits, &y)?,
-                None => loss::cross_entropy(&logits, &y)?,
-            };
-            let grads = loss.backward()?;
+            let (loss, grads) = sharded_backward(&[&x, &y], shards, |b| {
+                let logits = model.forward(&b[0])?;
+                match teacher {
+                    Some(d) => d.loss(&b[0], &logits, &b[1]),
+                    None => loss::cross_entropy(&logits, &b[1]),
+                }
+            })?;
             if let Some(t) = tracker.as_deref_mut() {
                 if step % 100 == 0 {
                     t.record(step, &model.tracked(), Some(&grads))?;

@@ -10,10 +10,12 @@
 //! * [`convert`]: a pretrained fp model's linears into `QATLayer<BitLinear>`, by name and policy.
 //! * [`sensitivity`]: quantize one layer at a time, rank the layers, propose a policy.
 //! * [`checkpoint`]: atomic save and bit-exact resume.
+//! * [`data_parallel`]: a batch split into row shards that train on all cores at once.
 
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
+pub mod data_parallel;
 pub mod distillation;
 pub mod error;
 pub mod init;
