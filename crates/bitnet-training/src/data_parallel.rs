@@ -45,8 +45,11 @@ use rayon::prelude::*;
 /// mean over the block's rows (see the module docs for when the result equals one backward over
 /// the whole batch). `shards` is clamped to the number of rows; 1 runs the batch as it is.
 ///
-/// Errors: `shards == 0`, an empty `batch`, tensors whose first dimensions differ or are zero,
-/// and whatever `loss_fn` or a backward returns.
+/// Errors: `shards == 0`, an empty `batch`, tensors whose first dimensions differ or are zero, a
+/// loss of more than one value, and whatever `loss_fn` or a backward returns.
+///
+/// Meant for the CPU, where each shard gets a core; on a GPU one large batch keeps the device
+/// busier than shards launched from several threads.
 pub fn sharded_backward<F>(
     batch: &[&Tensor],
     shards: usize,
@@ -67,7 +70,7 @@ where
     let shards = shards.min(rows);
     if shards == 1 {
         let whole: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
-        let loss = loss_fn(&whole)?;
+        let loss = scalar(loss_fn(&whole)?)?;
         let grads = loss.backward()?;
         return Ok((loss.detach(), grads));
     }
@@ -82,7 +85,7 @@ where
                 .iter()
                 .map(|t| t.narrow(0, start, len))
                 .collect::<Result<Vec<_>>>()?;
-            let loss = (loss_fn(&block)? * (len as f64 / rows as f64))?;
+            let loss = (scalar(loss_fn(&block)?)? * (len as f64 / rows as f64))?;
             let grads = loss.backward()?;
             Ok((loss.detach(), grads))
         })
@@ -94,6 +97,20 @@ where
         grads.extend(g)?;
     }
     Ok((loss, grads))
+}
+
+/// `loss` itself when it holds one value: a per-row loss would be summed by the backward and
+/// its shards weighted wrongly.
+fn scalar(loss: Tensor) -> Result<Tensor> {
+    if loss.elem_count() != 1 {
+        return Err(TrainingError::InvalidConfig {
+            field: "loss",
+            value: format!("a tensor of shape {:?}", loss.dims()),
+            allowed: "one value, the mean over the shard's rows",
+        }
+        .into());
+    }
+    Ok(loss)
 }
 
 /// The common first dimension of `batch`'s tensors.

@@ -192,4 +192,11 @@ fn bad_batches_are_rejected_with_the_field_named() {
             .to_string();
         assert!(e.contains(want), "{want}: {e}");
     }
+    for shards in [1, 2] {
+        let per_row = |b: &[Tensor]| model.0.forward(&b[0])?.sqr()?.sum(1);
+        let e = sharded_backward(&[&x], shards, per_row)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`loss`") && e.contains("one value"), "{e}");
+    }
 }
