@@ -22,8 +22,12 @@
 //! It pays where GEMMs dominate and elementwise ops are few (MLPs, small layers). Where large
 //! elementwise ops dominate, the pool's parallelism wins instead: on a transformer it slowed
 //! training down (interleaved 20-step runs on the same machine: all-MiniLM-L6-v2 distillation
-//! 1.4 -> 1.7 s per step; the char-level LM 3 460 -> 3 270 tokens/s). So `train_mnist` calls it,
-//! `char_lm` and `ternarize_minilm` do not. Measure your own model both ways.
+//! 1.4 -> 1.7 s per step; the char-level LM 3 460 -> 3 270 tokens/s), as long as one graph uses
+//! every core. Training in row shards, one per core (`bitnet_training::data_parallel`), reverses
+//! that: each shard's elementwise ops then belong on its own thread, and the pool's spinning
+//! workers only steal cores from the other shard (char LM, ternary: 2 shards 5 270-5 544
+//! tokens/s with this call, 2 808-2 954 without, 3 486-3 585 unsharded with the pool). So the
+//! examples call it whenever they train in more than one shard. Measure your own model both ways.
 //!
 //! ```
 //! bitnet_core::host_threads::elementwise_on_caller();
