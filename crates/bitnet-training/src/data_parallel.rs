@@ -68,30 +68,29 @@ where
     }
     let rows = batch_rows(batch)?;
     let shards = shards.min(rows);
-    if shards == 1 {
-        let whole: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
-        let loss = scalar(loss_fn(&whole)?)?;
-        let grads = loss.backward()?;
-        return Ok((loss.detach(), grads));
-    }
     let (base, extra) = (rows / shards, rows % shards);
     let bounds: Vec<(usize, usize)> = (0..shards)
         .map(|i| (i * base + i.min(extra), base + usize::from(i < extra)))
         .collect();
-    let parts: Vec<(Tensor, GradStore)> = bounds
-        .par_iter()
-        .map(|&(start, len)| {
-            let block = batch
-                .iter()
-                .map(|t| t.narrow(0, start, len))
-                .collect::<Result<Vec<_>>>()?;
-            let loss = (scalar(loss_fn(&block)?)? * (len as f64 / rows as f64))?;
-            let grads = loss.backward()?;
-            Ok((loss.detach(), grads))
-        })
-        .collect::<Result<_>>()?;
+    let run = |&(start, len): &(usize, usize)| -> Result<(Tensor, GradStore)> {
+        let block = batch
+            .iter()
+            .map(|t| t.narrow(0, start, len))
+            .collect::<Result<Vec<_>>>()?;
+        let mut loss = scalar(loss_fn(&block)?)?;
+        if len < rows {
+            loss = (loss * (len as f64 / rows as f64))?;
+        }
+        let grads = loss.backward()?;
+        Ok((loss.detach(), grads))
+    };
+    // One shard runs on the caller's thread: a hop onto rayon's pool would buy nothing.
+    let parts: Vec<(Tensor, GradStore)> = match bounds.as_slice() {
+        [one] => vec![run(one)?],
+        _ => bounds.par_iter().map(run).collect::<Result<_>>()?,
+    };
     let mut parts = parts.into_iter();
-    let (mut loss, mut grads) = parts.next().expect("at least two shards");
+    let (mut loss, mut grads) = parts.next().expect("at least one shard");
     for (l, g) in parts {
         loss = (loss + l)?;
         grads.extend(g)?;
