@@ -90,26 +90,48 @@ fn fused_matches_separate_ops_for_every_configuration() {
             ..BitLinearConfig::default()
         };
         let c = case(config, 24, 7);
-        // 3-D input: the op flattens the leading dims.
-        let x = Var::randn(0f32, 1.0, (2, 5, 24), &Device::Cpu).unwrap();
-        let r = Tensor::randn(0f32, 1.0, (2, 5, 7), &Device::Cpu).unwrap();
-        let fused = run(&c, x.as_tensor(), Some(&x), &r, true);
-        let separate = run(&c, x.as_tensor(), Some(&x), &r, false);
-        let what = ["y", "dx", "dw", "dg", "db"];
-        for (k, (a, b)) in fused.iter().zip(&separate).enumerate() {
-            match (a, b) {
-                (Some(a), Some(b)) => {
-                    assert_eq!(a.dims(), b.dims(), "{name}: {}", what[k]);
-                    // The same kernels in the same order: equal up to f32 rounding of the
-                    // gradient accumulation (in practice bit for bit).
-                    let d = max_rel_diff(a, b);
-                    assert!(d <= 1e-6, "{name}: {} differs by {d:e}", what[k]);
+        // Dense input (candle's GEMM) and 85 % zeros (the sparse kernels), each as a variable
+        // (the input gradient flows on) and as data (only the norm reads it, at the nonzeros).
+        for (density, x_is_var) in [(1.0, true), (0.15, true), (0.15, false)] {
+            let name = format!("{name}, density {density}, x var {x_is_var}");
+            // 3-D input: the op flattens the leading dims.
+            let x = sparse_randn((2, 5, 24), density);
+            let x = Var::from_tensor(&x).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (2, 5, 7), &Device::Cpu).unwrap();
+            let xv = x_is_var.then_some(&x);
+            let xt = match x_is_var {
+                true => x.as_tensor().clone(),
+                false => x.as_tensor().detach(),
+            };
+            let fused = run(&c, &xt, xv, &r, true);
+            let separate = run(&c, &xt, xv, &r, false);
+            let what = ["y", "dx", "dw", "dg", "db"];
+            for (k, (a, b)) in fused.iter().zip(&separate).enumerate() {
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        assert_eq!(a.dims(), b.dims(), "{name}: {}", what[k]);
+                        // The same math: equal up to f32 rounding (the sparse kernels add in
+                        // another order than the GEMM).
+                        let d = max_rel_diff(a, b);
+                        assert!(d <= 1e-6, "{name}: {} differs by {d:e}", what[k]);
+                    }
+                    (None, None) => {}
+                    _ => panic!("{name}: {} present in one path only", what[k]),
                 }
-                (None, None) => {}
-                _ => panic!("{name}: {} present in one path only", what[k]),
             }
         }
     }
+}
+
+/// Standard normal values with about `1 - density` of them zeroed (in place, not a separate
+/// mask op, so the zeros are exact).
+fn sparse_randn(shape: (usize, usize, usize), density: f64) -> Tensor {
+    let x = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let keep = Tensor::rand(0f32, 1.0, shape, &Device::Cpu)
+        .unwrap()
+        .lt(density)
+        .unwrap();
+    keep.where_cond(&x, &x.zeros_like().unwrap()).unwrap()
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! * [`bitlinear`]: BitLinear's norm, quantizers and GEMM as one op (CPU training fast path).
 //! * [`linear`]: `x w^T` with a backward that needs no transpose node (used by `BitLinear`).
 //! * [`rms_norm`]: RMSNorm fused into one op (forward) and two (backward), for [`crate::RmsNorm`].
+//! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
 
 pub mod bitlinear;
 pub(crate) mod cpu_util;
@@ -25,6 +26,7 @@ pub(crate) mod metal_util;
 pub mod quantize;
 pub mod rms_norm;
 pub mod scales;
+pub mod sparse;
 
 pub use math::{EstKind, Kind};
 

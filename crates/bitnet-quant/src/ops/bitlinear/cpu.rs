@@ -2,6 +2,7 @@
 //! separate ops, called in the same order on plain buffers.
 
 use crate::ops::quantize::QuantizeOp;
+use crate::ops::sparse::{self, SparseRows};
 use crate::ops::{quantize, rms_norm, scales};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -14,7 +15,11 @@ pub(crate) struct Forward {
     pub xq: Option<Vec<f32>>,
     pub x_params: Option<Vec<f32>>,
     pub x_block: usize,
+    /// The quantized weight: `[n, k]`, or its transpose `[k, n]` when `sparse` is set.
     pub wq: Vec<f32>,
+    /// The GEMM's left operand as entries, when it is sparse enough for the sparse kernels
+    /// (pattern: nonzero input or nonzero operand; see [`sparse::MAX_DENSITY`]).
+    pub sparse: Option<SparseRows>,
     pub w_params: Vec<f32>,
     pub w_block: usize,
 }
@@ -41,11 +46,32 @@ pub(crate) fn forward(
     let w_block = weight.granularity.block_size(n * k, k)?;
     let w_params = scales::cpu::block_params(op, weight.kind, ws, w_block)?;
     let wq = quantize::cpu::forward(weight.kind, ws, &w_params, w_block, weight.lambda);
-    // Moved into storages for candle's GEMM and moved back out afterwards: no copy.
     let (lhs, xn) = match xq {
         Some(xq) => (xq, Some(xn)),
         None => (xn, None),
     };
+    // The input's nonzeros join the pattern: the norm gradient reads the GEMM's input gradient
+    // wherever the input is nonzero, even where its quantized value rounded to zero.
+    if let Some(sp) = SparseRows::from_dense(&lhs, k, sparse::MAX_DENSITY, Some(xs)) {
+        let wt = sparse::transpose(&wq, n, k);
+        let y = sp.matmul(&wt, n);
+        let (xn, xq) = match xn {
+            Some(xn) => (xn, Some(lhs)),
+            None => (lhs, None),
+        };
+        return Ok(Forward {
+            y,
+            xn,
+            xq,
+            x_params,
+            x_block,
+            wq: wt,
+            sparse: Some(sp),
+            w_params,
+            w_block,
+        });
+    }
+    // Moved into storages for candle's GEMM and moved back out afterwards: no copy.
     let lhs = CpuStorage::F32(lhs);
     let rhs = CpuStorage::F32(wq);
     let y = lhs.matmul(
@@ -68,6 +94,7 @@ pub(crate) fn forward(
         x_params,
         x_block,
         wq,
+        sparse: None,
         w_params,
         w_block,
     })

@@ -9,9 +9,14 @@
 //! its RMSNorm input gradient is never computed.
 //!
 //! Forward: exactly the separate ops' kernels in the same order, so the output is bitwise the
-//! same as [`BitLinear::forward_separate`](crate::BitLinear::forward_separate).
+//! same as [`BitLinear::forward_separate`](crate::BitLinear::forward_separate) — except when the
+//! input is mostly zeros (at most [`sparse::MAX_DENSITY`] nonzeros, like MNIST's pixels): then
+//! the GEMM and the backward's products run as the [`sparse`](crate::ops::sparse) kernels over
+//! the nonzeros only, equal up to f32 rounding (another summation order).
 //! Backward: `dXq = dY Wq`, `dW = e_w(dY^T Xq)`, `dXn = e_x(dXq)` with `e_*` the quantizers'
-//! estimators (identity for the default STE), then RMSNorm's two gradients from `dXn`.
+//! estimators (identity for the default STE), then RMSNorm's two gradients from `dXn`. When
+//! only the norm weight needs `dXn` (the first layer), a sparse input's `dXq` is computed only
+//! where the input is nonzero: the norm gradient `sum_i dXn[i,j] xhat[i,j]` reads nothing else.
 //! Reference: the separate ops, which the tests compare it against (and finite differences).
 //!
 //! CPU and f32 only: [`BitLinear`](crate::BitLinear) runs the separate ops on other devices.
@@ -22,8 +27,9 @@ use crate::error::QuantError;
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
 use crate::ops::quantize::{QuantizeGradOp, QuantizeOp};
 use crate::ops::rms_norm::RmsNormGradOp;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::Mutex;
+use crate::ops::sparse::{self, SparseRows};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
 
 /// What the forward keeps for the backward, as tensors so that the backward is plain tensor ops.
 #[derive(Debug, Clone)]
@@ -34,8 +40,10 @@ struct Saved {
     xq: Tensor,
     /// Activation block parameters `[blocks, 2]`, if quantized.
     x_params: Option<Tensor>,
-    /// The quantized weight `[out, in]`.
+    /// The quantized weight `[out, in]` (`[in, out]` when `sparse` is set).
     wq: Tensor,
+    /// The GEMM's input as entries, when the forward took the sparse kernels.
+    sparse: Option<Arc<SparseRows>>,
     /// Weight block parameters `[blocks, 2]`.
     w_params: Tensor,
 }
@@ -144,11 +152,16 @@ impl CustomOp3 for BitLinearOp {
             None => None,
         };
         let w_blocks = n * k / f.w_block;
+        let wq_shape = match f.sparse {
+            Some(_) => (k, n),
+            None => (n, k),
+        };
         let saved = Saved {
             xn,
             xq,
             x_params,
-            wq: Tensor::from_vec(f.wq, (n, k), &dev)?,
+            wq: Tensor::from_vec(f.wq, wq_shape, &dev)?,
+            sparse: f.sparse.map(Arc::new),
             w_params: Tensor::from_vec(f.w_params, (w_blocks, 2), &dev)?,
         };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
@@ -176,6 +189,10 @@ impl CustomOp3 for BitLinearOp {
             })?;
         let n = w.dim(0)?;
         let g2 = grad.reshape(((), n))?;
+        let (need_x, need_norm) = (x.track_op(), norm.track_op());
+        if let Some(sp) = &s.sparse {
+            return self.sparse_bwd(&s, sp, (x, w, norm), &g2, (need_x, need_norm));
+        }
         let dw = match w.track_op() {
             // `g2.t()` is a strided view; the GEMM reads it without a copy.
             true => {
@@ -184,11 +201,75 @@ impl CustomOp3 for BitLinearOp {
             }
             false => None,
         };
-        let (need_x, need_norm) = (x.track_op(), norm.track_op());
         if !need_x && !need_norm {
             return Ok((None, dw, None));
         }
         let dxq = g2.matmul(&s.wq)?;
+        self.input_grads(&s, x, norm, dxq, (need_x, need_norm))
+            .map(|(dx, dnorm)| (dx, dw, dnorm))
+    }
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("bitnet-bitlinear: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+impl BitLinearOp {
+    /// The backward after a sparse forward: the weight gradient and, when only the norm needs
+    /// it, the input gradient at the pattern's positions by the sparse kernels; an input
+    /// gradient that flows on (a hidden layer) by the dense GEMM.
+    #[allow(clippy::type_complexity)]
+    fn sparse_bwd(
+        &self,
+        s: &Saved,
+        sp: &SparseRows,
+        (x, w, norm): (&Tensor, &Tensor, &Tensor),
+        g2: &Tensor,
+        (need_x, need_norm): (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dev = candle_core::Device::Cpu;
+        let (m, n) = g2.dims2()?;
+        let k = sp.cols();
+        let g2 = g2.contiguous()?;
+        let by_column = (w.track_op() || (need_norm && !need_x)).then(|| sp.transposed());
+        let dw = match (w.track_op(), &by_column) {
+            (true, Some(st)) => {
+                let dwt = with_values(&g2, |gv| st.matmul(gv, n))?;
+                let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
+                Some(Self::estimator_grad(&self.weight, w, &s.w_params, dwq)?)
+            }
+            _ => None,
+        };
+        if !need_x && !need_norm {
+            return Ok((None, dw, None));
+        }
+        let dxq = match (need_x, &by_column) {
+            (false, Some(st)) => {
+                let vals = with_values(&g2, |gv| {
+                    with_values(&s.wq, |wt| st.sampled_dots(gv, wt, n))
+                })??;
+                Tensor::from_vec(st.scatter_transposed(&vals), (m, k), &dev)?
+            }
+            _ => g2.matmul(&s.wq.t()?)?,
+        };
+        self.input_grads(s, x, norm, dxq, (need_x, need_norm))
+            .map(|(dx, dnorm)| (dx, dw, dnorm))
+    }
+
+    /// The input and norm-weight gradients from the GEMM's input gradient `dxq` (`[m, in]`).
+    fn input_grads(
+        &self,
+        s: &Saved,
+        x: &Tensor,
+        norm: &Tensor,
+        dxq: Tensor,
+        (need_x, need_norm): (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dxn = match (&self.act, &s.x_params) {
             (Some(a), Some(p)) => Self::estimator_grad(a, &s.xn, p, dxq)?,
             _ => dxq,
@@ -206,6 +287,6 @@ impl CustomOp3 for BitLinearOp {
         };
         let dx = need_x.then(|| rms_grad(false)).transpose()?;
         let dnorm = need_norm.then(|| rms_grad(true)).transpose()?;
-        Ok((dx, dw, dnorm))
+        Ok((dx, dnorm))
     }
 }

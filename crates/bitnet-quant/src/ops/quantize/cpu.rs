@@ -11,7 +11,8 @@ pub(crate) fn forward(
     block: usize,
     lambda: f32,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
+    // SAFETY: the segments cover `out` and `map` writes every value of each.
+    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
     for_block_segments(&mut out, block, |b, start, seg| {
         let (s, aux) = (params[2 * b], params[2 * b + 1]);
         let xs = &xs[start..start + seg.len()];

@@ -70,7 +70,8 @@ fn rms(x: &[f32], eps: f32) -> f32 {
 /// `y = x / rms(x) * w` row by row; `w` has one value per column.
 pub(crate) fn forward(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    let mut out = vec![0f32; xs.len()];
+    // SAFETY: `for_rows` visits every row and the loop writes every value of it.
+    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
     for_rows(&mut out, dim, |r, o| {
         let x = &xs[r * dim..(r + 1) * dim];
         let denom = rms(x, eps);
@@ -86,7 +87,8 @@ pub(crate) fn forward(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// value of its row, hence the second term).
 pub(crate) fn grad_input(xs: &[f32], w: &[f32], us: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    let mut out = vec![0f32; xs.len()];
+    // SAFETY: `for_rows` visits every row and the loop writes every value of it.
+    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
     for_rows(&mut out, dim, |r, o| {
         let x = &xs[r * dim..(r + 1) * dim];
         let u = &us[r * dim..(r + 1) * dim];

@@ -1,0 +1,87 @@
+//! The sparse-input kernels (`bitnet::quant::ops::sparse`) against candle's dense f32 GEMM on the
+//! first MNIST layer's products (batch 128, 784 inputs, 256 outputs), at several input
+//! densities, in one run. Each sparse row includes building its index (the op does that every
+//! step). This is what sets `ops::sparse::MAX_DENSITY`.
+//!
+//! `RAYON_NUM_THREADS=1 cargo bench --bench sparse_input`
+
+use bitnet::quant::ops::sparse::{transpose, SparseRows};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use rand::{Rng, SeedableRng};
+
+const M: usize = 128;
+const K: usize = 784;
+const N: usize = 256;
+
+fn values(len: usize, density: f64, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            if rng.random_bool(density) {
+                rng.random_range(-1f32..1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    bitnet::core::host_threads::elementwise_on_caller();
+    bitnet::core::host_alloc::keep_freed_memory();
+    let dev = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let w = values(N * K, 1.0, &mut rng);
+    let wt = transpose(&w, N, K);
+    let dy = values(M * N, 1.0, &mut rng);
+    let w_t = Tensor::from_vec(w.clone(), (N, K), &dev).unwrap();
+    let dy_t = Tensor::from_vec(dy.clone(), (M, N), &dev).unwrap();
+    let mut group = c.benchmark_group("sparse_input_784x256_b128");
+    {
+        let x = values(M * K, 1.0, &mut rng);
+        let x_t = Tensor::from_vec(x, (M, K), &dev).unwrap();
+        group.bench_function("dense/forward", |b| {
+            b.iter(|| x_t.matmul(&w_t.t().unwrap()).unwrap())
+        });
+        group.bench_function("dense/weight_grad", |b| {
+            b.iter(|| dy_t.t().unwrap().matmul(&x_t).unwrap())
+        });
+        group.bench_function("dense/input_grad", |b| {
+            b.iter(|| dy_t.matmul(&w_t).unwrap())
+        });
+    }
+    for density in [0.1, 0.2, 0.35, 0.5] {
+        let x = values(M * K, density, &mut rng);
+        let name = format!("sparse_{}pct", (density * 100.0) as u32);
+        group.bench_function(format!("{name}/forward"), |b| {
+            b.iter(|| {
+                let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
+                s.matmul(&wt, N)
+            })
+        });
+        group.bench_function(format!("{name}/index"), |b| {
+            b.iter(|| SparseRows::from_dense(&x, K, 1.0, None).unwrap())
+        });
+        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
+        group.bench_function(format!("{name}/forward_no_index"), |b| {
+            b.iter(|| s.matmul(&wt, N))
+        });
+        let st = s.transposed();
+        group.bench_function(format!("{name}/weight_grad_no_transposes"), |b| {
+            b.iter(|| st.matmul(&dy, N))
+        });
+        group.bench_function(format!("{name}/weight_grad"), |b| {
+            b.iter(|| transpose(&s.transposed().matmul(&dy, N), K, N))
+        });
+        group.bench_function(format!("{name}/input_grad_sampled"), |b| {
+            b.iter(|| {
+                let st = s.transposed();
+                st.scatter_transposed(&st.sampled_dots(&dy, &wt, N))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

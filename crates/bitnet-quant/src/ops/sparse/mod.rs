@@ -1,0 +1,514 @@
+//! Products with a mostly-zero left operand, for BitLinear layers fed sparse data.
+//!
+//! A layer whose input is mostly zeros (MNIST pixels are 81 % zero; one-hot and bag-of-words
+//! features more) spends most of a dense GEMM multiplying zeros. Its three products in a training
+//! step touch the input only through its nonzeros:
+//!
+//! * forward `Y = Xq W^T`: row `i` of `Y` is `sum_j Xq[i,j] W^T[j,:]` over the row's nonzeros
+//!   ([`SparseRows::matmul`] with `W^T`);
+//! * weight gradient `dW^T = Xq^T dY`: the same product with the transpose
+//!   ([`SparseRows::transposed`], then [`SparseRows::matmul`] with `dY`, then [`transpose`]);
+//! * norm-weight gradient: `dg_j = sum_i dXn[i,j] xhat[i,j]` reads `dXn = dY Wq` only where the
+//!   input is nonzero, so only those dot products are needed ([`SparseRows::sampled_dots`]).
+//!
+//! Each costs `nnz * n` multiply-adds instead of `m * k * n`. The kernels reach about half the
+//! FMA rate of a packed GEMM (every multiply-add loads a fresh operand), so they pay below
+//! [`MAX_DENSITY`] nonzeros; `benches/sparse_input.rs` measures the crossing.
+//! Results equal the dense products up to f32 rounding (a different summation order).
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::ops::cpu_util::output_vec;
+use rayon::prelude::*;
+
+/// The largest share of nonzeros at which [`crate::ops::bitlinear`] takes the sparse kernels:
+/// above it the dense GEMM is faster (`benches/sparse_input.rs`: at 784 x 256 and batch 128 the
+/// sparse forward + weight gradient + sampled norm gradient cost 0.41x the dense GEMMs at 20 %
+/// nonzeros, about 1x near 50 %).
+pub const MAX_DENSITY: f32 = 0.35;
+
+/// A row-major matrix stored by its kept entries, row by row (CSR).
+#[derive(Debug, Clone)]
+pub struct SparseRows {
+    rows: usize,
+    cols: usize,
+    /// `start[r]..start[r + 1]` indexes row `r`'s entries; `rows + 1` values.
+    start: Vec<usize>,
+    col: Vec<u32>,
+    val: Vec<f32>,
+}
+
+impl SparseRows {
+    /// The entries of the row-major `[values.len() / cols, cols]` matrix that are nonzero, or where
+    /// `also` (same shape) is nonzero, in row order; `None` as soon as more than `max_density` of
+    /// all entries are kept (so a dense input costs a partial pass, not a full copy).
+    ///
+    /// `also` widens the pattern: BitLinear keeps the positions of nonzero *inputs* even where
+    /// the quantized value is zero, because the norm gradient needs them.
+    pub fn from_dense(
+        values: &[f32],
+        cols: usize,
+        max_density: f32,
+        also: Option<&[f32]>,
+    ) -> Option<Self> {
+        assert!(
+            cols > 0 && values.len() % cols == 0,
+            "values are [rows, cols]"
+        );
+        if let Some(a) = also {
+            assert_eq!(a.len(), values.len(), "`also` has the shape of `values`");
+        }
+        let rows = values.len() / cols;
+        let limit = (max_density.clamp(0.0, 1.0) as f64 * values.len() as f64) as usize;
+        let mut start = Vec::with_capacity(rows + 1);
+        // Room for one more row past the limit: a row never reallocates before the check.
+        let mut col = Vec::with_capacity(limit + cols);
+        let mut val = Vec::with_capacity(limit + cols);
+        start.push(0);
+        for r in 0..rows {
+            let row = &values[r * cols..(r + 1) * cols];
+            let extra = also.map(|a| &a[r * cols..(r + 1) * cols]);
+            scan_row(row, extra, &mut col, &mut val);
+            if col.len() > limit {
+                return None;
+            }
+            start.push(col.len());
+        }
+        Some(Self {
+            rows,
+            cols,
+            start,
+            col,
+            val,
+        })
+    }
+
+    /// Rows of the dense matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the dense matrix.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Kept entries.
+    pub fn nnz(&self) -> usize {
+        self.val.len()
+    }
+
+    /// Kept entries over all entries.
+    pub fn density(&self) -> f32 {
+        self.nnz() as f32 / (self.rows * self.cols).max(1) as f32
+    }
+
+    fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let (a, b) = (self.start[r], self.start[r + 1]);
+        (&self.col[a..b], &self.val[a..b])
+    }
+
+    /// The same entries stored by column (the CSR of the transpose), each column's entries in
+    /// row order.
+    pub fn transposed(&self) -> SparseRows {
+        let mut count = vec![0usize; self.cols + 1];
+        for &c in &self.col {
+            count[c as usize + 1] += 1;
+        }
+        for c in 0..self.cols {
+            count[c + 1] += count[c];
+        }
+        let start = count.clone();
+        let mut next = count;
+        let mut col = vec![0u32; self.nnz()];
+        // SAFETY: the entries are a permutation: every slot is written once below.
+        let mut val = unsafe { output_vec(self.nnz()) };
+        for r in 0..self.rows {
+            let (cs, vs) = self.row(r);
+            for (&c, &v) in cs.iter().zip(vs) {
+                let at = &mut next[c as usize];
+                col[*at] = r as u32;
+                val[*at] = v;
+                *at += 1;
+            }
+        }
+        SparseRows {
+            rows: self.cols,
+            cols: self.rows,
+            start,
+            col,
+            val,
+        }
+    }
+
+    /// `self @ b` for a row-major `b: [cols, n]`: a row-major `[rows, n]`.
+    ///
+    /// Swept in 64-wide column blocks of `b`, all rows per block (a 784 x 64 block, 200 KiB,
+    /// stays in L2). Each multiply-add loads its own operand of `b`, so the kernel runs at about
+    /// half a dense GEMM's rate; blocking the rows of `b` for L1 as well was measured no faster
+    /// (the runs per row and block get short).
+    pub fn matmul(&self, b: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(b.len(), self.cols * n, "b is [cols, n]");
+        // SAFETY: every row and every column block is written once below.
+        let mut out = unsafe { output_vec(self.rows * n) };
+        if n == 0 {
+            return out;
+        }
+        let kernel = axpys_kernel();
+        for_row_ranges(&mut out, n, |r0, block| {
+            for c0 in (0..n).step_by(BLOCK) {
+                let w = BLOCK.min(n - c0);
+                for (i, o) in block.chunks_mut(n).enumerate() {
+                    let (cs, vs) = self.row(r0 + i);
+                    kernel(&mut o[c0..c0 + w], cs, vs, b, n, c0);
+                }
+            }
+        });
+        out
+    }
+
+    /// One value per kept entry, in storage order: entry `(r, c)` gets `dot(u[c], b[r])` for
+    /// row-major `u: [cols, n]` and `b: [rows, n]`.
+    ///
+    /// On the column-major copy of a pattern ([`SparseRows::transposed`]) this is the sampled
+    /// product `(b^T u)` at the pattern's positions; a column of the original pattern reuses one
+    /// row of `b` for all its entries, which stays in L1.
+    pub fn sampled_dots(&self, u: &[f32], b: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(u.len(), self.cols * n, "u is [cols, n]");
+        assert_eq!(b.len(), self.rows * n, "b is [rows, n]");
+        // SAFETY: `dots` writes one value per entry, for every row's entries.
+        let mut out = unsafe { output_vec(self.nnz()) };
+        if n == 0 {
+            return out;
+        }
+        let fill = |r: usize, o: &mut [f32]| {
+            let (cs, _) = self.row(r);
+            dots(o, cs, &b[r * n..(r + 1) * n], u, n);
+        };
+        if crate::ops::parallel(self.nnz() * n / 64) {
+            // Split at row boundaries into pieces of about equal entries.
+            let mut pieces: Vec<(usize, &mut [f32])> = Vec::new();
+            let mut rest = out.as_mut_slice();
+            for r in 0..self.rows {
+                let len = self.start[r + 1] - self.start[r];
+                let (head, tail) = rest.split_at_mut(len);
+                pieces.push((r, head));
+                rest = tail;
+            }
+            pieces.into_par_iter().for_each(|(r, o)| fill(r, o));
+        } else {
+            for r in 0..self.rows {
+                fill(r, &mut out[self.start[r]..self.start[r + 1]]);
+            }
+        }
+        out
+    }
+
+    /// Writes `values` (one per entry, in storage order) into a dense row-major `[cols, rows]`
+    /// at the transposed positions: entry `(r, c)` lands at `out[c * rows + r]`. With a
+    /// column-major copy this puts values back at their original `[rows', cols']` position.
+    pub fn scatter_transposed(&self, values: &[f32]) -> Vec<f32> {
+        assert_eq!(values.len(), self.nnz(), "one value per entry");
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            let (a, b) = (self.start[r], self.start[r + 1]);
+            for (&c, &v) in self.col[a..b].iter().zip(&values[a..b]) {
+                out[c as usize * self.rows + r] = v;
+            }
+        }
+        out
+    }
+}
+
+/// Appends `row`'s kept entries (nonzero in `row` or in `extra`).
+fn scan_row(row: &[f32], extra: Option<&[f32]>, col: &mut Vec<u32>, val: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: AVX2 checked; `extra` is a row of `also`, as long as `row` (asserted).
+        unsafe { x86::scan_row(row, extra, col, val) };
+        return;
+    }
+    scalar::scan_row(row, extra, col, val);
+}
+
+/// Columns of `b` per sweep of [`SparseRows::matmul`]: eight AVX registers of accumulators.
+const BLOCK: usize = 64;
+
+/// Calls `f(first_row, rows)` on ranges of `width`-wide rows of `out`, split across rayon when
+/// [`parallel`](crate::ops::parallel) says so. Rows are independent: the split does not change
+/// the result.
+fn for_row_ranges(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if crate::ops::parallel(out.len()) {
+        let per = (crate::ops::cpu_util::CHUNK / width).max(1);
+        out.par_chunks_mut(per * width)
+            .enumerate()
+            .for_each(|(t, block)| f(t * per, block));
+    } else {
+        f(0, out);
+    }
+}
+
+/// `out[t] = sum_e vs[e] * b[cs[e] * n + c0 + t]` for the `out.len()` (at most [`BLOCK`])
+/// columns from `c0` (written, not accumulated: `out` may be uninitialised).
+type Axpys = fn(&mut [f32], &[u32], &[f32], &[f32], usize, usize);
+
+/// The [`Axpys`] kernel for this CPU, chosen once per product (it is called per row segment).
+fn axpys_kernel() -> Axpys {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        return |out, cs, vs, b, n, c0| {
+            // SAFETY: the CPU has AVX2 and FMA (checked before choosing this kernel); every
+            // `cs[e] < b.len() / n` (entries come from a `cols`-wide matrix and `b` is
+            // `[cols, n]`, asserted by the callers) and `c0 + out.len() <= n`.
+            unsafe { x86::axpys(out, cs, vs, b, n, c0) }
+        };
+    }
+    scalar::axpys
+}
+
+/// `out[e] = dot(u, b[cs[e], :])` for every entry `e`.
+fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: as in `axpys`; `out.len() == cs.len()`.
+        unsafe { x86::dots(out, cs, u, b, n) };
+        return;
+    }
+    scalar::dots(out, cs, u, b, n);
+}
+
+/// The portable kernels (and the reference the AVX2 ones are tested against).
+mod scalar {
+    pub(super) fn scan_row(
+        row: &[f32],
+        extra: Option<&[f32]>,
+        col: &mut Vec<u32>,
+        val: &mut Vec<f32>,
+    ) {
+        for (c, &v) in row.iter().enumerate() {
+            if v != 0.0 || extra.is_some_and(|e| e[c] != 0.0) {
+                col.push(c as u32);
+                val.push(v);
+            }
+        }
+    }
+
+    pub(super) fn axpys(out: &mut [f32], cs: &[u32], vs: &[f32], b: &[f32], n: usize, c0: usize) {
+        out.fill(0.0);
+        for (&c, &v) in cs.iter().zip(vs) {
+            let row = &b[c as usize * n + c0..][..out.len()];
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o += v * w;
+            }
+        }
+    }
+
+    pub(super) fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
+        for (o, &c) in out.iter_mut().zip(cs) {
+            let row = &b[c as usize * n..(c as usize + 1) * n];
+            *o = u.iter().zip(row).map(|(a, b)| a * b).sum();
+        }
+    }
+
+    pub(super) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+        const T: usize = 16;
+        for r0 in (0..rows).step_by(T) {
+            for c0 in (0..cols).step_by(T) {
+                for r in r0..(r0 + T).min(rows) {
+                    for c in c0..(c0 + T).min(cols) {
+                        dst[c * rows + r] = src[r * cols + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of a row-major `[rows, cols]`: a row-major `[cols, rows]` (8 x 8 register
+/// transposes on AVX2).
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(src.len(), rows * cols, "src is [rows, cols]");
+    // SAFETY: both kernels write every position of the transpose.
+    let mut dst = unsafe { output_vec(rows * cols) };
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: AVX2 checked; both buffers hold `rows * cols` values.
+        unsafe { x86::transpose(src, rows, cols, &mut dst) };
+        return dst;
+    }
+    scalar::transpose(src, rows, cols, &mut dst);
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic matrix with about `density` nonzeros (values in [-1, 1)).
+    fn sparse(rows: usize, cols: usize, density: f32, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32) / (1u64 << 31) as f32
+        };
+        (0..rows * cols)
+            .map(|_| {
+                let keep = next() < density;
+                let v = next() * 2.0 - 1.0;
+                if keep {
+                    v
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// The plain triple loop in f64.
+    fn dense_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..k {
+                for o in 0..n {
+                    out[i * n + o] += a[i * k + j] as f64 * b[j * n + o] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (t, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}: entry {t}: {g} vs {w}"
+            );
+        }
+    }
+
+    // Widths around the kernel's 64- and 8-wide steps, and a batch of rows with empty ones.
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (3, 17, 7),
+        (9, 33, 64),
+        (16, 70, 71),
+        (31, 100, 136),
+        (128, 784, 256),
+    ];
+
+    #[test]
+    fn matmul_equals_the_dense_product() {
+        for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let a = sparse(m, k, 0.2, seed as u64);
+            let b = sparse(k, n, 1.0, 100 + seed as u64);
+            let s = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
+            assert_close(&s.matmul(&b, n), &dense_matmul(&a, &b, m, k, n), "matmul");
+            // The transpose times a [m, n] matrix: A^T B.
+            let u = sparse(m, n, 1.0, 200 + seed as u64);
+            let at: Vec<f32> = transpose(&a, m, k);
+            assert_close(
+                &s.transposed().matmul(&u, n),
+                &dense_matmul(&at, &u, k, m, n),
+                "transposed matmul",
+            );
+        }
+    }
+
+    #[test]
+    fn sampled_dots_equal_the_dense_product_on_the_pattern_and_zero_elsewhere() {
+        for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let a = sparse(m, k, 0.3, seed as u64);
+            let dy = sparse(m, n, 1.0, 300 + seed as u64);
+            let wt = sparse(k, n, 1.0, 400 + seed as u64);
+            // As the norm gradient uses them: the column-major pattern, dots of `wt` rows with
+            // `dy` rows, put back at the [m, k] positions.
+            let st = SparseRows::from_dense(&a, k, 1.0, None)
+                .unwrap()
+                .transposed();
+            let got = st.scatter_transposed(&st.sampled_dots(&dy, &wt, n));
+            let want = dense_matmul(&dy, &transpose(&wt, k, n), m, n, k);
+            let want: Vec<f64> = want
+                .iter()
+                .zip(&a)
+                .map(|(&w, &x)| if x != 0.0 { w } else { 0.0 })
+                .collect();
+            assert_close(&got, &want, "sampled dots");
+        }
+    }
+
+    #[test]
+    fn the_portable_kernels_agree_with_the_simd_ones() {
+        // On a CPU without AVX2 the portable kernels run; here both run on the same data.
+        let (m, k, n) = (13, 70, 77);
+        let a = sparse(m, k, 0.4, 9);
+        let extra = sparse(m, k, 0.1, 10);
+        let b = sparse(k, n, 1.0, 11);
+        let u = sparse(m, n, 1.0, 12);
+        for r in 0..m {
+            let row = &a[r * k..(r + 1) * k];
+            let ex = Some(&extra[r * k..(r + 1) * k]);
+            let (mut c1, mut v1, mut c2, mut v2) = (vec![], vec![], vec![], vec![]);
+            scalar::scan_row(row, ex, &mut c1, &mut v1);
+            scan_row(row, ex, &mut c2, &mut v2);
+            assert_eq!((c1, v1), (c2, v2), "row {r} scan");
+        }
+        let s = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
+        for r in 0..m {
+            let (cs, vs) = s.row(r);
+            for c0 in (0..n).step_by(BLOCK) {
+                let w = BLOCK.min(n - c0);
+                let (mut o1, mut o2) = (vec![0f32; w], vec![0f32; w]);
+                scalar::axpys(&mut o1, cs, vs, &b, n, c0);
+                axpys_kernel()(&mut o2, cs, vs, &b, n, c0);
+                for (x, y) in o1.iter().zip(&o2) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "axpys {x} vs {y}");
+                }
+            }
+            let (mut d1, mut d2) = (vec![0f32; cs.len()], vec![0f32; cs.len()]);
+            let ur = &u[r * n..(r + 1) * n];
+            scalar::dots(&mut d1, cs, ur, &b, n);
+            dots(&mut d2, cs, ur, &b, n);
+            for (x, y) in d1.iter().zip(&d2) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "dots {x} vs {y}");
+            }
+        }
+        let mut t1 = vec![0f32; m * k];
+        scalar::transpose(&a, m, k, &mut t1);
+        assert_eq!(t1, transpose(&a, m, k));
+    }
+
+    #[test]
+    fn pattern_keeps_nonzeros_of_either_matrix_and_respects_the_density_limit() {
+        let values = [0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0];
+        let also = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0];
+        let s = SparseRows::from_dense(&values, 5, 1.0, Some(&also)).unwrap();
+        assert_eq!(s.start, vec![0, 2, 4]);
+        assert_eq!(s.col, vec![0, 1, 1, 4]);
+        // The value is always `values`', zero where only `also` is set.
+        assert_eq!(s.val, vec![0.0, 2.0, 3.0, 0.0]);
+        assert_eq!(s.density(), 0.4);
+        assert!(SparseRows::from_dense(&values, 5, 0.39, Some(&also)).is_none());
+        assert!(SparseRows::from_dense(&values, 5, 0.2, None).is_some());
+        assert!(SparseRows::from_dense(&values, 5, 0.19, None).is_none());
+    }
+
+    #[test]
+    fn transpose_is_its_own_inverse_and_moves_every_entry() {
+        for &(r, c) in &[(1, 1), (3, 5), (17, 33), (256, 784)] {
+            let a: Vec<f32> = (0..r * c).map(|t| t as f32).collect();
+            let t = transpose(&a, r, c);
+            for i in 0..r {
+                for j in 0..c {
+                    assert_eq!(t[j * r + i], a[i * c + j]);
+                }
+            }
+            assert_eq!(transpose(&t, c, r), a);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! AVX2 + FMA kernels of the sparse products. Both are load-bound: each multiply-add reads a
+//! fresh row segment of `b`, so they keep as many independent accumulators in registers as the
+//! loads can feed (eight for `axpys`, 4 entries x 2 for `dots`).
+
+use std::arch::x86_64::*;
+
+/// Whether the CPU runs these kernels (cached by the std macro).
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// `out[t] = sum_e vs[e] * b[cs[e] * n + c0 + t]` for `t < out.len() <= 64` (`out` is only
+/// written).
+///
+/// # Safety
+/// AVX2 and FMA must be available; `cs.len() == vs.len()`, `c0 + out.len() <= n` and every
+/// `(cs[e] + 1) * n <= b.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn axpys(
+    out: &mut [f32],
+    cs: &[u32],
+    vs: &[f32],
+    b: &[f32],
+    n: usize,
+    c0: usize,
+) {
+    let w = out.len();
+    debug_assert!(w <= 64 && c0 + w <= n);
+    debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
+    let bp = b.as_ptr().add(c0);
+    let op = out.as_mut_ptr();
+    if w == 64 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (&c, &v) in cs.iter().zip(vs) {
+            let vb = _mm256_set1_ps(v);
+            let p = bp.add(c as usize * n);
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(vb, _mm256_loadu_ps(p.add(8 * t)), *a);
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(8 * t), *a);
+        }
+        return;
+    }
+    let mut t0 = 0;
+    while t0 + 8 <= w {
+        let mut acc = _mm256_setzero_ps();
+        for (&c, &v) in cs.iter().zip(vs) {
+            let p = bp.add(c as usize * n + t0);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(v), _mm256_loadu_ps(p), acc);
+        }
+        _mm256_storeu_ps(op.add(t0), acc);
+        t0 += 8;
+    }
+    for t in t0..w {
+        let mut acc = 0f32;
+        for (&c, &v) in cs.iter().zip(vs) {
+            acc = v.mul_add(*bp.add(c as usize * n + t), acc);
+        }
+        *op.add(t) = acc;
+    }
+}
+
+/// For each 8-bit mask, the lanes of its set bits in order (then zeros): the permutation that
+/// packs a chunk's kept values to the front.
+static PACK: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut k, mut b) = (0, 0);
+        while b < 8 {
+            if m & (1 << b) != 0 {
+                t[m][k] = b as u32;
+                k += 1;
+            }
+            b += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
+/// Appends the columns and values of `row`'s entries that are nonzero, or nonzero in `extra`.
+/// Branch-free per chunk of 8: the kept lanes are packed with a permutation and all 8 lanes
+/// stored, and the length advances by the count (a per-value branch mispredicts on real data).
+///
+/// # Safety
+/// AVX2 must be available; `extra`, if given, is as long as `row`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn scan_row(
+    row: &[f32],
+    extra: Option<&[f32]>,
+    col: &mut Vec<u32>,
+    val: &mut Vec<f32>,
+) {
+    let n = row.len();
+    // Full 8-lane stores may run 8 past the last kept entry.
+    col.reserve(n + 8);
+    val.reserve(n + 8);
+    let mut len = col.len();
+    debug_assert_eq!(len, val.len());
+    let (cp, vp) = (col.as_mut_ptr(), val.as_mut_ptr());
+    let zero = _mm256_setzero_ps();
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut c0 = 0;
+    while c0 + 8 <= n {
+        let v = _mm256_loadu_ps(row.as_ptr().add(c0));
+        // Unordered: NaN counts as nonzero, so a NaN input still reaches the output.
+        let mut m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero)) as u32;
+        if let Some(e) = extra {
+            let x = _mm256_loadu_ps(e.as_ptr().add(c0));
+            m |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(x, zero)) as u32;
+        }
+        let perm = _mm256_loadu_si256(PACK[m as usize].as_ptr() as *const __m256i);
+        _mm256_storeu_ps(vp.add(len), _mm256_permutevar8x32_ps(v, perm));
+        let cols = _mm256_add_epi32(
+            _mm256_permutevar8x32_epi32(lanes, perm),
+            _mm256_set1_epi32(c0 as i32),
+        );
+        _mm256_storeu_si256(cp.add(len) as *mut __m256i, cols);
+        len += m.count_ones() as usize;
+        c0 += 8;
+    }
+    for c in c0..n {
+        *cp.add(len) = c as u32;
+        *vp.add(len) = row[c];
+        len += (row[c] != 0.0 || extra.is_some_and(|e| e[c] != 0.0)) as usize;
+    }
+    // SAFETY: the first `len` values of both were written above (or were there before).
+    col.set_len(len);
+    val.set_len(len);
+}
+
+/// Transposes the 8 x 8 block at `src` (row stride `ss`) into `dst` (row stride `ds`).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss)));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let o = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (i, v) in o.iter().enumerate() {
+        _mm256_storeu_ps(dst.add(i * ds), *v);
+    }
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]`, in 8 x 8 register blocks (edges in scalar).
+///
+/// # Safety
+/// AVX2 must be available; `src.len() == dst.len() == rows * cols`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    debug_assert!(src.len() == rows * cols && dst.len() == rows * cols);
+    let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    // 64-row strips keep the destination lines being filled in L1.
+    for r0 in (0..rb).step_by(64) {
+        for c in (0..cb).step_by(8) {
+            for r in (r0..(r0 + 64).min(rb)).step_by(8) {
+                transpose8(sp.add(r * cols + c), cols, dp.add(c * rows + r), rows);
+            }
+        }
+    }
+    for r in 0..rows {
+        let from = if r < rb { cb } else { 0 };
+        for c in from..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// `dot(u, b[c * n ..][..n])` in one register (the tail in scalar).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot1(u: *const f32, row: *const f32, n: usize) -> f32 {
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut t = 0;
+    while t + 16 <= n {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(u.add(t)), _mm256_loadu_ps(row.add(t)), a0);
+        a1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(u.add(t + 8)),
+            _mm256_loadu_ps(row.add(t + 8)),
+            a1,
+        );
+        t += 16;
+    }
+    if t + 8 <= n {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(u.add(t)), _mm256_loadu_ps(row.add(t)), a0);
+        t += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(a0, a1));
+    while t < n {
+        s = (*u.add(t)).mul_add(*row.add(t), s);
+        t += 1;
+    }
+    s
+}
+
+/// `out[e] = dot(u, b[cs[e] * n ..][..n])` for every entry.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `u.len() == n`, `out.len() == cs.len()` and every
+/// `(cs[e] + 1) * n <= b.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
+    debug_assert_eq!(u.len(), n);
+    debug_assert!(out.len() == cs.len() && cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
+    let (up, bp) = (u.as_ptr(), b.as_ptr());
+    let mut quads = cs.chunks_exact(4);
+    // Four entries at a time share each load of `u`: five loads per four multiply-adds.
+    for (qi, q) in (&mut quads).enumerate() {
+        let rows = [
+            bp.add(q[0] as usize * n),
+            bp.add(q[1] as usize * n),
+            bp.add(q[2] as usize * n),
+            bp.add(q[3] as usize * n),
+        ];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut t = 0;
+        while t + 16 <= n {
+            let (x0, x1) = (_mm256_loadu_ps(up.add(t)), _mm256_loadu_ps(up.add(t + 8)));
+            for (e, r) in rows.iter().enumerate() {
+                acc[2 * e] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(r.add(t)), acc[2 * e]);
+                acc[2 * e + 1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(r.add(t + 8)), acc[2 * e + 1]);
+            }
+            t += 16;
+        }
+        if t + 8 <= n {
+            let x0 = _mm256_loadu_ps(up.add(t));
+            for (e, r) in rows.iter().enumerate() {
+                acc[2 * e] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(r.add(t)), acc[2 * e]);
+            }
+            t += 8;
+        }
+        for (e, r) in rows.iter().enumerate() {
+            let mut s = hsum(_mm256_add_ps(acc[2 * e], acc[2 * e + 1]));
+            for i in t..n {
+                s = (*up.add(i)).mul_add(*r.add(i), s);
+            }
+            out[4 * qi + e] = s;
+        }
+    }
+    let done = cs.len() / 4 * 4;
+    for (o, &c) in out[done..].iter_mut().zip(quads.remainder()) {
+        *o = dot1(up, bp.add(c as usize * n), n);
+    }
+}
