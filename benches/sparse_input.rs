@@ -50,6 +50,11 @@ fn bench(c: &mut Criterion) {
             b.iter(|| dy_t.matmul(&w_t).unwrap())
         });
     }
+    // The two transposes a sparse step makes (W -> W^T in the forward, dW^T -> dW after the
+    // weight gradient), against a plain copy of as many values.
+    group.bench_function("transpose_256x784", |b| b.iter(|| transpose(&w, N, K)));
+    group.bench_function("transpose_784x256", |b| b.iter(|| transpose(&wt, K, N)));
+    group.bench_function("copy_200704", |b| b.iter(|| w.clone()));
     for density in [0.1, 0.2, 0.35, 0.5] {
         let x = values(M * K, density, &mut rng);
         let name = format!("sparse_{}pct", (density * 100.0) as u32);

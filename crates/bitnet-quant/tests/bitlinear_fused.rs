@@ -89,15 +89,22 @@ fn fused_matches_separate_ops_for_every_configuration() {
             activation,
             ..BitLinearConfig::default()
         };
-        let c = case(config, 24, 7);
         // Dense input (candle's GEMM) and 85 % zeros (the sparse kernels), each as a variable
-        // (the input gradient flows on) and as data (only the norm reads it, at the nonzeros).
-        for (density, x_is_var) in [(1.0, true), (0.15, true), (0.15, false)] {
-            let name = format!("{name}, density {density}, x var {x_is_var}");
+        // (the input gradient flows on) and as data (only the norm reads it, at the nonzeros);
+        // 32 outputs (a multiple of 16) let int8 x ternary/binary layers take the integer kernel.
+        let runs = [
+            (7, 1.0, true),
+            (7, 0.15, true),
+            (7, 0.15, false),
+            (32, 0.15, false),
+        ];
+        for (n, density, x_is_var) in runs {
+            let c = case(config.clone(), 24, n);
+            let name = format!("{name}, {n} outputs, density {density}, x var {x_is_var}");
             // 3-D input: the op flattens the leading dims.
             let x = sparse_randn((2, 5, 24), density);
             let x = Var::from_tensor(&x).unwrap();
-            let r = Tensor::randn(0f32, 1.0, (2, 5, 7), &Device::Cpu).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (2, 5, n), &Device::Cpu).unwrap();
             let xv = x_is_var.then_some(&x);
             let xt = match x_is_var {
                 true => x.as_tensor().clone(),

@@ -348,6 +348,39 @@ fn adam_slice<const CLIP: bool>(
     }
 }
 
+/// [`adam_slice`] compiled for AVX2 when the CPU has it: the default x86-64 target is SSE2, and
+/// the update's division and square root on 4 lanes instead of 8 made the step compute-bound
+/// (0.35 ms for the MNIST MLP's 270k parameters, 8 % of its training step). No FMA is enabled,
+/// so the rounding is the same as the SSE2 build and as candle-nn's.
+#[inline(always)]
+fn adam_slice_best<const CLIP: bool>(
+    theta: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    c: &AdamCoeffs,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available (checked above).
+        unsafe { adam_slice_avx2::<CLIP>(theta, m, v, g, c) };
+        return;
+    }
+    adam_slice::<CLIP>(theta, m, v, g, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn adam_slice_avx2<const CLIP: bool>(
+    theta: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    c: &AdamCoeffs,
+) {
+    adam_slice::<CLIP>(theta, m, v, g, c)
+}
+
 #[inline(always)]
 fn adam_iter<const CLIP: bool>(
     theta: &mut [f32],
@@ -364,8 +397,8 @@ fn adam_iter<const CLIP: bool>(
 #[inline(always)]
 fn adam_dispatch(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: GradIter<'_>, c: &AdamCoeffs) {
     match (g, c.clip.is_some()) {
-        (GradIter::Contiguous(g), false) => adam_slice::<false>(theta, m, v, g, c),
-        (GradIter::Contiguous(g), true) => adam_slice::<true>(theta, m, v, g, c),
+        (GradIter::Contiguous(g), false) => adam_slice_best::<false>(theta, m, v, g, c),
+        (GradIter::Contiguous(g), true) => adam_slice_best::<true>(theta, m, v, g, c),
         (GradIter::Strided(g), false) => adam_iter::<false>(theta, m, v, g, c),
         (GradIter::Strided(g), true) => adam_iter::<true>(theta, m, v, g, c),
     }

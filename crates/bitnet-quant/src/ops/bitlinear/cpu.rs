@@ -3,6 +3,7 @@
 
 use crate::ops::quantize::QuantizeOp;
 use crate::ops::sparse::{self, SparseRows};
+use crate::ops::Kind;
 use crate::ops::{quantize, rms_norm, scales};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -54,7 +55,24 @@ pub(crate) fn forward(
     // wherever the input is nonzero, even where its quantized value rounded to zero.
     if let Some(sp) = SparseRows::from_dense(&lhs, k, sparse::MAX_DENSITY, Some(xs)) {
         let wt = sparse::transpose(&wq, n, k);
-        let y = sp.matmul(&wt, n);
+        let y = match integer_scales(
+            act,
+            weight,
+            x_params.as_deref(),
+            x_block,
+            &w_params,
+            w_block,
+            (m, k, n),
+        ) {
+            Some((inv, col_scale)) => {
+                let signs: Vec<i8> = wt
+                    .iter()
+                    .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
+                    .collect();
+                sp.matmul_levels(&signs, n, &inv, &col_scale)
+            }
+            None => sp.matmul(&wt, n),
+        };
         let (xn, xq) = match xn {
             Some(xn) => (xn, Some(lhs)),
             None => (lhs, None),
@@ -98,4 +116,54 @@ pub(crate) fn forward(
         w_params,
         w_block,
     })
+}
+
+/// For the sparse forward in integers ([`SparseRows::matmul_levels`]): each row's inverse
+/// activation step and each output's weight scale, when the layer is int8-style activations
+/// (integer levels with one scale per row, no blend) times weights of levels -1, 0, 1 (binary or
+/// ternary, one scale per tensor or per output row, no blend) and `n` is a multiple of 16.
+/// `None` otherwise (the f32 sparse kernel then runs).
+fn integer_scales(
+    act: Option<&QuantizeOp>,
+    weight: &QuantizeOp,
+    x_params: Option<&[f32]>,
+    x_block: usize,
+    w_params: &[f32],
+    w_block: usize,
+    (m, k, n): (usize, usize, usize),
+) -> Option<(Vec<f32>, Vec<f32>)> {
+    let (a, xp) = (act?, x_params?);
+    let Kind::Int { qmax } = a.kind else {
+        return None;
+    };
+    let ternary_levels = matches!(
+        weight.kind,
+        Kind::Binary { .. } | Kind::Absmean | Kind::Threshold { .. }
+    );
+    let per_row = x_block % k == 0;
+    let w_ok = w_block == n * k || w_block == k;
+    if qmax > 127.0
+        || a.lambda != 1.0
+        || weight.lambda != 1.0
+        || !ternary_levels
+        || !per_row
+        || !w_ok
+        || n % 16 != 0
+    {
+        return None;
+    }
+    // The quantizer's own `inv = qmax / aux`, so that `value * inv` gives back its level.
+    let inv = (0..m)
+        .map(|r| qmax / xp[2 * (r * k / x_block) + 1])
+        .collect();
+    let col_scale = (0..n)
+        .map(|o| {
+            if w_block == k {
+                w_params[2 * o]
+            } else {
+                w_params[0]
+            }
+        })
+        .collect();
+    Some((inv, col_scale))
 }

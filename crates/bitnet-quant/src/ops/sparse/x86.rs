@@ -193,6 +193,75 @@ pub(super) unsafe fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut 
     }
 }
 
+/// `totals[o] += sum_e round(vs[e] * inv) * signs[cs[e] * n + o]` in 16-bit lanes: per entry
+/// and 16 outputs one sign-extending load, one `vpsignw` (the level times -1, 0 or 1) and one
+/// add; widened into `totals` every 255 entries, before a 16-bit sum of levels up to 128 could
+/// overflow.
+///
+/// # Safety
+/// AVX2 must be available; `n % 16 == 0`, `totals.len() == n`, `cs.len() == vs.len()` and every
+/// `(cs[e] + 1) * n <= signs.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn level_sums(
+    totals: &mut [i32],
+    cs: &[u32],
+    vs: &[f32],
+    inv: f32,
+    signs: &[i8],
+    n: usize,
+) {
+    debug_assert!(n % 16 == 0 && totals.len() == n);
+    debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= signs.len()));
+    let mut ob = 0;
+    while ob + 128 <= n {
+        level_block::<8>(&mut totals[ob..ob + 128], cs, vs, inv, signs, n, ob);
+        ob += 128;
+    }
+    while ob < n {
+        level_block::<1>(&mut totals[ob..ob + 16], cs, vs, inv, signs, n, ob);
+        ob += 16;
+    }
+}
+
+/// [`level_sums`] for the `16 * V` outputs from `ob`, in `V` registers.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn level_block<const V: usize>(
+    totals: &mut [i32],
+    cs: &[u32],
+    vs: &[f32],
+    inv: f32,
+    signs: &[i8],
+    n: usize,
+    ob: usize,
+) {
+    let sp = signs.as_ptr().add(ob);
+    let tp = totals.as_mut_ptr();
+    let mut e = 0;
+    while e < cs.len() {
+        let end = (e + 255).min(cs.len());
+        let mut acc = [_mm256_setzero_si256(); V];
+        for k in e..end {
+            let l = (*vs.get_unchecked(k) * inv).round_ties_even() as i16;
+            let q = _mm256_set1_epi16(l);
+            let p = sp.add(*cs.get_unchecked(k) as usize * n);
+            for (t, a) in acc.iter_mut().enumerate() {
+                let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16 * t) as *const __m128i));
+                *a = _mm256_add_epi16(*a, _mm256_sign_epi16(q, w));
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*a));
+            let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(*a));
+            let p0 = tp.add(16 * t) as *mut __m256i;
+            let p1 = tp.add(16 * t + 8) as *mut __m256i;
+            _mm256_storeu_si256(p0, _mm256_add_epi32(_mm256_loadu_si256(p0), lo));
+            _mm256_storeu_si256(p1, _mm256_add_epi32(_mm256_loadu_si256(p1), hi));
+        }
+        e = end;
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn hsum(v: __m256) -> f32 {
