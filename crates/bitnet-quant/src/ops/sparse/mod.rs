@@ -593,11 +593,11 @@ mod tests {
                 }
             }
             // The portable kernel gives the same integer sums.
-            for r in 0..m {
+            for (r, &inv_r) in inv.iter().enumerate() {
                 let (cs, vs) = sp.row(r);
                 let (mut a, mut b) = (vec![0i32; n], vec![0i32; n]);
-                scalar::level_sums(&mut a, cs, vs, inv[r], &signs, n);
-                level_sums(&mut b, cs, vs, inv[r], &signs, n);
+                scalar::level_sums(&mut a, cs, vs, inv_r, &signs, n);
+                level_sums(&mut b, cs, vs, inv_r, &signs, n);
                 assert_eq!(a, b, "row {r}");
             }
         }
