@@ -99,7 +99,7 @@ fn fused_matches_separate_ops_for_every_configuration() {
             (32, 0.15, false),
         ];
         for (n, density, x_is_var) in runs {
-            let c = case(config.clone(), 24, n);
+            let c = case(config, 24, n);
             let name = format!("{name}, {n} outputs, density {density}, x var {x_is_var}");
             // 3-D input: the op flattens the leading dims.
             let x = sparse_randn((2, 5, 24), density);
