@@ -3,6 +3,11 @@
 //! densities, in one run. Each sparse row includes building its index (the op does that every
 //! step). This is what sets `ops::sparse::MAX_DENSITY`.
 //!
+//! Rows: `forward` (f32 kernel), `forward_levels` (the integer kernel for int8 activations x
+//! ternary weights), `weight_grad` (column-major copy of the index, product, transpose) and
+//! `input_grad_sampled` (dot products at the nonzeros only, as the norm gradient needs), each
+//! against the dense GEMM of the same product.
+//!
 //! `RAYON_NUM_THREADS=1 cargo bench --bench sparse_input`
 
 use bitnet::quant::ops::sparse::{transpose, SparseRows};
@@ -62,6 +67,20 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
                 s.matmul(&wt, N)
+            })
+        });
+        // The integer kernel the op takes for int8 activations x ternary weights: levels of
+        // x / step with step 1/127 (the values here are uniform in [-1, 1)), signs of W^T.
+        let xl: Vec<f32> = x.iter().map(|v| (v * 127.0).round() / 127.0).collect();
+        let signs: Vec<i8> = wt
+            .iter()
+            .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
+            .collect();
+        let (inv, col_scale) = (vec![127f32; M], vec![1f32; N]);
+        group.bench_function(format!("{name}/forward_levels"), |b| {
+            b.iter(|| {
+                let s = SparseRows::from_dense(&xl, K, 1.0, None).unwrap();
+                s.matmul_levels(&signs, N, &inv, &col_scale)
             })
         });
         group.bench_function(format!("{name}/index"), |b| {

@@ -15,6 +15,19 @@
 //! FMA rate of a packed GEMM (every multiply-add loads a fresh operand), so they pay below
 //! [`MAX_DENSITY`] nonzeros; `benches/sparse_input.rs` measures the crossing.
 //! Results equal the dense products up to f32 rounding (a different summation order).
+//!
+//! Operand shapes are asserted: a mismatch is a programming error and panics, as slice indexing
+//! does. AVX2 + FMA kernels where the CPU has them (checked at run time), portable loops elsewhere.
+//!
+//! ```
+//! use bitnet_quant::ops::sparse::SparseRows;
+//! // [[0, 2, 0], [1, 0, 0]] @ [[1, 1], [2, 2], [3, 3]]
+//! let a = SparseRows::from_dense(&[0.0, 2.0, 0.0, 1.0, 0.0, 0.0], 3, 1.0, None).unwrap();
+//! assert_eq!(a.nnz(), 2);
+//! assert_eq!(a.matmul(&[1.0, 1.0, 2.0, 2.0, 3.0, 3.0], 2), vec![4.0, 4.0, 1.0, 1.0]);
+//! // More than a third nonzero: not worth the sparse kernels.
+//! assert!(SparseRows::from_dense(&[0.0, 2.0, 0.0, 1.0, 0.0, 0.0], 3, 0.3, None).is_none());
+//! ```
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -22,11 +35,11 @@ mod x86;
 use crate::ops::cpu_util::output_vec;
 use rayon::prelude::*;
 
-/// The largest share of nonzeros at which [`crate::ops::bitlinear`] takes the sparse kernels:
-/// above it the dense GEMM is faster (`benches/sparse_input.rs`: at 784 x 256 and batch 128 the
-/// sparse forward + weight gradient + sampled norm gradient cost 0.41x the dense GEMMs at 20 %
-/// nonzeros, about 1x near 50 %).
-pub const MAX_DENSITY: f32 = 0.35;
+/// The largest share of nonzeros at which [`crate::ops::bitlinear`] takes the sparse kernels.
+/// `benches/sparse_input.rs` (784 inputs, 256 outputs, batch 128, random patterns, 1 thread):
+/// the forward (integer kernel), weight gradient and sampled norm gradient together cost 0.60x
+/// the three dense GEMMs at 20 % nonzeros, 1.01x at 35 % and 1.30x at 50 %.
+pub const MAX_DENSITY: f32 = 0.3;
 
 /// A row-major matrix stored by its kept entries, row by row (CSR).
 #[derive(Debug, Clone)]
