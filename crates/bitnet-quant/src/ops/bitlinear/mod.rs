@@ -236,6 +236,31 @@ impl BitLinearOp {
         let (m, n) = g2.dims2()?;
         let k = sp.cols();
         let g2 = g2.contiguous()?;
+        let act_identity = self
+            .act
+            .as_ref()
+            .is_none_or(|a| a.estimator == crate::ops::EstKind::Identity);
+        if w.track_op() && need_norm && !need_x && act_identity {
+            // The first layer: the weight gradient and the norm-weight gradient in one sweep
+            // over the input's nonzeros (`SparseRows::matmul_with_dots`); the input gradient,
+            // which only the norm needed, is never formed.
+            let eps = self.eps;
+            let second = with_values(&x.contiguous()?, |xv| {
+                let inv_rms: Vec<f32> = xv
+                    .chunks(k)
+                    .map(|row| 1.0 / crate::ops::rms_norm::cpu::rms(row, eps))
+                    .collect();
+                sp.gather_scaled(xv, &inv_rms)
+            })?;
+            let (st, second_t) = sp.transposed_with(&second);
+            let (dwt, dnorm) = with_values(&g2, |gv| {
+                with_values(&s.wq, |wt| st.matmul_with_dots(&second_t, gv, n, wt))
+            })??;
+            let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
+            let dw = Self::estimator_grad(&self.weight, w, &s.w_params, dwq)?;
+            let dnorm = Tensor::from_vec(dnorm, norm.shape(), &dev)?;
+            return Ok((None, Some(dw), Some(dnorm)));
+        }
         let by_column = (w.track_op() || (need_norm && !need_x)).then(|| sp.transposed());
         let dw = match (w.track_op(), &by_column) {
             (true, Some(st)) => {

@@ -63,7 +63,7 @@ fn dot3(x: &[f32], u: &[f32], w: &[f32]) -> f32 {
 
 /// `sqrt(mean(x^2) + eps)` of one row.
 #[inline]
-fn rms(x: &[f32], eps: f32) -> f32 {
+pub(crate) fn rms(x: &[f32], eps: f32) -> f32 {
     (sum_sq(x) / x.len() as f32 + eps).sqrt()
 }
 

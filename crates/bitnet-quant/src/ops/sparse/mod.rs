@@ -125,6 +125,16 @@ impl SparseRows {
     /// The same entries stored by column (the CSR of the transpose), each column's entries in
     /// row order.
     pub fn transposed(&self) -> SparseRows {
+        self.transposed_with(&[]).0
+    }
+
+    /// [`SparseRows::transposed`], moving a second value per entry (`extra`, in storage order,
+    /// or empty for none) along with the entries.
+    pub fn transposed_with(&self, extra: &[f32]) -> (SparseRows, Vec<f32>) {
+        assert!(
+            extra.is_empty() || extra.len() == self.nnz(),
+            "one extra value per entry, or none"
+        );
         let mut count = vec![0usize; self.cols + 1];
         for &c in &self.col {
             count[c as usize + 1] += 1;
@@ -137,22 +147,83 @@ impl SparseRows {
         let mut col = vec![0u32; self.nnz()];
         // SAFETY: the entries are a permutation: every slot is written once below.
         let mut val = unsafe { output_vec(self.nnz()) };
+        // SAFETY: as above, when `extra` is given; empty otherwise.
+        let mut moved = unsafe { output_vec(extra.len()) };
         for r in 0..self.rows {
-            let (cs, vs) = self.row(r);
-            for (&c, &v) in cs.iter().zip(vs) {
-                let at = &mut next[c as usize];
-                col[*at] = r as u32;
-                val[*at] = v;
-                *at += 1;
+            let (a, b) = (self.start[r], self.start[r + 1]);
+            // Two copies of the loop rather than a test per entry.
+            if extra.is_empty() {
+                for e in a..b {
+                    let at = &mut next[self.col[e] as usize];
+                    col[*at] = r as u32;
+                    val[*at] = self.val[e];
+                    *at += 1;
+                }
+            } else {
+                for e in a..b {
+                    let at = &mut next[self.col[e] as usize];
+                    col[*at] = r as u32;
+                    val[*at] = self.val[e];
+                    moved[*at] = extra[e];
+                    *at += 1;
+                }
             }
         }
-        SparseRows {
+        let t = SparseRows {
             rows: self.cols,
             cols: self.rows,
             start,
             col,
             val,
+        };
+        (t, moved)
+    }
+
+    /// One value per kept entry, in storage order: `dense[r * cols + c] * row_scale[r]` for
+    /// entry `(r, c)`, from a row-major `dense: [rows, cols]` (another matrix on this pattern).
+    pub fn gather_scaled(&self, dense: &[f32], row_scale: &[f32]) -> Vec<f32> {
+        assert_eq!(dense.len(), self.rows * self.cols, "dense is [rows, cols]");
+        assert_eq!(row_scale.len(), self.rows, "one scale per row");
+        let mut out = Vec::with_capacity(self.nnz());
+        for (r, &s) in row_scale.iter().enumerate() {
+            let row = &dense[r * self.cols..(r + 1) * self.cols];
+            let cs = &self.col[self.start[r]..self.start[r + 1]];
+            out.extend(cs.iter().map(|&c| row[c as usize] * s));
         }
+        out
+    }
+
+    /// `self @ b` as [`SparseRows::matmul`] (`b: [cols, n]`), and with it, per row `r`,
+    /// `dot(w[r], sum_e second[e] * b[cols of e])` over the row's entries `e`: the same sum with
+    /// the entries' second values, reduced against `w: [rows, n]` instead of stored. Both sums
+    /// share every load of `b`, which is what the kernel waits on.
+    ///
+    /// BitLinear's first layer uses it on the column-major input pattern: `self @ dY` is the
+    /// weight gradient (transposed) and, with `second = x / rms(x)` and `w = Wq^T`, the dots are
+    /// the norm-weight gradient `sum_i (dY Wq)[i,j] x[i,j] / rms(x_i)`, without the input
+    /// gradient ever being formed.
+    pub fn matmul_with_dots(
+        &self,
+        second: &[f32],
+        b: &[f32],
+        n: usize,
+        w: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        assert_eq!(second.len(), self.nnz(), "one second value per entry");
+        assert_eq!(b.len(), self.cols * n, "b is [cols, n]");
+        assert_eq!(w.len(), self.rows * n, "w is [rows, n]");
+        // SAFETY: every row is written whole below.
+        let mut out = unsafe { output_vec(self.rows * n) };
+        let mut dots = vec![0f32; self.rows];
+        if n == 0 {
+            return (out, dots);
+        }
+        for (r, (o, d)) in out.chunks_mut(n).zip(dots.iter_mut()).enumerate() {
+            let (a, e) = (self.start[r], self.start[r + 1]);
+            let wr = &w[r * n..(r + 1) * n];
+            *d = axpys2(o, &self.col[a..e], &self.val[a..e], &second[a..e], b, wr, n);
+        }
+        (out, dots)
     }
 
     /// `self @ b` for a row-major `b: [cols, n]`: a row-major `[rows, n]`.
@@ -334,6 +405,27 @@ fn level_sums(totals: &mut [i32], cs: &[u32], vs: &[f32], inv: f32, signs: &[i8]
     scalar::level_sums(totals, cs, vs, inv, signs, n);
 }
 
+/// `out = sum_e vs[e] * b[cs[e], :]` (all `n` columns) and the return value
+/// `dot(w, sum_e ss[e] * b[cs[e], :])`.
+fn axpys2(
+    out: &mut [f32],
+    cs: &[u32],
+    vs: &[f32],
+    ss: &[f32],
+    b: &[f32],
+    w: &[f32],
+    n: usize,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: AVX2 and FMA checked; `out` and `w` are `n` long, every
+        // `(cs[e] + 1) * n <= b.len()` (asserted by `matmul_with_dots`), `vs` and `ss` as long
+        // as `cs`.
+        return unsafe { x86::axpys2(out, cs, vs, ss, b, w, n) };
+    }
+    scalar::axpys2(out, cs, vs, ss, b, w, n)
+}
+
 /// `out[e] = dot(u, b[cs[e], :])` for every entry `e`.
 fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -347,6 +439,27 @@ fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
 
 /// The portable kernels (and the reference the AVX2 ones are tested against).
 mod scalar {
+    pub(super) fn axpys2(
+        out: &mut [f32],
+        cs: &[u32],
+        vs: &[f32],
+        ss: &[f32],
+        b: &[f32],
+        w: &[f32],
+        n: usize,
+    ) -> f32 {
+        let mut h = vec![0f32; n];
+        out.fill(0.0);
+        for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
+            let row = &b[c as usize * n..(c as usize + 1) * n];
+            for ((o, hh), &x) in out.iter_mut().zip(h.iter_mut()).zip(row) {
+                *o += v * x;
+                *hh += s * x;
+            }
+        }
+        h.iter().zip(w).map(|(h, w)| h * w).sum()
+    }
+
     pub(super) fn level_sums(
         totals: &mut [i32],
         cs: &[u32],
@@ -612,6 +725,56 @@ mod tests {
                 scalar::level_sums(&mut a, cs, vs, inv_r, &signs, n);
                 level_sums(&mut b, cs, vs, inv_r, &signs, n);
                 assert_eq!(a, b, "row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_with_dots_gives_the_product_and_the_reduced_second_sum() {
+        for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
+            // As the first layer's backward: the column-major pattern of a [m, k] input.
+            let a = sparse(m, k, 0.25, seed as u64);
+            let x2 = sparse(m, k, 1.0, 500 + seed as u64);
+            let dy = sparse(m, n, 1.0, 600 + seed as u64);
+            let wt = sparse(k, n, 1.0, 700 + seed as u64);
+            let sp = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
+            let second = sp.gather_scaled(&x2, &vec![1.0; m]);
+            let (st, second_t) = sp.transposed_with(&second);
+            let (prod, dots) = st.matmul_with_dots(&second_t, &dy, n, &wt);
+            let at = transpose(&a, m, k);
+            assert_close(&prod, &dense_matmul(&at, &dy, k, m, n), "product");
+            // dots[j] = sum_o wt[j, o] * sum_i [a_ij != 0] x2_ij dy[i, o]
+            let want: Vec<f64> = (0..k)
+                .map(|j| {
+                    (0..n)
+                        .map(|o| {
+                            let h: f64 = (0..m)
+                                .filter(|&i| a[i * k + j] != 0.0)
+                                .map(|i| x2[i * k + j] as f64 * dy[i * n + o] as f64)
+                                .sum();
+                            h * wt[j * n + o] as f64
+                        })
+                        .sum()
+                })
+                .collect();
+            assert_close(&dots, &want, "dots");
+            for r in 0..st.rows() {
+                let (a0, e) = (st.start[r], st.start[r + 1]);
+                let (cs, vs, ss) = (&st.col[a0..e], &st.val[a0..e], &second_t[a0..e]);
+                let wr = &wt[r * n..(r + 1) * n];
+                let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+                let d1 = scalar::axpys2(&mut o1, cs, vs, ss, &dy, wr, n);
+                let d2 = axpys2(&mut o2, cs, vs, ss, &dy, wr, n);
+                assert!(
+                    (d1 - d2).abs() <= 1e-4 * (1.0 + d1.abs()),
+                    "row {r}: {d1} vs {d2}"
+                );
+                for (x, y) in o1.iter().zip(&o2) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "row {r}: {x} vs {y}"
+                    );
+                }
             }
         }
     }

@@ -81,6 +81,72 @@ static PACK: [[u32; 8]; 256] = {
     t
 };
 
+/// `out = sum_e vs[e] * b[cs[e] * n ..][..n]`, and the return value
+/// `dot(w, sum_e ss[e] * b[cs[e] * n ..][..n])`: 32 columns per sweep, four accumulators for each
+/// sum, so every load of `b` feeds two multiply-adds.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `out.len() == w.len() == n`, `vs` and `ss` as long as `cs`,
+/// and every `(cs[e] + 1) * n <= b.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn axpys2(
+    out: &mut [f32],
+    cs: &[u32],
+    vs: &[f32],
+    ss: &[f32],
+    b: &[f32],
+    w: &[f32],
+    n: usize,
+) -> f32 {
+    debug_assert!(out.len() == n && w.len() == n);
+    debug_assert!(vs.len() == cs.len() && ss.len() == cs.len());
+    debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
+    let (bp, op, wp) = (b.as_ptr(), out.as_mut_ptr(), w.as_ptr());
+    let mut total = _mm256_setzero_ps();
+    let mut c0 = 0;
+    while c0 + 32 <= n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut h = [_mm256_setzero_ps(); 4];
+        for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
+            let (vb, sb) = (_mm256_set1_ps(v), _mm256_set1_ps(s));
+            let p = bp.add(c as usize * n + c0);
+            for t in 0..4 {
+                let x = _mm256_loadu_ps(p.add(8 * t));
+                acc[t] = _mm256_fmadd_ps(vb, x, acc[t]);
+                h[t] = _mm256_fmadd_ps(sb, x, h[t]);
+            }
+        }
+        for t in 0..4 {
+            _mm256_storeu_ps(op.add(c0 + 8 * t), acc[t]);
+            total = _mm256_fmadd_ps(h[t], _mm256_loadu_ps(wp.add(c0 + 8 * t)), total);
+        }
+        c0 += 32;
+    }
+    while c0 + 8 <= n {
+        let (mut acc, mut h) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
+            let x = _mm256_loadu_ps(bp.add(c as usize * n + c0));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(v), x, acc);
+            h = _mm256_fmadd_ps(_mm256_set1_ps(s), x, h);
+        }
+        _mm256_storeu_ps(op.add(c0), acc);
+        total = _mm256_fmadd_ps(h, _mm256_loadu_ps(wp.add(c0)), total);
+        c0 += 8;
+    }
+    let mut dot = hsum(total);
+    for o in c0..n {
+        let (mut acc, mut h) = (0f32, 0f32);
+        for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
+            let x = *bp.add(c as usize * n + o);
+            acc = v.mul_add(x, acc);
+            h = s.mul_add(x, h);
+        }
+        *op.add(o) = acc;
+        dot = h.mul_add(*wp.add(o), dot);
+    }
+    dot
+}
+
 /// Appends the columns and values of `row`'s entries that are nonzero, or nonzero in `extra`.
 /// Branch-free per chunk of 8: the kept lanes are packed with a permutation and all 8 lanes
 /// stored, and the length advances by the count (a per-value branch mispredicts on real data).
