@@ -218,10 +218,26 @@ impl SparseRows {
         if n == 0 {
             return (out, dots);
         }
-        for (r, (o, d)) in out.chunks_mut(n).zip(dots.iter_mut()).enumerate() {
+        let one = |r: usize, o: &mut [f32], d: &mut f32| {
             let (a, e) = (self.start[r], self.start[r + 1]);
             let wr = &w[r * n..(r + 1) * n];
             *d = axpys2(o, &self.col[a..e], &self.val[a..e], &second[a..e], b, wr, n);
+        };
+        if crate::ops::parallel(out.len()) {
+            // Rows are independent: the split does not change the result.
+            let per = (crate::ops::cpu_util::CHUNK / n).max(1);
+            out.par_chunks_mut(per * n)
+                .zip(dots.par_chunks_mut(per))
+                .enumerate()
+                .for_each(|(t, (ob, db))| {
+                    for (i, (o, d)) in ob.chunks_mut(n).zip(db.iter_mut()).enumerate() {
+                        one(t * per + i, o, d);
+                    }
+                });
+        } else {
+            for (r, (o, d)) in out.chunks_mut(n).zip(dots.iter_mut()).enumerate() {
+                one(r, o, d);
+            }
         }
         (out, dots)
     }
