@@ -5,11 +5,15 @@
 //! step touch the input only through its nonzeros:
 //!
 //! * forward `Y = Xq W^T`: row `i` of `Y` is `sum_j Xq[i,j] W^T[j,:]` over the row's nonzeros
-//!   ([`SparseRows::matmul`] with `W^T`);
+//!   ([`SparseRows::matmul`] with `W^T`, or [`SparseRows::matmul_levels`] in integers for int8
+//!   activations times ternary or binary weights);
 //! * weight gradient `dW^T = Xq^T dY`: the same product with the transpose
 //!   ([`SparseRows::transposed`], then [`SparseRows::matmul`] with `dY`, then [`transpose`]);
 //! * norm-weight gradient: `dg_j = sum_i dXn[i,j] xhat[i,j]` reads `dXn = dY Wq` only where the
-//!   input is nonzero, so only those dot products are needed ([`SparseRows::sampled_dots`]).
+//!   input is nonzero. Reordered as `sum_o Wq[o,j] sum_i dY[i,o] xhat[i,j]`, its inner sum runs
+//!   over the weight gradient's entries and rows of `dY`, so one sweep computes both
+//!   ([`SparseRows::matmul_with_dots`]); with a non-identity activation estimator in between,
+//!   the dot products at the nonzeros instead ([`SparseRows::sampled_dots`]).
 //!
 //! Each costs `nnz * n` multiply-adds instead of `m * k * n`. The kernels reach about half the
 //! FMA rate of a packed GEMM (every multiply-add loads a fresh operand), so they pay below
