@@ -53,53 +53,32 @@ pub(crate) fn forward(
     };
     // The input's nonzeros join the pattern: the norm gradient reads the GEMM's input gradient
     // wherever the input is nonzero, even where its quantized value rounded to zero.
-    if let Some(sp) = SparseRows::from_dense(&lhs, k, sparse::MAX_DENSITY, Some(xs)) {
-        let wt = sparse::transpose(&wq, n, k);
-        let y = match integer_scales(
-            act,
-            weight,
-            x_params.as_deref(),
-            x_block,
-            &w_params,
-            w_block,
-            (m, k, n),
-        ) {
-            Some((inv, col_scale)) => {
-                let signs: Vec<i8> = wt
-                    .iter()
-                    .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
-                    .collect();
-                sp.matmul_levels(&signs, n, &inv, &col_scale)
-            }
-            None => sp.matmul(&wt, n),
-        };
-        let (xn, xq) = match xn {
-            Some(xn) => (xn, Some(lhs)),
-            None => (lhs, None),
-        };
-        return Ok(Forward {
-            y,
-            xn,
-            xq,
-            x_params,
-            x_block,
-            wq: wt,
-            sparse: Some(sp),
-            w_params,
-            w_block,
-        });
-    }
-    // Moved into storages for candle's GEMM and moved back out afterwards: no copy.
-    let lhs = CpuStorage::F32(lhs);
-    let rhs = CpuStorage::F32(wq);
-    let y = lhs.matmul(
-        &rhs,
-        (1, m, n, k),
-        &Layout::contiguous((m, k)),
-        &Layout::contiguous((n, k)).transpose(0, 1)?,
-    )?;
-    let (CpuStorage::F32(y), CpuStorage::F32(lhs), CpuStorage::F32(wq)) = (y, lhs, rhs) else {
-        candle_core::bail!("{op}: the f32 GEMM returned another dtype");
+    let sparse = SparseRows::from_dense(&lhs, k, sparse::MAX_DENSITY, Some(xs));
+    let (y, lhs, wq) = match &sparse {
+        Some(sp) => {
+            let wt = sparse::transpose(&wq, n, k);
+            let scales = integer_scales(
+                act,
+                weight,
+                x_params.as_deref(),
+                x_block,
+                &w_params,
+                w_block,
+                (m, k, n),
+            );
+            let y = match scales {
+                Some((inv, col_scale)) => {
+                    let signs: Vec<i8> = wt
+                        .iter()
+                        .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
+                        .collect();
+                    sp.matmul_levels(&signs, n, &inv, &col_scale)
+                }
+                None => sp.matmul(&wt, n),
+            };
+            (y, lhs, wt)
+        }
+        None => dense_gemm(op, lhs, wq, (m, k, n))?,
     };
     let (xn, xq) = match xn {
         Some(xn) => (xn, Some(lhs)),
@@ -112,10 +91,32 @@ pub(crate) fn forward(
         x_params,
         x_block,
         wq,
-        sparse: None,
+        sparse,
         w_params,
         w_block,
     })
+}
+
+/// `lhs @ wq^T` by candle's f32 GEMM (`lhs: [m, k]`, `wq: [n, k]`), handing both buffers back.
+/// They are moved into storages for the GEMM and back out afterwards: no copy.
+fn dense_gemm(
+    op: &'static str,
+    lhs: Vec<f32>,
+    wq: Vec<f32>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let lhs = CpuStorage::F32(lhs);
+    let rhs = CpuStorage::F32(wq);
+    let y = lhs.matmul(
+        &rhs,
+        (1, m, n, k),
+        &Layout::contiguous((m, k)),
+        &Layout::contiguous((n, k)).transpose(0, 1)?,
+    )?;
+    let (CpuStorage::F32(y), CpuStorage::F32(lhs), CpuStorage::F32(wq)) = (y, lhs, rhs) else {
+        candle_core::bail!("{op}: the f32 GEMM returned another dtype");
+    };
+    Ok((y, lhs, wq))
 }
 
 /// For the sparse forward in integers ([`SparseRows::matmul_levels`]): each row's inverse

@@ -236,6 +236,11 @@ impl BitLinearOp {
         let (m, n) = g2.dims2()?;
         let k = sp.cols();
         let g2 = g2.contiguous()?;
+        // The sparse products give `dW^T` (`[in, out]`); the estimator wants `dW`.
+        let weight_grad = |dwt: Vec<f32>| -> Result<Tensor> {
+            let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
+            Self::estimator_grad(&self.weight, w, &s.w_params, dwq)
+        };
         let act_identity = self
             .act
             .as_ref()
@@ -256,18 +261,12 @@ impl BitLinearOp {
             let (dwt, dnorm) = with_values(&g2, |gv| {
                 with_values(&s.wq, |wt| st.matmul_with_dots(&second_t, gv, n, wt))
             })??;
-            let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
-            let dw = Self::estimator_grad(&self.weight, w, &s.w_params, dwq)?;
             let dnorm = Tensor::from_vec(dnorm, norm.shape(), &dev)?;
-            return Ok((None, Some(dw), Some(dnorm)));
+            return Ok((None, Some(weight_grad(dwt)?), Some(dnorm)));
         }
         let by_column = (w.track_op() || (need_norm && !need_x)).then(|| sp.transposed());
         let dw = match (w.track_op(), &by_column) {
-            (true, Some(st)) => {
-                let dwt = with_values(&g2, |gv| st.matmul(gv, n))?;
-                let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
-                Some(Self::estimator_grad(&self.weight, w, &s.w_params, dwq)?)
-            }
+            (true, Some(st)) => Some(weight_grad(with_values(&g2, |gv| st.matmul(gv, n))?)?),
             _ => None,
         };
         if !need_x && !need_norm {
