@@ -6,7 +6,9 @@
 //! Rows: `forward` (f32 kernel), `forward_levels` (the integer kernel for int8 activations x
 //! ternary weights), `weight_grad` (column-major copy of the index, product, transpose) and
 //! `input_grad_sampled` (dot products at the nonzeros only, as the norm gradient needs), each
-//! against the dense GEMM of the same product.
+//! against the dense GEMM of the same product; `weight_and_norm_grad` (the first layer's
+//! backward in one sweep: weight gradient and norm-weight gradient) against the weight- and
+//! input-gradient GEMMs together.
 //!
 //! `RAYON_NUM_THREADS=1 cargo bench --bench sparse_input`
 
@@ -60,6 +62,28 @@ fn bench(c: &mut Criterion) {
     group.bench_function("transpose_256x784", |b| b.iter(|| transpose(&w, N, K)));
     group.bench_function("transpose_784x256", |b| b.iter(|| transpose(&wt, K, N)));
     group.bench_function("copy_200704", |b| b.iter(|| w.clone()));
+    // The first layer's backward on 128 real MNIST images (their pattern: empty borders,
+    // dense centres), as the training step sees it.
+    {
+        let m =
+            bitnet::datasets::mnist::load(bitnet::datasets::mnist::default_dir(), &dev).unwrap();
+        let x: Vec<f32> = m
+            .train_images
+            .narrow(0, 0, M)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
+        let second = s.gather_scaled(&x, &vec![1.0; M]);
+        group.bench_function("mnist/weight_and_norm_grad", |b| {
+            b.iter(|| {
+                let (st, second_t) = s.transposed_with(&second);
+                st.matmul_t_with_dots(&second_t, &dy, N, &wt)
+            })
+        });
+    }
     for density in [0.1, 0.2, 0.35, 0.5] {
         let x = values(M * K, density, &mut rng);
         let name = format!("sparse_{}pct", (density * 100.0) as u32);
@@ -96,6 +120,16 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_function(format!("{name}/weight_grad"), |b| {
             b.iter(|| transpose(&s.transposed().matmul(&dy, N), K, N))
+        });
+        // The first layer's backward: weight gradient and norm-weight gradient in one sweep
+        // (index transpose with the second values, product, dots); against the two GEMMs
+        // `dense/weight_grad` + `dense/input_grad` it replaces.
+        let second = s.gather_scaled(&x, &vec![1.0; M]);
+        group.bench_function(format!("{name}/weight_and_norm_grad"), |b| {
+            b.iter(|| {
+                let (st, second_t) = s.transposed_with(&second);
+                st.matmul_t_with_dots(&second_t, &dy, N, &wt)
+            })
         });
         group.bench_function(format!("{name}/input_grad_sampled"), |b| {
             b.iter(|| {

@@ -51,22 +51,27 @@ pub(crate) fn forward(
         Some(xq) => (xq, Some(xn)),
         None => (xn, None),
     };
+    let int_scales = integer_scales(
+        act,
+        weight,
+        x_params.as_deref(),
+        x_block,
+        &w_params,
+        w_block,
+        (m, k, n),
+    );
     // The input's nonzeros join the pattern: the norm gradient reads the GEMM's input gradient
-    // wherever the input is nonzero, even where its quantized value rounded to zero.
-    let sparse = SparseRows::from_dense(&lhs, k, sparse::MAX_DENSITY, Some(xs));
-    let (y, lhs, wq) = match &sparse {
+    // wherever the input is nonzero, even where its quantized value rounded to zero. The integer
+    // forward pays at higher densities than the f32 products (a hidden layer after ReLU).
+    let limit = match int_scales {
+        Some(_) => sparse::MAX_DENSITY_LEVELS,
+        None => sparse::MAX_DENSITY,
+    };
+    let sparse = SparseRows::from_dense(&lhs, k, limit, Some(xs));
+    let (y, lhs, wq, sparse) = match sparse {
         Some(sp) => {
             let wt = sparse::transpose(&wq, n, k);
-            let scales = integer_scales(
-                act,
-                weight,
-                x_params.as_deref(),
-                x_block,
-                &w_params,
-                w_block,
-                (m, k, n),
-            );
-            let y = match scales {
+            let y = match int_scales {
                 Some((inv, col_scale)) => {
                     let signs: Vec<i8> = wt
                         .iter()
@@ -76,9 +81,17 @@ pub(crate) fn forward(
                 }
                 None => sp.matmul(&wt, n),
             };
-            (y, lhs, wt)
+            // The backward's sparse products pay only below `MAX_DENSITY`; above it they are
+            // the dense GEMMs, on the weight as stored.
+            match sp.density() <= sparse::MAX_DENSITY {
+                true => (y, lhs, wt, Some(sp)),
+                false => (y, lhs, wq, None),
+            }
         }
-        None => dense_gemm(op, lhs, wq, (m, k, n))?,
+        None => {
+            let (y, lhs, wq) = dense_gemm(op, lhs, wq, (m, k, n))?;
+            (y, lhs, wq, None)
+        }
     };
     let (xn, xq) = match xn {
         Some(xn) => (xn, Some(lhs)),

@@ -236,9 +236,9 @@ impl BitLinearOp {
         let (m, n) = g2.dims2()?;
         let k = sp.cols();
         let g2 = g2.contiguous()?;
-        // The sparse products give `dW^T` (`[in, out]`); the estimator wants `dW`.
-        let weight_grad = |dwt: Vec<f32>| -> Result<Tensor> {
-            let dwq = Tensor::from_vec(sparse::transpose(&dwt, k, n), (n, k), &dev)?;
+        // `dW` (`[out, in]`) through the weight quantizer's estimator.
+        let weight_grad = |dwq: Vec<f32>| -> Result<Tensor> {
+            let dwq = Tensor::from_vec(dwq, (n, k), &dev)?;
             Self::estimator_grad(&self.weight, w, &s.w_params, dwq)
         };
         let act_identity = self
@@ -247,7 +247,7 @@ impl BitLinearOp {
             .is_none_or(|a| a.estimator == crate::ops::EstKind::Identity);
         if w.track_op() && need_norm && !need_x && act_identity {
             // The first layer: the weight gradient and the norm-weight gradient in one sweep
-            // over the input's nonzeros (`SparseRows::matmul_with_dots`); the input gradient,
+            // over the input's nonzeros (`SparseRows::matmul_t_with_dots`); the input gradient,
             // which only the norm needed, is never formed.
             let eps = self.eps;
             let second = with_values(&x.contiguous()?, |xv| {
@@ -258,15 +258,18 @@ impl BitLinearOp {
                 sp.gather_scaled(xv, &inv_rms)
             })?;
             let (st, second_t) = sp.transposed_with(&second);
-            let (dwt, dnorm) = with_values(&g2, |gv| {
-                with_values(&s.wq, |wt| st.matmul_with_dots(&second_t, gv, n, wt))
+            let (dw, dnorm) = with_values(&g2, |gv| {
+                with_values(&s.wq, |wt| st.matmul_t_with_dots(&second_t, gv, n, wt))
             })??;
             let dnorm = Tensor::from_vec(dnorm, norm.shape(), &dev)?;
-            return Ok((None, Some(weight_grad(dwt)?), Some(dnorm)));
+            return Ok((None, Some(weight_grad(dw)?), Some(dnorm)));
         }
         let by_column = (w.track_op() || (need_norm && !need_x)).then(|| sp.transposed());
         let dw = match (w.track_op(), &by_column) {
-            (true, Some(st)) => Some(weight_grad(with_values(&g2, |gv| st.matmul(gv, n))?)?),
+            (true, Some(st)) => {
+                let dwt = with_values(&g2, |gv| st.matmul(gv, n))?;
+                Some(weight_grad(sparse::transpose(&dwt, k, n))?)
+            }
             _ => None,
         };
         if !need_x && !need_norm {

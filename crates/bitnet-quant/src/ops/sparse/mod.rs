@@ -12,7 +12,7 @@
 //! * norm-weight gradient: `dg_j = sum_i dXn[i,j] xhat[i,j]` reads `dXn = dY Wq` only where the
 //!   input is nonzero. Reordered as `sum_o Wq[o,j] sum_i dY[i,o] xhat[i,j]`, its inner sum runs
 //!   over the weight gradient's entries and rows of `dY`, so one sweep computes both
-//!   ([`SparseRows::matmul_with_dots`]); with a non-identity activation estimator in between,
+//!   ([`SparseRows::matmul_t_with_dots`]); with a non-identity activation estimator in between,
 //!   the dot products at the nonzeros instead ([`SparseRows::sampled_dots`]).
 //!
 //! Each costs `nnz * n` multiply-adds instead of `m * k * n`. The kernels reach about half the
@@ -44,6 +44,13 @@ use rayon::prelude::*;
 /// the forward (integer kernel), weight gradient and sampled norm gradient together cost 0.60x
 /// the three dense GEMMs at 20 % nonzeros, 1.01x at 35 % and 1.30x at 50 %.
 pub const MAX_DENSITY: f32 = 0.3;
+
+/// The largest share of nonzeros at which [`crate::ops::bitlinear`] runs its forward by the
+/// integer kernel ([`SparseRows::matmul_levels`], int8 activations x ternary or binary weights);
+/// its backward then takes the sparse kernels only up to [`MAX_DENSITY`], the dense GEMMs above.
+/// `benches/sparse_input.rs` (same shapes): the integer forward costs 0.49x the dense GEMM at
+/// 35 % nonzeros and 0.57x at 50 %.
+pub const MAX_DENSITY_LEVELS: f32 = 0.6;
 
 /// A row-major matrix stored by its kept entries, row by row (CSR).
 #[derive(Debug, Clone)]
@@ -197,16 +204,21 @@ impl SparseRows {
         out
     }
 
-    /// `self @ b` as [`SparseRows::matmul`] (`b: [cols, n]`), and with it, per row `r`,
-    /// `dot(w[r], sum_e second[e] * b[cols of e])` over the row's entries `e`: the same sum with
-    /// the entries' second values, reduced against `w: [rows, n]` instead of stored. Both sums
-    /// share every load of `b`, which is what the kernel waits on.
+    /// The transpose of `self @ b` (`b: [cols, n]`; the result is row-major `[n, rows]`), and with
+    /// it, per row `r`, `dot(w[r], sum_e second[e] * b[cols of e])` over the row's entries `e`:
+    /// the same sum with the entries' second values, reduced against `w: [rows, n]` instead of
+    /// stored. Both sums share every load of `b`, which is what the kernel waits on.
     ///
-    /// BitLinear's first layer uses it on the column-major input pattern: `self @ dY` is the
-    /// weight gradient (transposed) and, with `second = x / rms(x)` and `w = Wq^T`, the dots are
-    /// the norm-weight gradient `sum_i (dY Wq)[i,j] x[i,j] / rms(x_i)`, without the input
-    /// gradient ever being formed.
-    pub fn matmul_with_dots(
+    /// BitLinear's first layer uses it on the column-major input pattern: `(self @ dY)^T` is the
+    /// weight gradient `dW` and, with `second = x / rms(x)` and `w = Wq^T`, the dots are the
+    /// norm-weight gradient `sum_i (dY Wq)[i,j] x[i,j] / rms(x_i)`, without the input gradient
+    /// ever being formed.
+    ///
+    /// Swept in 32-wide column blocks of `b`, each packed contiguous (a batch of 128 rows is
+    /// 16 KiB, which stays in L1 while every row of `self` passes over it), 8 rows at a time into a small tile that is
+    /// transposed into the result, so the product never exists untransposed. Each row's dot is
+    /// the sum of its blocks' partial dots in block order, whatever the thread count.
+    pub fn matmul_t_with_dots(
         &self,
         second: &[f32],
         b: &[f32],
@@ -216,31 +228,54 @@ impl SparseRows {
         assert_eq!(second.len(), self.nnz(), "one second value per entry");
         assert_eq!(b.len(), self.cols * n, "b is [cols, n]");
         assert_eq!(w.len(), self.rows * n, "w is [rows, n]");
-        // SAFETY: every row is written whole below.
-        let mut out = unsafe { output_vec(self.rows * n) };
-        let mut dots = vec![0f32; self.rows];
-        if n == 0 {
+        let rows = self.rows;
+        // SAFETY: every (column block, row) tile of the result is written once below.
+        let mut out = unsafe { output_vec(rows * n) };
+        let mut dots = vec![0f32; rows];
+        if n == 0 || rows == 0 {
             return (out, dots);
         }
-        let one = |r: usize, o: &mut [f32], d: &mut f32| {
-            let (a, e) = (self.start[r], self.start[r + 1]);
-            let wr = &w[r * n..(r + 1) * n];
-            *d = axpys2(o, &self.col[a..e], &self.val[a..e], &second[a..e], b, wr, n);
+        // One column block: its `[width, rows]` slab of the result and its partial dots.
+        let block = |c0: usize, slab: &mut [f32], part: &mut [f32]| {
+            let width = slab.len() / rows;
+            // Packed contiguous: at `b`'s row stride (1 KiB for 256 columns) the block's rows
+            // would share a few L1 sets and evict each other.
+            let mut packed = Vec::with_capacity(self.cols * width);
+            for row in b.chunks_exact(n) {
+                packed.extend_from_slice(&row[c0..c0 + width]);
+            }
+            let mut tile = [[0f32; TILE_COLS]; 8];
+            for r0 in (0..rows).step_by(8) {
+                let height = 8.min(rows - r0);
+                for (i, t) in tile.iter_mut().take(height).enumerate() {
+                    let r = r0 + i;
+                    let (a, e) = (self.start[r], self.start[r + 1]);
+                    let wr = &w[r * n + c0..r * n + c0 + width];
+                    let (cs, vs, ss) = (&self.col[a..e], &self.val[a..e], &second[a..e]);
+                    part[r] = axpys2(&mut t[..width], cs, vs, ss, &packed, wr, width, 0);
+                }
+                store_tile_t(&tile, height, width, slab, rows, r0);
+            }
         };
+        let blocks = n.div_ceil(TILE_COLS);
+        let mut parts = vec![0f32; blocks * rows];
         if crate::ops::parallel(out.len()) {
-            // Rows are independent: the split does not change the result.
-            let per = (crate::ops::cpu_util::CHUNK / n).max(1);
-            out.par_chunks_mut(per * n)
-                .zip(dots.par_chunks_mut(per))
+            out.par_chunks_mut(TILE_COLS * rows)
+                .zip(parts.par_chunks_mut(rows))
                 .enumerate()
-                .for_each(|(t, (ob, db))| {
-                    for (i, (o, d)) in ob.chunks_mut(n).zip(db.iter_mut()).enumerate() {
-                        one(t * per + i, o, d);
-                    }
-                });
+                .for_each(|(i, (slab, part))| block(i * TILE_COLS, slab, part));
         } else {
-            for (r, (o, d)) in out.chunks_mut(n).zip(dots.iter_mut()).enumerate() {
-                one(r, o, d);
+            for (i, (slab, part)) in out
+                .chunks_mut(TILE_COLS * rows)
+                .zip(parts.chunks_mut(rows))
+                .enumerate()
+            {
+                block(i * TILE_COLS, slab, part);
+            }
+        }
+        for part in parts.chunks(rows) {
+            for (d, p) in dots.iter_mut().zip(part) {
+                *d += p;
             }
         }
         (out, dots)
@@ -425,8 +460,13 @@ fn level_sums(totals: &mut [i32], cs: &[u32], vs: &[f32], inv: f32, signs: &[i8]
     scalar::level_sums(totals, cs, vs, inv, signs, n);
 }
 
-/// `out = sum_e vs[e] * b[cs[e], :]` (all `n` columns) and the return value
-/// `dot(w, sum_e ss[e] * b[cs[e], :])`.
+/// Columns per block of [`SparseRows::matmul_t_with_dots`].
+const TILE_COLS: usize = 32;
+
+/// `out[t] = sum_e vs[e] * b[cs[e] * n + c0 + t]` for the `out.len()` (at most [`TILE_COLS`])
+/// columns from `c0` (written, not accumulated), and the return value
+/// `dot(w, sum_e ss[e] * b[cs[e] * n + c0 ..])` (`w` as long as `out`).
+#[allow(clippy::too_many_arguments)]
 fn axpys2(
     out: &mut [f32],
     cs: &[u32],
@@ -435,15 +475,55 @@ fn axpys2(
     b: &[f32],
     w: &[f32],
     n: usize,
+    c0: usize,
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
-        // SAFETY: AVX2 and FMA checked; `out` and `w` are `n` long, every
-        // `(cs[e] + 1) * n <= b.len()` (asserted by `matmul_with_dots`), `vs` and `ss` as long
+        // SAFETY: AVX2 and FMA checked; `out` and `w` are as long, `c0 + out.len() <= n`, every
+        // `(cs[e] + 1) * n <= b.len()` (asserted by `matmul_t_with_dots`), `vs` and `ss` as long
         // as `cs`.
-        return unsafe { x86::axpys2(out, cs, vs, ss, b, w, n) };
+        return unsafe { x86::axpys2(out, cs, vs, ss, b, w, n, c0) };
     }
-    scalar::axpys2(out, cs, vs, ss, b, w, n)
+    scalar::axpys2(out, cs, vs, ss, b, w, n, c0)
+}
+
+/// `slab[t * rows + r0 + i] = tile[i][t]` for the `height` rows and `width` columns of a tile.
+fn store_tile_t(
+    tile: &[[f32; TILE_COLS]; 8],
+    height: usize,
+    width: usize,
+    slab: &mut [f32],
+    rows: usize,
+    r0: usize,
+) {
+    assert!(height <= 8 && width <= TILE_COLS && slab.len() == width * rows && r0 + height <= rows);
+    #[cfg(target_arch = "x86_64")]
+    if height == 8 && x86::available() {
+        let full = width / 8 * 8;
+        for t0 in (0..full).step_by(8) {
+            // SAFETY: AVX2 checked; the 8 x 8 block reads tile columns `t0..t0 + 8` of 8 rows
+            // and writes rows `t0..t0 + 8` of the slab at `r0..r0 + 8` (asserted in bounds).
+            unsafe {
+                x86::transpose8(
+                    tile[0].as_ptr().add(t0),
+                    TILE_COLS,
+                    slab.as_mut_ptr().add(t0 * rows + r0),
+                    rows,
+                )
+            };
+        }
+        for t in full..width {
+            for (i, row) in tile.iter().enumerate() {
+                slab[t * rows + r0 + i] = row[t];
+            }
+        }
+        return;
+    }
+    for t in 0..width {
+        for (i, row) in tile.iter().take(height).enumerate() {
+            slab[t * rows + r0 + i] = row[t];
+        }
+    }
 }
 
 /// `out[e] = dot(u, b[cs[e], :])` for every entry `e`.
@@ -459,6 +539,7 @@ fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
 
 /// The portable kernels (and the reference the AVX2 ones are tested against).
 mod scalar {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn axpys2(
         out: &mut [f32],
         cs: &[u32],
@@ -467,11 +548,14 @@ mod scalar {
         b: &[f32],
         w: &[f32],
         n: usize,
+        c0: usize,
     ) -> f32 {
-        let mut h = vec![0f32; n];
+        let width = out.len();
+        let mut h = [0f32; super::TILE_COLS];
+        let h = &mut h[..width];
         out.fill(0.0);
         for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
-            let row = &b[c as usize * n..(c as usize + 1) * n];
+            let row = &b[c as usize * n + c0..c as usize * n + c0 + width];
             for ((o, hh), &x) in out.iter_mut().zip(h.iter_mut()).zip(row) {
                 *o += v * x;
                 *hh += s * x;
@@ -750,7 +834,7 @@ mod tests {
     }
 
     #[test]
-    fn matmul_with_dots_gives_the_product_and_the_reduced_second_sum() {
+    fn matmul_t_with_dots_gives_the_transposed_product_and_the_reduced_second_sum() {
         for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
             // As the first layer's backward: the column-major pattern of a [m, k] input.
             let a = sparse(m, k, 0.25, seed as u64);
@@ -760,9 +844,10 @@ mod tests {
             let sp = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
             let second = sp.gather_scaled(&x2, &vec![1.0; m]);
             let (st, second_t) = sp.transposed_with(&second);
-            let (prod, dots) = st.matmul_with_dots(&second_t, &dy, n, &wt);
-            let at = transpose(&a, m, k);
-            assert_close(&prod, &dense_matmul(&at, &dy, k, m, n), "product");
+            let (prod_t, dots) = st.matmul_t_with_dots(&second_t, &dy, n, &wt);
+            // (A^T dY)^T = dY^T A
+            let want = dense_matmul(&transpose(&dy, m, n), &a, n, m, k);
+            assert_close(&prod_t, &want, "product");
             // dots[j] = sum_o wt[j, o] * sum_i [a_ij != 0] x2_ij dy[i, o]
             let want: Vec<f64> = (0..k)
                 .map(|j| {
@@ -781,19 +866,22 @@ mod tests {
             for r in 0..st.rows() {
                 let (a0, e) = (st.start[r], st.start[r + 1]);
                 let (cs, vs, ss) = (&st.col[a0..e], &st.val[a0..e], &second_t[a0..e]);
-                let wr = &wt[r * n..(r + 1) * n];
-                let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
-                let d1 = scalar::axpys2(&mut o1, cs, vs, ss, &dy, wr, n);
-                let d2 = axpys2(&mut o2, cs, vs, ss, &dy, wr, n);
-                assert!(
-                    (d1 - d2).abs() <= 1e-4 * (1.0 + d1.abs()),
-                    "row {r}: {d1} vs {d2}"
-                );
-                for (x, y) in o1.iter().zip(&o2) {
+                for c0 in (0..n).step_by(TILE_COLS) {
+                    let width = TILE_COLS.min(n - c0);
+                    let wr = &wt[r * n + c0..r * n + c0 + width];
+                    let (mut o1, mut o2) = (vec![0f32; width], vec![0f32; width]);
+                    let d1 = scalar::axpys2(&mut o1, cs, vs, ss, &dy, wr, n, c0);
+                    let d2 = axpys2(&mut o2, cs, vs, ss, &dy, wr, n, c0);
                     assert!(
-                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                        "row {r}: {x} vs {y}"
+                        (d1 - d2).abs() <= 1e-4 * (1.0 + d1.abs()),
+                        "row {r}: {d1} vs {d2}"
                     );
+                    for (x, y) in o1.iter().zip(&o2) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                            "row {r}: {x} vs {y}"
+                        );
+                    }
                 }
             }
         }

@@ -81,14 +81,15 @@ static PACK: [[u32; 8]; 256] = {
     t
 };
 
-/// `out = sum_e vs[e] * b[cs[e] * n ..][..n]`, and the return value
-/// `dot(w, sum_e ss[e] * b[cs[e] * n ..][..n])`: 32 columns per sweep, four accumulators for each
-/// sum, so every load of `b` feeds two multiply-adds.
+/// `out = sum_e vs[e] * b[cs[e] * n + c0 ..][..width]`, and the return value
+/// `dot(w, sum_e ss[e] * b[cs[e] * n + c0 ..][..width])` (`width = out.len()`): 32 columns per
+/// sweep, four accumulators for each sum, so every load of `b` feeds two multiply-adds.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `out.len() == w.len() == n`, `vs` and `ss` as long as `cs`,
-/// and every `(cs[e] + 1) * n <= b.len()`.
+/// AVX2 and FMA must be available; `out.len() == w.len()`, `c0 + out.len() <= n`, `vs` and `ss`
+/// as long as `cs`, and every `(cs[e] + 1) * n <= b.len()`.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn axpys2(
     out: &mut [f32],
     cs: &[u32],
@@ -97,19 +98,21 @@ pub(super) unsafe fn axpys2(
     b: &[f32],
     w: &[f32],
     n: usize,
+    c0: usize,
 ) -> f32 {
-    debug_assert!(out.len() == n && w.len() == n);
+    let width = out.len();
+    debug_assert!(w.len() == width && c0 + width <= n);
     debug_assert!(vs.len() == cs.len() && ss.len() == cs.len());
     debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
-    let (bp, op, wp) = (b.as_ptr(), out.as_mut_ptr(), w.as_ptr());
+    let (bp, op, wp) = (b.as_ptr().add(c0), out.as_mut_ptr(), w.as_ptr());
     let mut total = _mm256_setzero_ps();
-    let mut c0 = 0;
-    while c0 + 32 <= n {
+    let mut t0 = 0;
+    while t0 + 32 <= width {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut h = [_mm256_setzero_ps(); 4];
         for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
             let (vb, sb) = (_mm256_set1_ps(v), _mm256_set1_ps(s));
-            let p = bp.add(c as usize * n + c0);
+            let p = bp.add(c as usize * n + t0);
             for t in 0..4 {
                 let x = _mm256_loadu_ps(p.add(8 * t));
                 acc[t] = _mm256_fmadd_ps(vb, x, acc[t]);
@@ -117,24 +120,24 @@ pub(super) unsafe fn axpys2(
             }
         }
         for t in 0..4 {
-            _mm256_storeu_ps(op.add(c0 + 8 * t), acc[t]);
-            total = _mm256_fmadd_ps(h[t], _mm256_loadu_ps(wp.add(c0 + 8 * t)), total);
+            _mm256_storeu_ps(op.add(t0 + 8 * t), acc[t]);
+            total = _mm256_fmadd_ps(h[t], _mm256_loadu_ps(wp.add(t0 + 8 * t)), total);
         }
-        c0 += 32;
+        t0 += 32;
     }
-    while c0 + 8 <= n {
+    while t0 + 8 <= width {
         let (mut acc, mut h) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
-            let x = _mm256_loadu_ps(bp.add(c as usize * n + c0));
+            let x = _mm256_loadu_ps(bp.add(c as usize * n + t0));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(v), x, acc);
             h = _mm256_fmadd_ps(_mm256_set1_ps(s), x, h);
         }
-        _mm256_storeu_ps(op.add(c0), acc);
-        total = _mm256_fmadd_ps(h, _mm256_loadu_ps(wp.add(c0)), total);
-        c0 += 8;
+        _mm256_storeu_ps(op.add(t0), acc);
+        total = _mm256_fmadd_ps(h, _mm256_loadu_ps(wp.add(t0)), total);
+        t0 += 8;
     }
     let mut dot = hsum(total);
-    for o in c0..n {
+    for o in t0..width {
         let (mut acc, mut h) = (0f32, 0f32);
         for ((&c, &v), &s) in cs.iter().zip(vs).zip(ss) {
             let x = *bp.add(c as usize * n + o);
@@ -199,9 +202,13 @@ pub(super) unsafe fn scan_row(
 }
 
 /// Transposes the 8 x 8 block at `src` (row stride `ss`) into `dst` (row stride `ds`).
+///
+/// # Safety
+/// AVX2 must be available; 8 rows of 8 values readable at `src` with stride `ss` and writable at
+/// `dst` with stride `ds`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss)));
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
