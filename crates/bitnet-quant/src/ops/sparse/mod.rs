@@ -214,10 +214,13 @@ impl SparseRows {
     /// norm-weight gradient `sum_i (dY Wq)[i,j] x[i,j] / rms(x_i)`, without the input gradient
     /// ever being formed.
     ///
-    /// Swept in 32-wide column blocks of `b`, each packed contiguous (a batch of 128 rows is
-    /// 16 KiB, which stays in L1 while every row of `self` passes over it), 8 rows at a time into a small tile that is
-    /// transposed into the result, so the product never exists untransposed. Each row's dot is
-    /// the sum of its blocks' partial dots in block order, whatever the thread count.
+    /// `b` is first repacked as 32-wide column blocks, each contiguous (at `b`'s own row stride,
+    /// 1 KiB for 256 columns, a block's rows would share a few L1 sets). The rows of `self` are
+    /// then swept in chunks of [`ROW_CHUNK`], each chunk over every column block (its entries stay
+    /// in L1 while the blocks pass; a block of 128 rows is 16 KiB), 8 rows at a time into a
+    /// small tile that is transposed into the result, so the product never exists untransposed.
+    /// Each row's dot is the sum of its blocks' partial dots in block order, whatever the thread
+    /// count (threads split the column blocks).
     pub fn matmul_t_with_dots(
         &self,
         second: &[f32],
@@ -235,43 +238,50 @@ impl SparseRows {
         if n == 0 || rows == 0 {
             return (out, dots);
         }
-        // One column block: its `[width, rows]` slab of the result and its partial dots.
-        let block = |c0: usize, slab: &mut [f32], part: &mut [f32]| {
-            let width = slab.len() / rows;
-            // Packed contiguous: at `b`'s row stride (1 KiB for 256 columns) the block's rows
-            // would share a few L1 sets and evict each other.
-            let mut packed = Vec::with_capacity(self.cols * width);
+        let blocks = n.div_ceil(TILE_COLS);
+        // Block `k` (columns `c0 = k * TILE_COLS`, `width` of them) at `c0 * cols`, row stride
+        // `width`.
+        let mut packed = Vec::with_capacity(b.len());
+        for c0 in (0..n).step_by(TILE_COLS) {
+            let width = TILE_COLS.min(n - c0);
             for row in b.chunks_exact(n) {
                 packed.extend_from_slice(&row[c0..c0 + width]);
             }
+        }
+        // Column blocks `k0..`: their `[width, rows]` slabs of the result (contiguous) and one
+        // partial dot per block and row.
+        let run = |k0: usize, slab: &mut [f32], part: &mut [f32]| {
             let mut tile = [[0f32; TILE_COLS]; 8];
-            for r0 in (0..rows).step_by(8) {
-                let height = 8.min(rows - r0);
-                for (i, t) in tile.iter_mut().take(height).enumerate() {
-                    let r = r0 + i;
-                    let (a, e) = (self.start[r], self.start[r + 1]);
-                    let wr = &w[r * n + c0..r * n + c0 + width];
-                    let (cs, vs, ss) = (&self.col[a..e], &self.val[a..e], &second[a..e]);
-                    part[r] = axpys2(&mut t[..width], cs, vs, ss, &packed, wr, width, 0);
+            for r_chunk in (0..rows).step_by(ROW_CHUNK) {
+                let chunk_end = (r_chunk + ROW_CHUNK).min(rows);
+                for (k, part) in part.chunks_mut(rows).enumerate() {
+                    let c0 = (k0 + k) * TILE_COLS;
+                    let width = TILE_COLS.min(n - c0);
+                    let bk = &packed[c0 * self.cols..(c0 + width) * self.cols];
+                    let slab = &mut slab[k * TILE_COLS * rows..][..width * rows];
+                    for r0 in (r_chunk..chunk_end).step_by(8) {
+                        let height = 8.min(rows - r0);
+                        for (i, t) in tile.iter_mut().take(height).enumerate() {
+                            let r = r0 + i;
+                            let (a, e) = (self.start[r], self.start[r + 1]);
+                            let wr = &w[r * n + c0..r * n + c0 + width];
+                            let (cs, vs, ss) = (&self.col[a..e], &self.val[a..e], &second[a..e]);
+                            part[r] = axpys2(&mut t[..width], cs, vs, ss, bk, wr, width, 0);
+                        }
+                        store_tile_t(&tile, height, width, slab, rows, r0);
+                    }
                 }
-                store_tile_t(&tile, height, width, slab, rows, r0);
             }
         };
-        let blocks = n.div_ceil(TILE_COLS);
         let mut parts = vec![0f32; blocks * rows];
         if crate::ops::parallel(out.len()) {
-            out.par_chunks_mut(TILE_COLS * rows)
-                .zip(parts.par_chunks_mut(rows))
+            let per = blocks.div_ceil(rayon::current_num_threads());
+            out.par_chunks_mut(per * TILE_COLS * rows)
+                .zip(parts.par_chunks_mut(per * rows))
                 .enumerate()
-                .for_each(|(i, (slab, part))| block(i * TILE_COLS, slab, part));
+                .for_each(|(t, (slab, part))| run(t * per, slab, part));
         } else {
-            for (i, (slab, part)) in out
-                .chunks_mut(TILE_COLS * rows)
-                .zip(parts.chunks_mut(rows))
-                .enumerate()
-            {
-                block(i * TILE_COLS, slab, part);
-            }
+            run(0, &mut out, &mut parts);
         }
         for part in parts.chunks(rows) {
             for (d, p) in dots.iter_mut().zip(part) {
@@ -462,6 +472,10 @@ fn level_sums(totals: &mut [i32], cs: &[u32], vs: &[f32], inv: f32, signs: &[i8]
 
 /// Columns per block of [`SparseRows::matmul_t_with_dots`].
 const TILE_COLS: usize = 32;
+
+/// Rows of `self` per pass over the column blocks in [`SparseRows::matmul_t_with_dots`]
+/// (a multiple of 8; 32 rows of a 20 %-dense 128-row column pattern are about 10 KiB of entries).
+const ROW_CHUNK: usize = 32;
 
 /// `out[t] = sum_e vs[e] * b[cs[e] * n + c0 + t]` for the `out.len()` (at most [`TILE_COLS`])
 /// columns from `c0` (written, not accumulated), and the return value
