@@ -42,8 +42,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 const DIMS: [(usize, usize, &str); 3] = [(784, 256, "fc1"), (256, 256, "fc2"), (256, 10, "fc3")];
 const BATCH: usize = 128;
 
-/// The MLP: layers with a ReLU between them.
-struct Mlp(Vec<Box<dyn Module + Send + Sync>>);
+/// The MLP: layers with a ReLU between them: ours (`ops::relu`, one pass each way) for the
+/// ternary models as `MnistMlp` has it, candle's `Tensor::relu` for the candle-nn baselines.
+struct Mlp(
+    Vec<Box<dyn Module + Send + Sync>>,
+    fn(&Tensor) -> Result<Tensor>,
+);
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -51,7 +55,7 @@ impl Module for Mlp {
         for (i, l) in self.0.iter().enumerate() {
             h = l.forward(&h)?;
             if i + 1 < self.0.len() {
-                h = h.relu()?;
+                h = (self.1)(&h)?;
             }
         }
         Ok(h)
@@ -68,7 +72,7 @@ fn ternary_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers))
+    Ok(Mlp(layers, bitnet::quant::ops::relu::relu))
 }
 
 /// A BitLinear layer run as separate ops (the path before the fused op).
@@ -90,7 +94,7 @@ fn separate_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers))
+    Ok(Mlp(layers, bitnet::quant::ops::relu::relu))
 }
 
 fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
@@ -101,7 +105,7 @@ fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(candle_nn::linear(i, o, vb.pp(name))?) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers))
+    Ok(Mlp(layers, Tensor::relu))
 }
 
 /// The first 128 MNIST training images and labels (the repository's copy), loaded once.

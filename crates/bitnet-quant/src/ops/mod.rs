@@ -11,6 +11,7 @@
 //! * [`bitlinear`]: BitLinear's norm, quantizers and GEMM as one op (CPU training fast path).
 //! * [`linear`]: `x w^T` with a backward that needs no transpose node (used by `BitLinear`).
 //! * [`rms_norm`]: RMSNorm fused into one op (forward) and two (backward), for [`crate::RmsNorm`].
+//! * [`relu`]: ReLU with a one-pass backward, for the activations between BitLinear layers.
 //! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
 
 pub mod bitlinear;
@@ -24,6 +25,7 @@ pub mod math;
 #[cfg(feature = "metal")]
 pub(crate) mod metal_util;
 pub mod quantize;
+pub mod relu;
 pub mod rms_norm;
 pub mod scales;
 pub mod sparse;
