@@ -11,8 +11,11 @@
 //! Forward: exactly the separate ops' kernels in the same order, so the output is bitwise the
 //! same as [`BitLinear::forward_separate`](crate::BitLinear::forward_separate) — except when the
 //! input is mostly zeros (at most [`sparse::MAX_DENSITY`] nonzeros, like MNIST's pixels): then
-//! the GEMM and the backward's products run as the [`sparse`](crate::ops::sparse) kernels over
-//! the nonzeros only, equal up to f32 rounding (another summation order).
+//! the GEMM and the backward's products run as the [`sparse`] kernels over
+//! the nonzeros only, equal up to f32 rounding (another summation order). With int8 activations
+//! and ternary or binary weights the forward runs in integers up to
+//! [`sparse::MAX_DENSITY_LEVELS`] nonzeros (a hidden layer after ReLU), the backward then by the
+//! dense GEMMs.
 //! Backward: `dXq = dY Wq`, `dW = e_w(dY^T Xq)`, `dXn = e_x(dXq)` with `e_*` the quantizers'
 //! estimators (identity for the default STE), then RMSNorm's two gradients from `dXn`. When
 //! only the norm weight needs `dXn` (the first layer), a sparse input's `dXq` is computed only

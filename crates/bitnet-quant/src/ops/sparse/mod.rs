@@ -216,7 +216,7 @@ impl SparseRows {
     ///
     /// `b` is first repacked as 32-wide column blocks, each contiguous (at `b`'s own row stride,
     /// 1 KiB for 256 columns, a block's rows would share a few L1 sets). The rows of `self` are
-    /// then swept in chunks of [`ROW_CHUNK`], each chunk over every column block (its entries stay
+    /// then swept in chunks of 32, each chunk over every column block (its entries stay
     /// in L1 while the blocks pass; a block of 128 rows is 16 KiB), 8 rows at a time into a
     /// small tile that is transposed into the result, so the product never exists untransposed.
     /// Each row's dot is the sum of its blocks' partial dots in block order, whatever the thread
