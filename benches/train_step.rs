@@ -2,7 +2,8 @@
 //! 784-256-256-10 on a batch of 128 real MNIST images, several ways, in the same run:
 //!
 //! * `ternary_qat_adamw`: every layer a `QATLayer<BitLinear>` (BitNet b1.58: RMSNorm, absmean
-//!   ternary weights, int8 per-token activations, identity STE), updated by our fused `QatAdamW`;
+//!   ternary weights, int8 per-token activations, identity STE), updated by our fused `QatAdamW`,
+//!   with our one-node ReLU and cross-entropy (`ops::relu`, `training::loss`; every ternary row);
 //! * `fp_linear_adamw`: candle-nn `Linear` layers and candle-nn `AdamW`, the plain candle baseline;
 //! * `fp_linear_qat_adamw`: the same `Linear` layers updated by `QatAdamW` (isolates the optimizer);
 //! * `ternary_qat_adamw_2_shards`: the ternary step with the batch split into two row blocks whose
@@ -14,6 +15,9 @@
 //! * `ternary_separate_ops_adamw`: the ternary layers run as separate ops
 //!   (`BitLinear::forward_separate`: norm, scales, quantizers, GEMM as six graph nodes) instead of
 //!   the fused `ops::bitlinear` op, to measure what the fusion saves.
+//!
+//! `cpu_relu_128x256` and `cpu_cross_entropy_128x10` compare our one-node ReLU and
+//! cross-entropy with candle's (forward + backward).
 //!
 //! `cpu_train_step_parts` splits each step into forward (including the loss), backward and
 //! optimizer step, so that the total can be read as a sum. `cpu_rms_norm_784` compares the fused
@@ -42,12 +46,10 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 const DIMS: [(usize, usize, &str); 3] = [(784, 256, "fc1"), (256, 256, "fc2"), (256, 10, "fc3")];
 const BATCH: usize = 128;
 
-/// The MLP: layers with a ReLU between them: ours (`ops::relu`, one pass each way) for the
-/// ternary models as `MnistMlp` has it, candle's `Tensor::relu` for the candle-nn baselines.
-struct Mlp(
-    Vec<Box<dyn Module + Send + Sync>>,
-    fn(&Tensor) -> Result<Tensor>,
-);
+/// The MLP: layers with a ReLU between them. The ternary models use our one-node ReLU and
+/// cross-entropy (`ops::relu`, `training::loss`) as `train_mnist` does; the candle-nn baselines
+/// candle's `Tensor::relu` and `candle_nn::loss::cross_entropy` (`ours == false`).
+struct Mlp(Vec<Box<dyn Module + Send + Sync>>, bool);
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -55,7 +57,10 @@ impl Module for Mlp {
         for (i, l) in self.0.iter().enumerate() {
             h = l.forward(&h)?;
             if i + 1 < self.0.len() {
-                h = (self.1)(&h)?;
+                h = match self.1 {
+                    true => bitnet::quant::ops::relu::relu(&h)?,
+                    false => h.relu()?,
+                };
             }
         }
         Ok(h)
@@ -72,7 +77,7 @@ fn ternary_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers, bitnet::quant::ops::relu::relu))
+    Ok(Mlp(layers, true))
 }
 
 /// A BitLinear layer run as separate ops (the path before the fused op).
@@ -94,7 +99,7 @@ fn separate_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(l) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers, bitnet::quant::ops::relu::relu))
+    Ok(Mlp(layers, true))
 }
 
 fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
@@ -105,7 +110,7 @@ fn linear_mlp(vm: &VarMap) -> Result<Mlp> {
             Ok(Box::new(candle_nn::linear(i, o, vb.pp(name))?) as Box<dyn Module + Send + Sync>)
         })
         .collect::<Result<_>>()?;
-    Ok(Mlp(layers, Tensor::relu))
+    Ok(Mlp(layers, false))
 }
 
 /// The first 128 MNIST training images and labels (the repository's copy), loaded once.
@@ -132,7 +137,11 @@ fn dense_batch() -> Result<(Tensor, Tensor)> {
 }
 
 fn loss_of(model: &Mlp, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    loss::cross_entropy(&model.forward(x)?, y)
+    let logits = model.forward(x)?;
+    match model.1 {
+        true => bitnet::training::loss::cross_entropy(&logits, y),
+        false => loss::cross_entropy(&logits, y),
+    }
 }
 
 /// A model, its variables and an optimizer over them, built fresh for each bench function.
@@ -288,11 +297,53 @@ fn rms_norm(c: &mut Criterion) {
     group.finish();
 }
 
+/// The MLP's activation and loss, forward + backward: our one-node ops against candle's
+/// (`Tensor::relu`, `candle_nn::loss::cross_entropy`), on the step's shapes.
+fn relu_and_loss(c: &mut Criterion) {
+    bitnet::core::host_alloc::keep_freed_memory();
+    let dev = Device::Cpu;
+    let h = candle_core::Var::randn(0f32, 1.0, (BATCH, 256), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (BATCH, 256), &dev).unwrap();
+    let mut group = c.benchmark_group("cpu_relu_128x256");
+    group.bench_function("ours", |b| {
+        b.iter(|| {
+            let y = bitnet::quant::ops::relu::relu(h.as_tensor()).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.bench_function("candle", |b| {
+        b.iter(|| {
+            let y = h.as_tensor().relu().unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.finish();
+    let logits = candle_core::Var::randn(0f32, 1.0, (BATCH, 10), &dev).unwrap();
+    let y = Tensor::from_vec((0..BATCH as u32).map(|i| i % 10).collect(), BATCH, &dev).unwrap();
+    let mut group = c.benchmark_group("cpu_cross_entropy_128x10");
+    group.bench_function("ours", |b| {
+        b.iter(|| {
+            let l = bitnet::training::loss::cross_entropy(logits.as_tensor(), &y).unwrap();
+            l.backward().unwrap()
+        })
+    });
+    group.bench_function("candle_nn", |b| {
+        b.iter(|| {
+            loss::cross_entropy(logits.as_tensor(), &y)
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     train_step_glibc_default,
     train_step,
     train_step_parts,
-    rms_norm
+    rms_norm,
+    relu_and_loss
 );
 criterion_main!(benches);

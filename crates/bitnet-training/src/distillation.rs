@@ -86,8 +86,8 @@ pub fn kd_loss(
 ) -> Result<Tensor> {
     check("alpha", alpha, (0.0..=1.0).contains(&alpha), "0.0..=1.0")?;
     let kl = kl_divergence(student_logits, teacher_logits, temperature)?;
-    // cross_entropy = nll(log_softmax(s, 1)), differentiable.
-    let ce = candle_nn::loss::cross_entropy(student_logits, labels)?;
+    // One node instead of candle-nn's nll(log_softmax(s, 1)); the same value and gradient.
+    let ce = crate::loss::cross_entropy(student_logits, labels)?;
     ce.affine(1.0 - alpha, 0.0)? + kl.affine(alpha * temperature * temperature, 0.0)?
 }
 

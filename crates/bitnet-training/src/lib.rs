@@ -11,6 +11,7 @@
 //! * [`sensitivity`]: quantize one layer at a time, rank the layers, propose a policy.
 //! * [`checkpoint`]: atomic save and bit-exact resume.
 //! * [`data_parallel`]: a batch split into row shards that train on all cores at once.
+//! * [`loss`]: cross-entropy as one graph node (candle-nn's is about ten).
 
 pub mod checkpoint;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod data_parallel;
 pub mod distillation;
 pub mod error;
 pub mod init;
+pub mod loss;
 pub mod optim;
 pub mod policy;
 pub mod progressive;
