@@ -46,7 +46,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     let logits = logits.contiguous()?;
     logits.apply_op2(
-        targets,
+        &targets.contiguous()?,
         CrossEntropy {
             softmax: Mutex::new(None),
         },
@@ -69,10 +69,14 @@ struct CrossEntropy {
 
 /// The class indices as `usize`, each checked against `classes`.
 fn class_indices(s: &CpuStorage, l: &Layout, classes: usize) -> Result<Vec<usize>> {
-    let as_usize: Vec<i64> = match s {
-        CpuStorage::U8(v) => v.iter().map(|&t| t as i64).collect(),
-        CpuStorage::U32(v) => v.iter().map(|&t| t as i64).collect(),
-        CpuStorage::I64(v) => v.clone(),
+    // The layout's window only: a batch narrowed from a whole label set shares its storage.
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("cross_entropy: strided targets".into()))?;
+    let values: Vec<i64> = match s {
+        CpuStorage::U8(v) => v[a..b].iter().map(|&t| t as i64).collect(),
+        CpuStorage::U32(v) => v[a..b].iter().map(|&t| t as i64).collect(),
+        CpuStorage::I64(v) => v[a..b].to_vec(),
         other => {
             return Err(TrainingError::InvalidConfig {
                 field: "targets",
@@ -85,10 +89,7 @@ fn class_indices(s: &CpuStorage, l: &Layout, classes: usize) -> Result<Vec<usize
             .into())
         }
     };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross_entropy: strided targets".into()))?;
-    as_usize[a..b]
+    values
         .iter()
         .enumerate()
         .map(|(i, &t)| match usize::try_from(t) {
@@ -225,6 +226,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A batch's targets narrowed from a whole label set (an offset into a shared storage).
+    #[test]
+    fn narrowed_targets_read_their_own_window() {
+        let dev = Device::Cpu;
+        let all: Vec<u32> = (0..100u32).map(|i| (i * 3) % 10).collect();
+        let all = Tensor::new(all.as_slice(), &dev).unwrap();
+        let t = all.narrow(0, 41, 16).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (16, 10), &dev).unwrap();
+        let a = cross_entropy(&x, &t).unwrap().to_scalar::<f32>().unwrap();
+        let b = candle_nn::loss::cross_entropy(&x, &t.copy().unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
     }
 
     #[test]
