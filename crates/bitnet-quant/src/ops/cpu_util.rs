@@ -178,7 +178,8 @@ pub(crate) fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
 }
 
-/// `len` f32 values that the caller's kernel writes, every one, before anything reads them:
+/// `len` values (f32, or the `u32` indices of a sparse pattern) that the caller's kernel
+/// writes, every one, before anything reads them:
 /// skips the memset of `vec![0.0; len]`, which for outputs that are overwritten anyway was 7 % of
 /// a 1-thread MNIST training step. candle's own CPU kernels allocate their outputs this way.
 ///
@@ -186,7 +187,7 @@ pub(crate) fn last_dim(l: &Layout) -> usize {
 /// Every value must be written before any is read (the contents start uninitialised).
 // clippy's `uninit_vec` guards against reading such values; the contract above forbids it.
 #[allow(clippy::uninit_vec)]
-pub(crate) unsafe fn output_vec(len: usize) -> Vec<f32> {
+pub(crate) unsafe fn output_vec<T: Copy>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: the capacity is `len`; the caller writes every value before reading it.
     unsafe { v.set_len(len) };

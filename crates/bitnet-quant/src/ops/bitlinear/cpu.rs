@@ -73,11 +73,7 @@ pub(crate) fn forward(
             let wt = sparse::transpose(&wq, n, k);
             let y = match int_scales {
                 Some((inv, col_scale)) => {
-                    let signs: Vec<i8> = wt
-                        .iter()
-                        .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
-                        .collect();
-                    sp.matmul_levels(&signs, n, &inv, &col_scale)
+                    sp.matmul_levels(&sparse::signs(&wt), n, &inv, &col_scale)
                 }
                 None => sp.matmul(&wt, n),
             };

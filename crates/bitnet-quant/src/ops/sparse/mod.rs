@@ -155,9 +155,9 @@ impl SparseRows {
         }
         let start = count.clone();
         let mut next = count;
-        let mut col = vec![0u32; self.nnz()];
-        // SAFETY: the entries are a permutation: every slot is written once below.
-        let mut val = unsafe { output_vec(self.nnz()) };
+        // SAFETY: the entries are a permutation: every slot of both is written once below.
+        let mut col: Vec<u32> = unsafe { output_vec(self.nnz()) };
+        let mut val: Vec<f32> = unsafe { output_vec(self.nnz()) };
         // SAFETY: as above, when `extra` is given; empty otherwise.
         let mut moved = unsafe { output_vec(extra.len()) };
         for r in 0..self.rows {
@@ -640,6 +640,27 @@ mod scalar {
     }
 }
 
+/// `-1`, `0` or `1` per value (`0` for zeros and NaN): the levels of a ternary or binary
+/// weight, for [`SparseRows::matmul_levels`]. Compiled for AVX2 where the CPU has it (the
+/// default x86-64 target packs the comparisons 4 at a time).
+pub fn signs(values: &[f32]) -> Vec<i8> {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: AVX2 checked.
+        return unsafe { x86::signs(values) };
+    }
+    signs_body(values)
+}
+
+#[inline(always)]
+fn signs_body(values: &[f32]) -> Vec<i8> {
+    let mut out = vec![0i8; values.len()];
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = (v > 0.0) as i8 - (v < 0.0) as i8;
+    }
+    out
+}
+
 /// The transpose of a row-major `[rows, cols]`: a row-major `[cols, rows]` (8 x 8 register
 /// transposes on AVX2).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -899,6 +920,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn signs_of_every_kind_of_value() {
+        let mut v: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
+        v[0] = 0.0;
+        v[1] = -0.0;
+        v[2] = f32::NAN;
+        v[3] = f32::NEG_INFINITY;
+        v[4] = 1e-30;
+        let want: Vec<i8> = v
+            .iter()
+            .map(|&x| match x {
+                x if x > 0.0 => 1,
+                x if x < 0.0 => -1,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(signs(&v), want);
+        assert_eq!(signs_body(&v), want);
     }
 
     #[test]

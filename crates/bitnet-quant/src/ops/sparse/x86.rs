@@ -241,6 +241,15 @@ pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: u
     }
 }
 
+/// [`super::signs`] compiled for AVX2 (same comparisons, 8 at a time).
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn signs(values: &[f32]) -> Vec<i8> {
+    super::signs_body(values)
+}
+
 /// `dst[c * rows + r] = src[r * cols + c]`, in 8 x 8 register blocks (edges in scalar).
 ///
 /// # Safety
