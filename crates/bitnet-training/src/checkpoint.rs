@@ -4,7 +4,7 @@
 //!
 //! * `weights-<step>-<sha prefix>.safetensors`: every variable of the `VarMap` (as `var/<name>`)
 //!   and the optimizer's state (as `optim/<name>`, see
-//!   [`OptimizerState`](crate::optim::OptimizerState)).
+//!   [`OptimizerState`]).
 //! * `checkpoint.json`, the manifest: format version, step, the weights file's name, length and
 //!   SHA-256, the variable and optimizer entry names, the schedule position (any JSON) and the
 //!   random generator's state.
