@@ -52,6 +52,47 @@ fn abs_stats_body(xs: &[f32]) -> (f64, f32) {
     (total, mx)
 }
 
+/// `max |x|`, and whether every value is finite: all that an absmax scale (`Kind::Int`: int8
+/// activations, one block per token) needs, without [`abs_stats`]' f64 sum.
+pub(crate) fn abs_max(xs: &[f32]) -> (f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available (checked above).
+        return unsafe { abs_max_avx2(xs) };
+    }
+    abs_max_body(xs)
+}
+
+/// [`abs_max`] compiled for AVX2 (the same lanes; a max has no rounding).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn abs_max_avx2(xs: &[f32]) -> (f32, bool) {
+    abs_max_body(xs)
+}
+
+#[inline(always)]
+fn abs_max_body(xs: &[f32]) -> (f32, bool) {
+    let mut lane_max = [0f32; 8];
+    // `v * 0` is (signed) 0 for a finite value and NaN for an infinite or NaN one; the sums
+    // stay 0 exactly until one is not finite.
+    let mut check = [0f32; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            let a = c[k].abs();
+            lane_max[k] = if a > lane_max[k] { a } else { lane_max[k] };
+            check[k] += c[k] * 0.0;
+        }
+    }
+    let mut mx = lane_max.iter().fold(0f32, |a, &b| a.max(b));
+    let mut finite = check.iter().all(|&c| c == 0.0);
+    for &v in it.remainder() {
+        mx = mx.max(v.abs());
+        finite &= v.is_finite();
+    }
+    (mx, finite)
+}
+
 /// `(sum |x|, count)` over the values with `|x| > d`, added in f64 like [`abs_stats`].
 fn above_stats(xs: &[f32], d: f32) -> (f64, usize) {
     let mut acc = [0f64; 8];
@@ -118,12 +159,19 @@ pub(crate) fn block_params(
     xs: &[f32],
     block: usize,
 ) -> Result<Vec<f32>, QuantError> {
+    // An absmax scale needs no sum (and so none of its f64 work).
+    let max_only = matches!(kind, Kind::Int { .. });
     let one = |b: &[f32]| -> Result<(f32, f32), QuantError> {
+        if max_only {
+            let (max, finite) = abs_max(b);
+            check_finite(op, if finite { 0.0 } else { f64::NAN }, b)?;
+            return Ok(kind.params(0.0, max, 0.0));
+        }
         let (sum, max) = abs_stats(b);
         check_finite(op, sum, b)?;
         Ok(finish(kind, b, sum, max, false))
     };
-    let pairs: Vec<(f32, f32)> = if block == xs.len() && parallel(xs.len()) {
+    let pairs: Vec<(f32, f32)> = if block == xs.len() && parallel(xs.len()) && !max_only {
         let (sum, max) = xs
             .par_chunks(1 << 16)
             .map(abs_stats)
@@ -158,6 +206,31 @@ mod tests {
             let got = abs_stats(&xs);
             assert_eq!(got.0.to_bits(), want.0.to_bits(), "sum, len {len}");
             assert_eq!(got.1.to_bits(), want.1.to_bits(), "max, len {len}");
+        }
+    }
+
+    /// The max-only pass gives `abs_stats`' max and flags any non-finite value.
+    #[test]
+    fn abs_max_matches_abs_stats_and_flags_non_finite_values() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        for len in [0, 1, 7, 8, 9, 63, 1000, 4097] {
+            let xs: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let (mx, finite) = abs_max(&xs);
+            assert_eq!(mx.to_bits(), abs_stats(&xs).1.to_bits(), "len {len}");
+            assert_eq!((mx, finite), abs_max_body(&xs), "len {len}");
+            assert!(finite);
+            for (at, bad) in [
+                (0, f32::NAN),
+                (len / 2, f32::INFINITY),
+                (len.max(1) - 1, f32::NEG_INFINITY),
+            ] {
+                if len == 0 {
+                    continue;
+                }
+                let mut ys = xs.clone();
+                ys[at] = bad;
+                assert!(!abs_max(&ys).1, "len {len}, {bad} at {at}");
+            }
         }
     }
 
