@@ -57,7 +57,10 @@ fn switched_off_layer_is_the_plain_norm_and_matmul() {
 fn ranks_the_outlier_layer_first_and_keeps_it_at_8_bits() {
     let vm = VarMap::new();
     let (a, b) = two_layers(&vm);
-    let x = Tensor::randn(0f32, 1.0, (32, 8), &Device::Cpu).unwrap();
+    // A fixed input: with a random one the margin below (b's loss over 10x a's) failed once in
+    // this session's runs (an outlier in the draw coarsens a's int8 activations).
+    let xs: Vec<f32> = (0..256).map(|i| ((i as f32) * 0.7919).sin() * 1.3).collect();
+    let x = Tensor::from_vec(xs, (32, 8), &Device::Cpu).unwrap();
     let model = |x: &Tensor| b.forward(&a.forward(x).unwrap().relu().unwrap()).unwrap();
     // The loss is the distance to the full-precision output, so the base loss is exactly 0.
     a.set_quantization_enabled(false);
