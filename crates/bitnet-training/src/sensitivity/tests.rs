@@ -59,7 +59,9 @@ fn ranks_the_outlier_layer_first_and_keeps_it_at_8_bits() {
     let (a, b) = two_layers(&vm);
     // A fixed input: with a random one the margin below (b's loss over 10x a's) failed once in
     // this session's runs (an outlier in the draw coarsens a's int8 activations).
-    let xs: Vec<f32> = (0..256).map(|i| ((i as f32) * 0.7919).sin() * 1.3).collect();
+    let xs: Vec<f32> = (0..256)
+        .map(|i| ((i as f32) * 0.7919).sin() * 1.3)
+        .collect();
     let x = Tensor::from_vec(xs, (32, 8), &Device::Cpu).unwrap();
     let model = |x: &Tensor| b.forward(&a.forward(x).unwrap().relu().unwrap()).unwrap();
     // The loss is the distance to the full-precision output, so the base loss is exactly 0.
