@@ -117,8 +117,10 @@ fn above_stats(xs: &[f32], d: f32) -> (f64, usize) {
     (sum, count)
 }
 
-fn check_finite(op: &'static str, sum: f64, xs: &[f32]) -> Result<(), QuantError> {
-    if sum.is_finite() {
+/// `NonFinite` (with the count) unless `finite`, which the caller's pass over `xs` found: a
+/// finite sum, or [`abs_max`]'s flag.
+fn check_finite(op: &'static str, finite: bool, xs: &[f32]) -> Result<(), QuantError> {
+    if finite {
         return Ok(());
     }
     let count = xs.iter().filter(|v| !v.is_finite()).count();
@@ -164,11 +166,11 @@ pub(crate) fn block_params(
     let one = |b: &[f32]| -> Result<(f32, f32), QuantError> {
         if max_only {
             let (max, finite) = abs_max(b);
-            check_finite(op, if finite { 0.0 } else { f64::NAN }, b)?;
+            check_finite(op, finite, b)?;
             return Ok(kind.params(0.0, max, 0.0));
         }
         let (sum, max) = abs_stats(b);
-        check_finite(op, sum, b)?;
+        check_finite(op, sum.is_finite(), b)?;
         Ok(finish(kind, b, sum, max, false))
     };
     let pairs: Vec<(f32, f32)> = if block == xs.len() && parallel(xs.len()) && !max_only {
@@ -176,7 +178,7 @@ pub(crate) fn block_params(
             .par_chunks(1 << 16)
             .map(abs_stats)
             .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1.max(b.1)));
-        check_finite(op, sum, xs)?;
+        check_finite(op, sum.is_finite(), xs)?;
         vec![finish(kind, xs, sum, max, true)]
     } else if parallel(xs.len()) {
         xs.par_chunks(block).map(one).collect::<Result<_, _>>()?
