@@ -12,7 +12,7 @@
 //!
 //! `RAYON_NUM_THREADS=1 cargo bench --bench sparse_input`
 
-use bitnet::quant::ops::sparse::{transpose, SparseRows};
+use bitnet::quant::ops::sparse::{signs, transpose, SparseRows, WeightT};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::{Rng, SeedableRng};
@@ -80,7 +80,20 @@ fn bench(c: &mut Criterion) {
         group.bench_function("mnist/weight_and_norm_grad", |b| {
             b.iter(|| {
                 let (st, second_t) = s.transposed_with(&second);
-                st.matmul_t_with_dots(&second_t, &dy, N, &wt)
+                st.matmul_t_with_dots(&second_t, &dy, N, WeightT::Values(&wt))
+            })
+        });
+        // The same with the weight as the training step keeps it for a first layer: levels and
+        // one scale per output, a quarter of the bytes.
+        let (levels, scale) = (signs(&wt), vec![0.5f32; N]);
+        group.bench_function("mnist/weight_and_norm_grad_signs", |b| {
+            b.iter(|| {
+                let (st, second_t) = s.transposed_with(&second);
+                let w = WeightT::Signs {
+                    signs: &levels,
+                    scale: &scale,
+                };
+                st.matmul_t_with_dots(&second_t, &dy, N, w)
             })
         });
     }
@@ -128,7 +141,7 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{name}/weight_and_norm_grad"), |b| {
             b.iter(|| {
                 let (st, second_t) = s.transposed_with(&second);
-                st.matmul_t_with_dots(&second_t, &dy, N, &wt)
+                st.matmul_t_with_dots(&second_t, &dy, N, WeightT::Values(&wt))
             })
         });
         group.bench_function(format!("{name}/input_grad_sampled"), |b| {

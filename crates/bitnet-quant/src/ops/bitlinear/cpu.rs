@@ -16,8 +16,8 @@ pub(crate) struct Forward {
     pub xq: Option<Vec<f32>>,
     pub x_params: Option<Vec<f32>>,
     pub x_block: usize,
-    /// The quantized weight: `[n, k]`, or its transpose `[k, n]` when `sparse` is set.
-    pub wq: Vec<f32>,
+    /// The quantized weight as the backward reads it.
+    pub wq: WeightKept,
     /// The GEMM's left operand as entries, when it is sparse enough for the sparse kernels
     /// (pattern: nonzero input or nonzero operand; see [`sparse::MAX_DENSITY`]).
     pub sparse: Option<SparseRows>,
@@ -25,7 +25,20 @@ pub(crate) struct Forward {
     pub w_block: usize,
 }
 
-/// `x: [m, k]`, `w: [n, k]`, `g: [k]` (row-major values).
+/// The quantized weight kept for the backward.
+pub(crate) enum WeightKept {
+    /// `[n, k]`, for the dense GEMMs.
+    Rows(Vec<f32>),
+    /// The transpose `[k, n]`, for the sparse kernels (`sparse` is set).
+    Columns(Vec<f32>),
+    /// The transpose's levels (-1, 0, 1; `[k, n]`) and one scale per output (`[n]`): all the
+    /// first layer's sparse backward reads ([`sparse::WeightT::Signs`]; `sparse` is set).
+    ColumnSigns(Vec<i8>, Vec<f32>),
+}
+
+/// `x: [m, k]`, `w: [n, k]`, `g: [k]` (row-major values). `signs_suffice`: the backward needs
+/// only the weight and norm-weight gradients (a first layer), so a sparse integer forward may
+/// keep the weight as [`WeightKept::ColumnSigns`].
 pub(crate) fn forward(
     op: &'static str,
     weight: &QuantizeOp,
@@ -33,6 +46,7 @@ pub(crate) fn forward(
     eps: f32,
     (xs, ws, gs): (&[f32], &[f32], &[f32]),
     (m, k, n): (usize, usize, usize),
+    signs_suffice: bool,
 ) -> Result<Forward> {
     let xn = rms_norm::cpu::forward(xs, gs, eps);
     let (xq, x_params, x_block) = match act {
@@ -46,7 +60,8 @@ pub(crate) fn forward(
     };
     let w_block = weight.granularity.block_size(n * k, k)?;
     let w_params = scales::cpu::block_params(op, weight.kind, ws, w_block)?;
-    let wq = quantize::cpu::forward(weight.kind, ws, &w_params, w_block, weight.lambda);
+    let quantize_weight =
+        || quantize::cpu::forward(weight.kind, ws, &w_params, w_block, weight.lambda);
     let (lhs, xn) = match xq {
         Some(xq) => (xq, Some(xn)),
         None => (xn, None),
@@ -70,23 +85,53 @@ pub(crate) fn forward(
     let sparse = SparseRows::from_dense(&lhs, k, limit, Some(xs));
     let (y, lhs, wq, sparse) = match sparse {
         Some(sp) => {
-            let wt = sparse::transpose(&wq, n, k);
-            let y = match int_scales {
-                Some((inv, col_scale)) => {
-                    sp.matmul_levels(&sparse::signs(&wt), n, &inv, &col_scale)
-                }
-                None => sp.matmul(&wt, n),
+            // The sparse kernels read the weight transposed (its signs, for the integer ones),
+            // quantized strip by strip straight into it. The backward's sparse products pay only
+            // below `MAX_DENSITY` and read the transpose too (or just its signs, for a first
+            // layer); above, the backward is the dense GEMMs, on the weight as stored.
+            let sparse_bwd = sp.density() <= sparse::MAX_DENSITY;
+            let levels = int_scales.is_some();
+            let quantize_rows = |r0: usize, strip: &mut [f32]| {
+                let (kind, lambda) = (weight.kind, weight.lambda);
+                quantize::cpu::forward_range(kind, ws, &w_params, w_block, lambda, r0 * k, strip)
             };
-            // The backward's sparse products pay only below `MAX_DENSITY`; above it they are
-            // the dense GEMMs, on the weight as stored.
-            match sp.density() <= sparse::MAX_DENSITY {
-                true => (y, lhs, wt, Some(sp)),
-                false => (y, lhs, wq, None),
+            let (rows, wt) = match sparse_bwd {
+                true => {
+                    let values = !(levels && signs_suffice);
+                    (
+                        None,
+                        sparse::transpose_rows(n, k, values, levels, quantize_rows),
+                    )
+                }
+                false => {
+                    let wq = quantize_weight();
+                    let copy_rows = |r0: usize, strip: &mut [f32]| {
+                        strip.copy_from_slice(&wq[r0 * k..r0 * k + strip.len()])
+                    };
+                    let wt = sparse::transpose_rows(n, k, !levels, levels, copy_rows);
+                    (Some(wq), wt)
+                }
+            };
+            let (y, col_scale) = match int_scales {
+                Some((inv, col_scale)) => {
+                    (sp.matmul_levels(&wt.signs, n, &inv, &col_scale), col_scale)
+                }
+                None => (sp.matmul(&wt.values, n), Vec::new()),
+            };
+            match (rows, wt.values.is_empty()) {
+                (Some(wq), _) => (y, lhs, WeightKept::Rows(wq), None),
+                (None, true) => (
+                    y,
+                    lhs,
+                    WeightKept::ColumnSigns(wt.signs, col_scale),
+                    Some(sp),
+                ),
+                (None, false) => (y, lhs, WeightKept::Columns(wt.values), Some(sp)),
             }
         }
         None => {
-            let (y, lhs, wq) = dense_gemm(op, lhs, wq, (m, k, n))?;
-            (y, lhs, wq, None)
+            let (y, lhs, wq) = dense_gemm(op, lhs, quantize_weight(), (m, k, n))?;
+            (y, lhs, WeightKept::Rows(wq), None)
         }
     };
     let (xn, xq) = match xn {

@@ -20,6 +20,34 @@ pub(crate) fn forward(
     out
 }
 
+/// [`forward`]'s values `start..start + out.len()` into `out`, on the calling thread (the same
+/// bits: the same segment kernel on the same blocks).
+pub(crate) fn forward_range(
+    kind: Kind,
+    xs: &[f32],
+    params: &[f32],
+    block: usize,
+    lambda: f32,
+    start: usize,
+    out: &mut [f32],
+) {
+    let mut pos = 0;
+    while pos < out.len() {
+        let g = start + pos;
+        let b = g / block;
+        let end = ((b + 1) * block - start).min(out.len());
+        let (s, aux) = (params[2 * b], params[2 * b + 1]);
+        segment(
+            kind,
+            &mut out[pos..end],
+            &xs[g..start + end],
+            (s, aux),
+            lambda,
+        );
+        pos = end;
+    }
+}
+
 /// One segment of a block: `out[i] = blend(xs[i], q(xs[i]), lambda)`.
 fn segment(kind: Kind, out: &mut [f32], xs: &[f32], params: (f32, f32), lambda: f32) {
     #[cfg(target_arch = "x86_64")]
@@ -138,6 +166,29 @@ mod tests {
                         "{kind:?} lambda {lambda} len {len}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Any range of `forward_range` equals the same values of `forward`, across block edges
+    /// (blocks of 1, 7, 64 values and one block of all).
+    #[test]
+    fn a_range_equals_the_same_values_of_the_whole() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let xs: Vec<f32> = (0..448).map(|_| rng.random_range(-2f32..2.0)).collect();
+        for block in [1usize, 7, 64, 448] {
+            let params: Vec<f32> = (0..448 / block + 1)
+                .flat_map(|b| [0.3 + 0.01 * b as f32, 0.0])
+                .collect();
+            let whole = forward(Kind::Absmean, &xs, &params, block, 1.0);
+            for (start, len) in [(0, 448), (0, 8), (5, 60), (63, 130), (440, 8)] {
+                let mut out = vec![f32::NAN; len];
+                forward_range(Kind::Absmean, &xs, &params, block, 1.0, start, &mut out);
+                assert_eq!(
+                    out,
+                    whole[start..start + len],
+                    "block {block} range {start}+{len}"
+                );
             }
         }
     }

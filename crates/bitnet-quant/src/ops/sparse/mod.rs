@@ -33,8 +33,11 @@
 //! assert!(SparseRows::from_dense(&[0.0, 2.0, 0.0, 1.0, 0.0, 0.0], 3, 0.3, None).is_none());
 //! ```
 
+mod strips;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use strips::{transpose_rows, Transposed};
 
 use crate::ops::cpu_util::output_vec;
 use rayon::prelude::*;
@@ -220,17 +223,24 @@ impl SparseRows {
     /// in L1 while the blocks pass; a block of 128 rows is 16 KiB), 8 rows at a time into a
     /// small tile that is transposed into the result, so the product never exists untransposed.
     /// Each row's dot is the sum of its blocks' partial dots in block order, whatever the thread
-    /// count (threads split the column blocks).
+    /// count (threads split the column blocks). `w` given as signs and scales gives the same bits
+    /// as the same values given as f32.
     pub fn matmul_t_with_dots(
         &self,
         second: &[f32],
         b: &[f32],
         n: usize,
-        w: &[f32],
+        w: WeightT<'_>,
     ) -> (Vec<f32>, Vec<f32>) {
         assert_eq!(second.len(), self.nnz(), "one second value per entry");
         assert_eq!(b.len(), self.cols * n, "b is [cols, n]");
-        assert_eq!(w.len(), self.rows * n, "w is [rows, n]");
+        match w {
+            WeightT::Values(w) => assert_eq!(w.len(), self.rows * n, "w is [rows, n]"),
+            WeightT::Signs { signs, scale } => {
+                assert_eq!(signs.len(), self.rows * n, "signs are [rows, n]");
+                assert_eq!(scale.len(), n, "one scale per column");
+            }
+        }
         let rows = self.rows;
         // SAFETY: every (column block, row) tile of the result is written once below.
         let mut out = unsafe { output_vec(rows * n) };
@@ -252,6 +262,7 @@ impl SparseRows {
         // partial dot per block and row.
         let run = |k0: usize, slab: &mut [f32], part: &mut [f32]| {
             let mut tile = [[0f32; TILE_COLS]; 8];
+            let mut wrow = [0f32; TILE_COLS];
             for r_chunk in (0..rows).step_by(ROW_CHUNK) {
                 let chunk_end = (r_chunk + ROW_CHUNK).min(rows);
                 for (k, part) in part.chunks_mut(rows).enumerate() {
@@ -264,7 +275,23 @@ impl SparseRows {
                         for (i, t) in tile.iter_mut().take(height).enumerate() {
                             let r = r0 + i;
                             let (a, e) = (self.start[r], self.start[r + 1]);
-                            let wr = &w[r * n + c0..r * n + c0 + width];
+                            // The weight rows are read once, by now mostly out of cache:
+                            // fetch the next 8-row group's while this one runs.
+                            let wr: &[f32] = match w {
+                                WeightT::Values(w) => {
+                                    prefetch(w, (r + 8) * n + c0, width);
+                                    &w[r * n + c0..r * n + c0 + width]
+                                }
+                                WeightT::Signs { signs, scale } => {
+                                    prefetch(signs, (r + 8) * n + c0, width);
+                                    let sg = &signs[r * n + c0..r * n + c0 + width];
+                                    let sc = &scale[c0..c0 + width];
+                                    for ((o, &l), &c) in wrow.iter_mut().zip(sg).zip(sc) {
+                                        *o = l as f32 * c;
+                                    }
+                                    &wrow[..width]
+                                }
+                            };
                             let (cs, vs, ss) = (&self.col[a..e], &self.val[a..e], &second[a..e]);
                             part[r] = axpys2(&mut t[..width], cs, vs, ss, bk, wr, width, 0);
                         }
@@ -423,6 +450,16 @@ fn scan_row(row: &[f32], extra: Option<&[f32]>, col: &mut Vec<u32>, val: &mut Ve
     scalar::scan_row(row, extra, col, val);
 }
 
+/// The `w: [rows, n]` of [`SparseRows::matmul_t_with_dots`] (a quantized weight, transposed).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightT<'a> {
+    /// The values, row-major.
+    Values(&'a [f32]),
+    /// `w[r][o] = signs[r * n + o] * scale[o]`: a ternary or binary weight as its levels and
+    /// one scale per column (per output of the layer), a quarter of the bytes to read.
+    Signs { signs: &'a [i8], scale: &'a [f32] },
+}
+
 /// Columns of `b` per sweep of [`SparseRows::matmul`]: eight AVX registers of accumulators.
 const BLOCK: usize = 64;
 
@@ -499,6 +536,24 @@ fn axpys2(
         return unsafe { x86::axpys2(out, cs, vs, ss, b, w, n, c0) };
     }
     scalar::axpys2(out, cs, vs, ss, b, w, n, c0)
+}
+
+/// Asks for the cache lines of `v[at..at + len]` (nothing past the end of `v`).
+#[inline(always)]
+fn prefetch<T>(v: &[T], at: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len > 0 && at + len <= v.len() {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (first, last) = (
+            v[at..].as_ptr() as *const i8,
+            v[at + len - 1..].as_ptr() as *const i8,
+        );
+        // SAFETY: prefetches never fault; both addresses are inside `v` anyway.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(first);
+            _mm_prefetch::<_MM_HINT_T0>(last);
+        }
+    }
 }
 
 /// `slab[t * rows + r0 + i] = tile[i][t]` for the `height` rows and `width` columns of a tile.
@@ -868,6 +923,38 @@ mod tests {
         }
     }
 
+    /// A ternary `w` given as its signs and per-column scales gives the bits of the same
+    /// values given as f32, on every shape (tails, the thread split).
+    #[test]
+    fn matmul_t_with_dots_reads_signs_and_scales_as_their_values() {
+        for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let a = sparse(m, k, 0.25, 40 + seed as u64);
+            let x2 = sparse(m, k, 1.0, 50 + seed as u64);
+            let dy = sparse(m, n, 1.0, 60 + seed as u64);
+            let levels: Vec<i8> = sparse(k, n, 0.6, 70 + seed as u64)
+                .iter()
+                .map(|&v| (v > 0.0) as i8 - (v < 0.0) as i8)
+                .collect();
+            let scale: Vec<f32> = (0..n)
+                .map(|o| 0.01 + 0.37 * (o as f32).sin().abs())
+                .collect();
+            let wt: Vec<f32> = levels
+                .iter()
+                .enumerate()
+                .map(|(t, &l)| l as f32 * scale[t % n])
+                .collect();
+            let sp = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
+            let (st, second_t) = sp.transposed_with(&sp.gather_scaled(&x2, &vec![1.0; m]));
+            let from_values = st.matmul_t_with_dots(&second_t, &dy, n, WeightT::Values(&wt));
+            let signs = WeightT::Signs {
+                signs: &levels,
+                scale: &scale,
+            };
+            let from_signs = st.matmul_t_with_dots(&second_t, &dy, n, signs);
+            assert_eq!(from_signs, from_values, "{m}x{k}x{n}");
+        }
+    }
+
     #[test]
     fn matmul_t_with_dots_gives_the_transposed_product_and_the_reduced_second_sum() {
         for (seed, &(m, k, n)) in SHAPES.iter().enumerate() {
@@ -879,7 +966,7 @@ mod tests {
             let sp = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
             let second = sp.gather_scaled(&x2, &vec![1.0; m]);
             let (st, second_t) = sp.transposed_with(&second);
-            let (prod_t, dots) = st.matmul_t_with_dots(&second_t, &dy, n, &wt);
+            let (prod_t, dots) = st.matmul_t_with_dots(&second_t, &dy, n, WeightT::Values(&wt));
             // (A^T dY)^T = dY^T A
             let want = dense_matmul(&transpose(&dy, m, n), &a, n, m, k);
             assert_close(&prod_t, &want, "product");

@@ -201,14 +201,9 @@ pub(super) unsafe fn scan_row(
     val.set_len(len);
 }
 
-/// Transposes the 8 x 8 block at `src` (row stride `ss`) into `dst` (row stride `ds`).
-///
-/// # Safety
-/// AVX2 must be available; 8 rows of 8 values readable at `src` with stride `ss` and writable at
-/// `dst` with stride `ds`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+/// The 8 x 8 block at `src` (row stride `ss`), transposed: element `i` holds column `i`.
+#[inline(always)]
+unsafe fn transposed8(src: *const f32, ss: usize) -> [__m256; 8] {
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss)));
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -226,7 +221,7 @@ pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: u
     let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
     let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
     let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let o = [
+    [
         _mm256_permute2f128_ps::<0x20>(u0, u4),
         _mm256_permute2f128_ps::<0x20>(u1, u5),
         _mm256_permute2f128_ps::<0x20>(u2, u6),
@@ -235,9 +230,55 @@ pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: u
         _mm256_permute2f128_ps::<0x31>(u1, u5),
         _mm256_permute2f128_ps::<0x31>(u2, u6),
         _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ];
-    for (i, v) in o.iter().enumerate() {
+    ]
+}
+
+/// Transposes the 8 x 8 block at `src` (row stride `ss`) into `dst` (row stride `ds`).
+///
+/// # Safety
+/// AVX2 must be available; 8 rows of 8 values readable at `src` with stride `ss` and writable at
+/// `dst` with stride `ds`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    for (i, v) in transposed8(src, ss).iter().enumerate() {
         _mm256_storeu_ps(dst.add(i * ds), *v);
+    }
+}
+
+/// [`transpose8`] into `values` (if given) and the signs of the transposed values (-1, 0 or 1
+/// as in [`super::signs`]: 0 for zeros and NaN) into `signs` (if given), both with row stride
+/// `ds`.
+///
+/// # Safety
+/// AVX2 must be available; 8 rows of 8 values readable at `src` with stride `ss`, and writable
+/// at each given output with stride `ds`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn transpose8_signs(
+    src: *const f32,
+    ss: usize,
+    values: Option<*mut f32>,
+    signs: Option<*mut i8>,
+    ds: usize,
+) {
+    let zero = _mm256_setzero_ps();
+    for (i, v) in transposed8(src, ss).iter().enumerate() {
+        if let Some(p) = values {
+            _mm256_storeu_ps(p.add(i * ds), *v);
+        }
+        if let Some(p) = signs {
+            // Ordered comparisons are false for NaN: its sign is 0. `-1 - 0` below zero,
+            // `0 - -1` above it.
+            let lt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(*v, zero));
+            let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(*v, zero));
+            let s = _mm256_sub_epi32(lt, gt);
+            // i32 -> i8 in each 128-bit half; the halves' first 4 bytes are lanes 0-3 and 4-7.
+            let w = _mm256_packs_epi32(s, s);
+            let b = _mm256_packs_epi16(w, w);
+            let lo = _mm256_cvtsi256_si32(b) as u32 as u64;
+            let hi = _mm256_extract_epi32::<4>(b) as u32 as u64;
+            std::ptr::write_unaligned(p.add(i * ds) as *mut u64, lo | (hi << 32));
+        }
     }
 }
 
