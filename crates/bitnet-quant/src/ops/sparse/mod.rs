@@ -262,7 +262,6 @@ impl SparseRows {
         // partial dot per block and row.
         let run = |k0: usize, slab: &mut [f32], part: &mut [f32]| {
             let mut tile = [[0f32; TILE_COLS]; 8];
-            let mut wrow = [0f32; TILE_COLS];
             for r_chunk in (0..rows).step_by(ROW_CHUNK) {
                 let chunk_end = (r_chunk + ROW_CHUNK).min(rows);
                 for (k, part) in part.chunks_mut(rows).enumerate() {
@@ -277,19 +276,15 @@ impl SparseRows {
                             let (a, e) = (self.start[r], self.start[r + 1]);
                             // The weight rows are read once, by now mostly out of cache:
                             // fetch the next 8-row group's while this one runs.
-                            let wr: &[f32] = match w {
+                            let wr = match w {
                                 WeightT::Values(w) => {
                                     prefetch(w, (r + 8) * n + c0, width);
-                                    &w[r * n + c0..r * n + c0 + width]
+                                    WRow::Values(&w[r * n + c0..r * n + c0 + width])
                                 }
                                 WeightT::Signs { signs, scale } => {
                                     prefetch(signs, (r + 8) * n + c0, width);
                                     let sg = &signs[r * n + c0..r * n + c0 + width];
-                                    let sc = &scale[c0..c0 + width];
-                                    for ((o, &l), &c) in wrow.iter_mut().zip(sg).zip(sc) {
-                                        *o = l as f32 * c;
-                                    }
-                                    &wrow[..width]
+                                    WRow::Signs(sg, &scale[c0..c0 + width])
                                 }
                             };
                             let (cs, vs, ss) = (&self.col[a..e], &self.val[a..e], &second[a..e]);
@@ -460,6 +455,32 @@ pub enum WeightT<'a> {
     Signs { signs: &'a [i8], scale: &'a [f32] },
 }
 
+/// A row segment of a [`WeightT`], `width` long.
+#[derive(Debug, Clone, Copy)]
+enum WRow<'a> {
+    Values(&'a [f32]),
+    /// Levels and their columns' scales.
+    Signs(&'a [i8], &'a [f32]),
+}
+
+impl WRow<'_> {
+    fn len(&self) -> usize {
+        match self {
+            WRow::Values(w) => w.len(),
+            WRow::Signs(s, _) => s.len(),
+        }
+    }
+
+    /// Value `t` (a level times its scale is exact in f32: the same bits as the stored value).
+    #[inline(always)]
+    fn get(&self, t: usize) -> f32 {
+        match self {
+            WRow::Values(w) => w[t],
+            WRow::Signs(s, c) => s[t] as f32 * c[t],
+        }
+    }
+}
+
 /// Columns of `b` per sweep of [`SparseRows::matmul`]: eight AVX registers of accumulators.
 const BLOCK: usize = 64;
 
@@ -524,10 +545,14 @@ fn axpys2(
     vs: &[f32],
     ss: &[f32],
     b: &[f32],
-    w: &[f32],
+    w: WRow<'_>,
     n: usize,
     c0: usize,
 ) -> f32 {
+    assert_eq!(w.len(), out.len(), "one weight per output column");
+    if let WRow::Signs(s, c) = w {
+        assert_eq!(s.len(), c.len(), "one scale per level");
+    }
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
         // SAFETY: AVX2 and FMA checked; `out` and `w` are as long, `c0 + out.len() <= n`, every
@@ -615,7 +640,7 @@ mod scalar {
         vs: &[f32],
         ss: &[f32],
         b: &[f32],
-        w: &[f32],
+        w: super::WRow<'_>,
         n: usize,
         c0: usize,
     ) -> f32 {
@@ -630,7 +655,7 @@ mod scalar {
                 *hh += s * x;
             }
         }
-        h.iter().zip(w).map(|(h, w)| h * w).sum()
+        h.iter().enumerate().map(|(t, h)| h * w.get(t)).sum()
     }
 
     pub(super) fn level_sums(
@@ -952,6 +977,23 @@ mod tests {
             };
             let from_signs = st.matmul_t_with_dots(&second_t, &dy, n, signs);
             assert_eq!(from_signs, from_values, "{m}x{k}x{n}");
+            // The portable kernel too, block by block.
+            for r in 0..st.rows() {
+                let (a0, e) = (st.start[r], st.start[r + 1]);
+                let (cs, vs, ss) = (&st.col[a0..e], &st.val[a0..e], &second_t[a0..e]);
+                for c0 in (0..n).step_by(TILE_COLS) {
+                    let at = r * n + c0..r * n + c0 + TILE_COLS.min(n - c0);
+                    let rows = [
+                        WRow::Values(&wt[at.clone()]),
+                        WRow::Signs(&levels[at.clone()], &scale[c0..c0 + at.len()]),
+                    ];
+                    let [d1, d2] = rows.map(|w| {
+                        let mut o = vec![0f32; at.len()];
+                        scalar::axpys2(&mut o, cs, vs, ss, &dy, w, n, c0).to_bits()
+                    });
+                    assert_eq!(d1, d2, "row {r} block {c0}");
+                }
+            }
         }
     }
 
@@ -990,7 +1032,7 @@ mod tests {
                 let (cs, vs, ss) = (&st.col[a0..e], &st.val[a0..e], &second_t[a0..e]);
                 for c0 in (0..n).step_by(TILE_COLS) {
                     let width = TILE_COLS.min(n - c0);
-                    let wr = &wt[r * n + c0..r * n + c0 + width];
+                    let wr = WRow::Values(&wt[r * n + c0..r * n + c0 + width]);
                     let (mut o1, mut o2) = (vec![0f32; width], vec![0f32; width]);
                     let d1 = scalar::axpys2(&mut o1, cs, vs, ss, &dy, wr, n, c0);
                     let d2 = axpys2(&mut o2, cs, vs, ss, &dy, wr, n, c0);

@@ -96,7 +96,7 @@ pub(super) unsafe fn axpys2(
     vs: &[f32],
     ss: &[f32],
     b: &[f32],
-    w: &[f32],
+    w: super::WRow<'_>,
     n: usize,
     c0: usize,
 ) -> f32 {
@@ -104,7 +104,15 @@ pub(super) unsafe fn axpys2(
     debug_assert!(w.len() == width && c0 + width <= n);
     debug_assert!(vs.len() == cs.len() && ss.len() == cs.len());
     debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
-    let (bp, op, wp) = (b.as_ptr().add(c0), out.as_mut_ptr(), w.as_ptr());
+    let (bp, op) = (b.as_ptr().add(c0), out.as_mut_ptr());
+    // Eight weights from `t`: loaded, or levels widened and scaled (exact: the same bits).
+    let load_w = |t: usize| match w {
+        super::WRow::Values(w) => _mm256_loadu_ps(w.as_ptr().add(t)),
+        super::WRow::Signs(s, c) => {
+            let l = _mm256_cvtepi8_epi32(_mm_loadl_epi64(s.as_ptr().add(t) as *const __m128i));
+            _mm256_mul_ps(_mm256_cvtepi32_ps(l), _mm256_loadu_ps(c.as_ptr().add(t)))
+        }
+    };
     let mut total = _mm256_setzero_ps();
     let mut t0 = 0;
     while t0 + 32 <= width {
@@ -121,7 +129,7 @@ pub(super) unsafe fn axpys2(
         }
         for t in 0..4 {
             _mm256_storeu_ps(op.add(t0 + 8 * t), acc[t]);
-            total = _mm256_fmadd_ps(h[t], _mm256_loadu_ps(wp.add(t0 + 8 * t)), total);
+            total = _mm256_fmadd_ps(h[t], load_w(t0 + 8 * t), total);
         }
         t0 += 32;
     }
@@ -133,7 +141,7 @@ pub(super) unsafe fn axpys2(
             h = _mm256_fmadd_ps(_mm256_set1_ps(s), x, h);
         }
         _mm256_storeu_ps(op.add(t0), acc);
-        total = _mm256_fmadd_ps(h, _mm256_loadu_ps(wp.add(t0)), total);
+        total = _mm256_fmadd_ps(h, load_w(t0), total);
         t0 += 8;
     }
     let mut dot = hsum(total);
@@ -145,7 +153,7 @@ pub(super) unsafe fn axpys2(
             h = s.mul_add(x, h);
         }
         *op.add(o) = acc;
-        dot = h.mul_add(*wp.add(o), dot);
+        dot = h.mul_add(w.get(o), dot);
     }
     dot
 }
