@@ -144,13 +144,21 @@ fn choose(preference: Preference) -> Result<Selection, CoreError> {
     }
 }
 
+/// "cpu (1 thread)", "cpu (8 threads)".
+fn cpu_name(threads: usize) -> String {
+    match threads {
+        1 => "cpu (1 thread)".to_string(),
+        t => format!("cpu ({t} threads)"),
+    }
+}
+
 /// Describes a device: its kind, ordinal, a name, and whether our GPU kernels are compiled in.
 pub fn describe(device: &Device) -> DeviceInfo {
     match device.location() {
         DeviceLocation::Cpu => DeviceInfo {
             kind: DeviceKind::Cpu,
             ordinal: None,
-            name: format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+            name: cpu_name(candle_core::utils::get_num_threads()),
             gpu_kernels_compiled: true,
         },
         DeviceLocation::Cuda { gpu_id } => DeviceInfo {
@@ -260,6 +268,14 @@ mod tests {
         let info = describe(&Device::Cpu);
         assert_eq!(info.kind, DeviceKind::Cpu);
         assert!(info.gpu_kernels_compiled);
+        assert!(info.name.starts_with("cpu ("), "{}", info.name);
+        for (threads, name) in [
+            (1, "cpu (1 thread)"),
+            (2, "cpu (2 threads)"),
+            (16, "cpu (16 threads)"),
+        ] {
+            assert_eq!(cpu_name(threads), name);
+        }
     }
 
     #[cfg(not(feature = "cuda"))]
