@@ -566,6 +566,9 @@ fn axpys2(
 /// Asks for the cache lines of `v[at..at + len]` (nothing past the end of `v`).
 #[inline(always)]
 fn prefetch<T>(v: &[T], at: usize, len: usize) {
+    // A hint only: elsewhere the hardware prefetchers are left to it.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, at, len);
     #[cfg(target_arch = "x86_64")]
     if len > 0 && at + len <= v.len() {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

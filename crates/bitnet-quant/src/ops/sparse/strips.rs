@@ -88,22 +88,27 @@ impl Outputs {
     unsafe fn store(&self, strip: &[f32], r0: usize, height: usize) {
         let (rows, cols) = (self.rows, self.cols);
         // Whole 8 x 8 blocks in registers; the column tail and the row tail one by one.
-        let (mut full_rows, mut full_cols) = (0, 0);
         #[cfg(target_arch = "x86_64")]
-        if super::x86::available() {
-            (full_rows, full_cols) = (height / 8 * 8, cols / 8 * 8);
-            for c in (0..full_cols).step_by(8) {
-                for i in (0..full_rows).step_by(8) {
-                    super::x86::transpose8_signs(
-                        strip.as_ptr().add(i * cols + c),
-                        cols,
-                        self.values.map(|p| p.add(c * rows + r0 + i)),
-                        self.signs.map(|p| p.add(c * rows + r0 + i)),
-                        rows,
-                    );
+        let (full_rows, full_cols) = match super::x86::available() {
+            true => {
+                let (full_rows, full_cols) = (height / 8 * 8, cols / 8 * 8);
+                for c in (0..full_cols).step_by(8) {
+                    for i in (0..full_rows).step_by(8) {
+                        super::x86::transpose8_signs(
+                            strip.as_ptr().add(i * cols + c),
+                            cols,
+                            self.values.map(|p| p.add(c * rows + r0 + i)),
+                            self.signs.map(|p| p.add(c * rows + r0 + i)),
+                            rows,
+                        );
+                    }
                 }
+                (full_rows, full_cols)
             }
-        }
+            false => (0, 0),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (full_rows, full_cols) = (0, 0);
         for c in 0..cols {
             let first = if c < full_cols { full_rows } else { 0 };
             for i in first..height {
