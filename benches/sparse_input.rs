@@ -83,12 +83,13 @@ fn bench(c: &mut Criterion) {
                 st.matmul_t_with_dots(&second_t, &dy, N, WeightT::Values(&wt))
             })
         });
-        // The same with the weight as the training step keeps it for a first layer: levels and
-        // one scale per output, a quarter of the bytes.
-        let (levels, scale) = (signs(&wt), vec![0.5f32; N]);
+        // The same as the training step runs it for a first layer: the second values gathered
+        // while the pattern is transposed, the weight as levels and one scale per output (a
+        // quarter of the bytes).
+        let (levels, scale, ones) = (signs(&wt), vec![0.5f32; N], vec![1f32; M]);
         group.bench_function("mnist/weight_and_norm_grad_signs", |b| {
             b.iter(|| {
-                let (st, second_t) = s.transposed_with(&second);
+                let (st, second_t) = s.transposed_gathered(&x, &ones);
                 let w = WeightT::Signs {
                     signs: &levels,
                     scale: &scale,

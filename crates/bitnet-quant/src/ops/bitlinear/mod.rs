@@ -296,14 +296,13 @@ impl BitLinearOp {
             // over the input's nonzeros (`SparseRows::matmul_t_with_dots`); the input gradient,
             // which only the norm needed, is never formed.
             let eps = self.eps;
-            let second = with_values(&x.contiguous()?, |xv| {
+            let (st, second_t) = with_values(&x.contiguous()?, |xv| {
                 let inv_rms: Vec<f32> = xv
                     .chunks(k)
                     .map(|row| 1.0 / crate::ops::rms_norm::cpu::rms(row, eps))
                     .collect();
-                sp.gather_scaled(xv, &inv_rms)
+                sp.transposed_gathered(xv, &inv_rms)
             })?;
-            let (st, second_t) = sp.transposed_with(&second);
             let (dw, dnorm) = with_values(&g2, |gv| match &s.wq {
                 SavedWeight::Signs(ls) => {
                     let (signs, scale) = (&ls.0, &ls.1);

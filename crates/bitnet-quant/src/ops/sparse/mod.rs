@@ -149,6 +149,47 @@ impl SparseRows {
             extra.is_empty() || extra.len() == self.nnz(),
             "one extra value per entry, or none"
         );
+        match extra.is_empty() {
+            true => (
+                self.transpose_entries(None::<fn(usize, usize, usize, usize)>),
+                Vec::new(),
+            ),
+            false => self.transpose_entries_with(|e, _, _| extra[e]),
+        }
+    }
+
+    /// [`SparseRows::transposed_with`] the values [`SparseRows::gather_scaled`] would give,
+    /// gathered while the entries move (one pass over them instead of two).
+    pub fn transposed_gathered(&self, dense: &[f32], row_scale: &[f32]) -> (SparseRows, Vec<f32>) {
+        assert_eq!(dense.len(), self.rows * self.cols, "dense is [rows, cols]");
+        assert_eq!(row_scale.len(), self.rows, "one scale per row");
+        let cols = self.cols;
+        self.transpose_entries_with(|_, r, c| dense[r * cols + c] * row_scale[r])
+    }
+
+    fn transpose_entries_with(
+        &self,
+        extra: impl Fn(usize, usize, usize) -> f32,
+    ) -> (SparseRows, Vec<f32>) {
+        // SAFETY: `transpose_entries` writes every slot (the entries are a permutation).
+        let mut moved: Vec<f32> = unsafe { output_vec(self.nnz()) };
+        let mp = moved.as_mut_ptr();
+        let t = self.transpose_entries(Some(|e: usize, r: usize, c: usize, at: usize| {
+            // SAFETY: `at < nnz` (see `transpose_entries`).
+            unsafe { *mp.add(at) = extra(e, r, c) }
+        }));
+        (t, moved)
+    }
+
+    /// The transpose's entries; `extra(e, r, c, at)` is called for entry `e` at `(r, c)`, which
+    /// lands at position `at` of the transpose.
+    ///
+    /// A counting sort: the scatter into 784 columns is what it waits on, so the loop keeps its
+    /// pointers in registers and skips the bounds checks the invariants make redundant.
+    fn transpose_entries<F: FnMut(usize, usize, usize, usize)>(
+        &self,
+        mut extra: Option<F>,
+    ) -> SparseRows {
         let mut count = vec![0usize; self.cols + 1];
         for &c in &self.col {
             count[c as usize + 1] += 1;
@@ -161,36 +202,32 @@ impl SparseRows {
         // SAFETY: the entries are a permutation: every slot of both is written once below.
         let mut col: Vec<u32> = unsafe { output_vec(self.nnz()) };
         let mut val: Vec<f32> = unsafe { output_vec(self.nnz()) };
-        // SAFETY: as above, when `extra` is given; empty otherwise.
-        let mut moved = unsafe { output_vec(extra.len()) };
+        let (cp, vp, np) = (col.as_mut_ptr(), val.as_mut_ptr(), next.as_mut_ptr());
         for r in 0..self.rows {
             let (a, b) = (self.start[r], self.start[r + 1]);
-            // Two copies of the loop rather than a test per entry.
-            if extra.is_empty() {
-                for e in a..b {
-                    let at = &mut next[self.col[e] as usize];
-                    col[*at] = r as u32;
-                    val[*at] = self.val[e];
-                    *at += 1;
-                }
-            } else {
-                for e in a..b {
-                    let at = &mut next[self.col[e] as usize];
-                    col[*at] = r as u32;
-                    val[*at] = self.val[e];
-                    moved[*at] = extra[e];
-                    *at += 1;
+            for (e, (&c, &v)) in (a..b).zip(self.col[a..b].iter().zip(&self.val[a..b])) {
+                let c = c as usize;
+                // SAFETY: every stored column is `< cols` (`next` has `cols + 1` slots), and
+                // `next[c]` runs from `start[c]` through `start[c + 1] - 1 < nnz` as column `c`'s
+                // entries arrive.
+                unsafe {
+                    let at = *np.add(c);
+                    *cp.add(at) = r as u32;
+                    *vp.add(at) = v;
+                    *np.add(c) = at + 1;
+                    if let Some(f) = extra.as_mut() {
+                        f(e, r, c, at);
+                    }
                 }
             }
         }
-        let t = SparseRows {
+        SparseRows {
             rows: self.cols,
             cols: self.rows,
             start,
             col,
             val,
-        };
-        (t, moved)
+        }
     }
 
     /// One value per kept entry, in storage order: `dense[r * cols + c] * row_scale[r]` for
@@ -1087,6 +1124,31 @@ mod tests {
         assert!(SparseRows::from_dense(&values, 5, 0.39, Some(&also)).is_none());
         assert!(SparseRows::from_dense(&values, 5, 0.2, None).is_some());
         assert!(SparseRows::from_dense(&values, 5, 0.19, None).is_none());
+    }
+
+    #[test]
+    fn transposed_gathered_equals_gather_then_transpose() {
+        for (seed, &(m, k, _)) in SHAPES.iter().enumerate() {
+            let a = sparse(m, k, 0.3, 90 + seed as u64);
+            let dense = sparse(m, k, 1.0, 95 + seed as u64);
+            let scale: Vec<f32> = (0..m).map(|r| 0.5 + r as f32).collect();
+            let sp = SparseRows::from_dense(&a, k, 1.0, None).unwrap();
+            let (want, want_moved) = sp.transposed_with(&sp.gather_scaled(&dense, &scale));
+            let (got, moved) = sp.transposed_gathered(&dense, &scale);
+            assert_eq!(
+                (&got.start, &got.col, &got.val),
+                (&want.start, &want.col, &want.val)
+            );
+            assert_eq!(moved, want_moved, "{m}x{k}");
+            // And against the definition: entry (c, r) of the transpose carries dense[r, c] * scale[r].
+            for c in 0..k {
+                for e in got.start[c]..got.start[c + 1] {
+                    let r = got.col[e] as usize;
+                    assert_eq!(got.val[e], a[r * k + c]);
+                    assert_eq!(moved[e], dense[r * k + c] * scale[r]);
+                }
+            }
+        }
     }
 
     #[test]
