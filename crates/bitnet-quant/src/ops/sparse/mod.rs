@@ -1142,10 +1142,15 @@ mod tests {
             assert_eq!(moved, want_moved, "{m}x{k}");
             // And against the definition: entry (c, r) of the transpose carries dense[r, c] * scale[r].
             for c in 0..k {
-                for e in got.start[c]..got.start[c + 1] {
-                    let r = got.col[e] as usize;
-                    assert_eq!(got.val[e], a[r * k + c]);
-                    assert_eq!(moved[e], dense[r * k + c] * scale[r]);
+                let at = got.start[c]..got.start[c + 1];
+                for ((&r, &v), &m) in got.col[at.clone()]
+                    .iter()
+                    .zip(&got.val[at.clone()])
+                    .zip(&moved[at])
+                {
+                    let r = r as usize;
+                    assert_eq!(v, a[r * k + c]);
+                    assert_eq!(m, dense[r * k + c] * scale[r]);
                 }
             }
         }
