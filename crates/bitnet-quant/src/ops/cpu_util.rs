@@ -141,16 +141,7 @@ pub(crate) fn for_block_segments<F>(out: &mut [f32], block: usize, f: F)
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
 {
-    let work = |start: usize, chunk: &mut [f32]| {
-        let mut pos = 0;
-        while pos < chunk.len() {
-            let g = start + pos;
-            let b = g / block;
-            let end = ((b + 1) * block - start).min(chunk.len());
-            f(b, g, &mut chunk[pos..end]);
-            pos = end;
-        }
-    };
+    let work = |start: usize, chunk: &mut [f32]| block_segments_from(start, chunk, block, &f);
     if super::parallel(out.len()) {
         use rayon::prelude::*;
         out.par_chunks_mut(CHUNK)
@@ -158,6 +149,22 @@ where
             .for_each(|(i, c)| work(i * CHUNK, c));
     } else {
         work(0, out);
+    }
+}
+
+/// [`for_block_segments`] over `out` holding the values from index `start` on (a piece of a
+/// longer run), on the calling thread.
+pub(crate) fn block_segments_from<F>(start: usize, out: &mut [f32], block: usize, f: &F)
+where
+    F: Fn(usize, usize, &mut [f32]),
+{
+    let mut pos = 0;
+    while pos < out.len() {
+        let g = start + pos;
+        let b = g / block;
+        let end = ((b + 1) * block - start).min(out.len());
+        f(b, g, &mut out[pos..end]);
+        pos = end;
     }
 }
 

@@ -1,6 +1,6 @@
 //! CPU kernels of the quantize op: forward map and estimator backward.
 
-use crate::ops::cpu_util::for_block_segments;
+use crate::ops::cpu_util::{block_segments_from, for_block_segments};
 use crate::ops::math::{blend, EstKind, Kind};
 
 /// `blend(x, q(x), lambda)` for every value, `params` holding `(s, aux)` per block.
@@ -13,11 +13,22 @@ pub(crate) fn forward(
 ) -> Vec<f32> {
     // SAFETY: the segments cover `out` and `map` writes every value of each.
     let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
-    for_block_segments(&mut out, block, |b, start, seg| {
+    for_block_segments(&mut out, block, block_segment(kind, xs, params, lambda));
+    out
+}
+
+/// The per-segment work of [`forward`] and [`forward_range`]: segment `seg` of block `b`,
+/// from index `start` of `xs`.
+fn block_segment<'a>(
+    kind: Kind,
+    xs: &'a [f32],
+    params: &'a [f32],
+    lambda: f32,
+) -> impl Fn(usize, usize, &mut [f32]) + Sync + 'a {
+    move |b, start, seg| {
         let (s, aux) = (params[2 * b], params[2 * b + 1]);
         segment(kind, seg, &xs[start..start + seg.len()], (s, aux), lambda);
-    });
-    out
+    }
 }
 
 /// [`forward`]'s values `start..start + out.len()` into `out`, on the calling thread (the same
@@ -31,21 +42,7 @@ pub(crate) fn forward_range(
     start: usize,
     out: &mut [f32],
 ) {
-    let mut pos = 0;
-    while pos < out.len() {
-        let g = start + pos;
-        let b = g / block;
-        let end = ((b + 1) * block - start).min(out.len());
-        let (s, aux) = (params[2 * b], params[2 * b + 1]);
-        segment(
-            kind,
-            &mut out[pos..end],
-            &xs[g..start + end],
-            (s, aux),
-            lambda,
-        );
-        pos = end;
-    }
+    block_segments_from(start, out, block, &block_segment(kind, xs, params, lambda));
 }
 
 /// One segment of a block: `out[i] = blend(xs[i], q(xs[i]), lambda)`.

@@ -150,10 +150,7 @@ impl SparseRows {
             "one extra value per entry, or none"
         );
         match extra.is_empty() {
-            true => (
-                self.transpose_entries(None::<fn(usize, usize, usize, usize)>),
-                Vec::new(),
-            ),
+            true => (self.transpose_entries(|_, _, _, _| {}), Vec::new()),
             false => self.transpose_entries_with(|e, _, _| extra[e]),
         }
     }
@@ -174,10 +171,10 @@ impl SparseRows {
         // SAFETY: `transpose_entries` writes every slot (the entries are a permutation).
         let mut moved: Vec<f32> = unsafe { output_vec(self.nnz()) };
         let mp = moved.as_mut_ptr();
-        let t = self.transpose_entries(Some(|e: usize, r: usize, c: usize, at: usize| {
+        let t = self.transpose_entries(|e, r, c, at| {
             // SAFETY: `at < nnz` (see `transpose_entries`).
             unsafe { *mp.add(at) = extra(e, r, c) }
-        }));
+        });
         (t, moved)
     }
 
@@ -186,10 +183,7 @@ impl SparseRows {
     ///
     /// A counting sort: the scatter into 784 columns is what it waits on, so the loop keeps its
     /// pointers in registers and skips the bounds checks the invariants make redundant.
-    fn transpose_entries<F: FnMut(usize, usize, usize, usize)>(
-        &self,
-        mut extra: Option<F>,
-    ) -> SparseRows {
+    fn transpose_entries(&self, mut extra: impl FnMut(usize, usize, usize, usize)) -> SparseRows {
         let mut count = vec![0usize; self.cols + 1];
         for &c in &self.col {
             count[c as usize + 1] += 1;
@@ -210,15 +204,14 @@ impl SparseRows {
                 // SAFETY: every stored column is `< cols` (`next` has `cols + 1` slots), and
                 // `next[c]` runs from `start[c]` through `start[c + 1] - 1 < nnz` as column `c`'s
                 // entries arrive.
-                unsafe {
+                let at = unsafe {
                     let at = *np.add(c);
                     *cp.add(at) = r as u32;
                     *vp.add(at) = v;
                     *np.add(c) = at + 1;
-                    if let Some(f) = extra.as_mut() {
-                        f(e, r, c, at);
-                    }
-                }
+                    at
+                };
+                extra(e, r, c, at);
             }
         }
         SparseRows {
@@ -774,11 +767,13 @@ pub fn signs(values: &[f32]) -> Vec<i8> {
 
 #[inline(always)]
 fn signs_body(values: &[f32]) -> Vec<i8> {
-    let mut out = vec![0i8; values.len()];
-    for (o, &v) in out.iter_mut().zip(values) {
-        *o = (v > 0.0) as i8 - (v < 0.0) as i8;
-    }
-    out
+    values.iter().map(|&v| sign(v)).collect()
+}
+
+/// `-1`, `0` or `1` (`0` for zeros and NaN).
+#[inline(always)]
+fn sign(v: f32) -> i8 {
+    (v > 0.0) as i8 - (v < 0.0) as i8
 }
 
 /// The transpose of a row-major `[rows, cols]`: a row-major `[cols, rows]` (8 x 8 register

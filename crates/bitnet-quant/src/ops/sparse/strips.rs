@@ -118,7 +118,7 @@ impl Outputs {
                     *p.add(at) = v;
                 }
                 if let Some(p) = self.signs {
-                    *p.add(at) = (v > 0.0) as i8 - (v < 0.0) as i8;
+                    *p.add(at) = super::sign(v);
                 }
             }
         }
