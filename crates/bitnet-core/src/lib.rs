@@ -6,6 +6,7 @@
 //!   [`global_pool`].
 //! * [`host_alloc::keep_freed_memory`]: stop glibc from unmapping and re-faulting tensor memory
 //!   on every training step (opt-in, one call in `main`).
+//! * [`host_memory::peak_resident_bytes`]: the process's peak resident memory, for reports.
 //! * [`host_threads::elementwise_on_caller`]: keep candle's spinning elementwise thread pool off
 //!   the cores rayon's GEMMs need (opt-in, one call at the start of `main`).
 //!
@@ -41,6 +42,7 @@
 pub mod device;
 pub mod error;
 pub mod host_alloc;
+pub mod host_memory;
 pub mod host_threads;
 pub mod memory;
 
