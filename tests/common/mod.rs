@@ -6,6 +6,7 @@
 // Each test binary includes this module and uses part of it.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Set (to anything but `0` or empty) to make a missing external file a test failure.
@@ -28,7 +29,9 @@ pub fn find_dir(what: &str, candidates: &[PathBuf], probe: &str) -> Option<PathB
     if external_required() {
         panic!("{msg}; {REQUIRE_EXTERNAL} is set, so this is a failure");
     }
-    println!("skipped: {msg}");
+    // Straight to stderr, past libtest's capture of `println!`, so that a plain `cargo test`
+    // shows what did not run.
+    let _ = writeln!(std::io::stderr(), "skipped: {msg}");
     None
 }
 
