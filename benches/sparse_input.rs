@@ -34,7 +34,9 @@ fn values(len: usize, density: f64, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
 }
 
 fn bench(c: &mut Criterion) {
-    bitnet::core::host_threads::elementwise_on_caller();
+    if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+        eprintln!("note: {e}");
+    }
     bitnet::core::host_alloc::keep_freed_memory();
     let dev = Device::Cpu;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

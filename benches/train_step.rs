@@ -236,7 +236,9 @@ fn bench_parts<O: Optimizer>(c: &mut Criterion, name: &str, setup: Setup<O>) {
 /// Must stay the first group: the tuning below is process-wide and cannot be undone.
 fn train_step_glibc_default(c: &mut Criterion) {
     if std::env::var_os("BITNET_BENCH_CANDLE_POOL").is_none() {
-        bitnet::core::host_threads::elementwise_on_caller();
+        if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+            eprintln!("note: {e}");
+        }
     }
     let (x, y) = batch().unwrap();
     let mut group = c.benchmark_group("cpu_train_step_glibc_default");

@@ -126,7 +126,9 @@ fn main() -> Result<()> {
         std::process::exit(2);
     });
     bitnet::core::host_alloc::keep_freed_memory();
-    bitnet::core::host_threads::elementwise_on_caller();
+    if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+        eprintln!("note: {e}");
+    }
     let dev = Device::Cpu;
     let data = mnist::load(&args.data, &dev)?;
     let vm = VarMap::new();

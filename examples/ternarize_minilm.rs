@@ -424,7 +424,9 @@ fn main() -> Result<()> {
     // With a shard per core, candle's elementwise pool would compete with the shards for the
     // cores (see bitnet::core::host_threads); unsharded, its parallelism is what pays.
     if shards > 1 && args.mode != "qat" {
-        bitnet::core::host_threads::elementwise_on_caller();
+        if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+            eprintln!("note: {e}");
+        }
     }
     let config = BertConfig::load(args.model.join("config.json"))?;
     let weights = args.model.join("model.safetensors");

@@ -364,7 +364,9 @@ fn main() -> Result<()> {
     };
     let args = parse_args().unwrap_or_else(|e| fail(e));
     bitnet::core::host_alloc::keep_freed_memory();
-    bitnet::core::host_threads::elementwise_on_caller();
+    if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+        eprintln!("note: {e}");
+    }
     let selected = bitnet::core::device::select_with_reason(args.device)
         .unwrap_or_else(|e| fail(format!("--device: {e}")));
     println!("device: {} ({})", selected.info.name, selected.reason);

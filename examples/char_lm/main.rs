@@ -455,7 +455,9 @@ fn main() -> Result<()> {
     // Shards keep every core busy on their own; candle's spinning elementwise pool would compete
     // with them (unsharded, that pool is what parallelises this model's large elementwise ops).
     if args.shards > 1 {
-        bitnet::core::host_threads::elementwise_on_caller();
+        if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
+            eprintln!("note: {e}");
+        }
     }
     let corpus = shakespeare::load(&args.data, 8 * args.config.seq_len)?;
     let dev = Device::Cpu;

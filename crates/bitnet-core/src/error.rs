@@ -66,6 +66,17 @@ pub enum CoreError {
         bytes: usize,
     },
 
+    /// Changing the process environment was refused because it would not be sound: other
+    /// threads exist (and may read the environment at the same time), or the platform gives no
+    /// way to check that none do.
+    #[error("cannot set {var}: {reason}")]
+    EnvironmentBusy {
+        /// The variable that was to be set.
+        var: &'static str,
+        /// Why it was refused, with what to do instead.
+        reason: String,
+    },
+
     /// The requested size cannot be represented (it overflows once rounded to a block size).
     #[error("allocation of {size} bytes is too large to represent")]
     SizeOverflow {

@@ -29,22 +29,119 @@
 //! tokens/s with this call, 2 808-2 954 without, 3 486-3 585 unsharded with the pool). So the
 //! examples call it whenever they train in more than one shard. Measure your own model both ways.
 //!
+//! Setting an environment variable while another thread reads the environment is undefined
+//! behaviour (glibc's `getenv` is not synchronised with `setenv`; Rust 2024 makes `set_var`
+//! `unsafe` for this reason). So [`elementwise_on_caller`] only sets the variable when it can
+//! see that the calling thread is the process's only one (Linux: `/proc/self/task`), and
+//! otherwise returns [`CoreError::EnvironmentBusy`]; elsewhere, or from a program that must start
+//! threads first, [`elementwise_on_caller_unchecked`] takes the caller's word for it.
+//!
 //! ```
-//! bitnet_core::host_threads::elementwise_on_caller();
-//! // Either we set it, or the user had chosen a value already, which is left alone.
-//! assert!(std::env::var("CANDLE_NUM_THREADS").is_ok());
+//! // First thing in `main`, while no other thread runs.
+//! let set = bitnet_core::host_threads::elementwise_on_caller();
+//! if cfg!(target_os = "linux") {
+//!     // We set it, or the user had chosen a value already, which is left alone.
+//!     assert!(set.is_ok() && std::env::var("CANDLE_NUM_THREADS").is_ok());
+//! } else {
+//!     // No way to check for other threads: refused, nothing changed.
+//!     assert!(set.is_err());
+//! }
 //! ```
+
+use crate::CoreError;
 
 /// The variable candle 0.11 reads for its barrier pool's size.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
 
-/// Sets `CANDLE_NUM_THREADS=1` unless it is already set (see the module docs). Returns whether
-/// it set the variable. Call it at the start of `main`, before any other thread exists: it
-/// changes the process environment.
-pub fn elementwise_on_caller() -> bool {
+/// Sets `CANDLE_NUM_THREADS=1` unless it is already set (see the module docs); `Ok(true)` when
+/// it set the variable, `Ok(false)` when the user's value was kept.
+///
+/// Call it first in `main`. It refuses with [`CoreError::EnvironmentBusy`], changing nothing,
+/// when the process has other threads (a rayon pool already started, say) or the platform
+/// cannot tell (anything but Linux), because setting the environment then is not sound.
+pub fn elementwise_on_caller() -> Result<bool, CoreError> {
+    if std::env::var_os(CANDLE_NUM_THREADS).is_some() {
+        return Ok(false);
+    }
+    match thread_count() {
+        Some(1) => {
+            // SAFETY: this is the process's only thread, so nothing else can read or write the
+            // environment during the call; a new thread can only be started by this one.
+            unsafe { set_candle_num_threads() };
+            Ok(true)
+        }
+        Some(n) => Err(CoreError::EnvironmentBusy {
+            var: CANDLE_NUM_THREADS,
+            reason: format!(
+                "the process already runs {n} threads; call elementwise_on_caller first in \
+                 main, or set CANDLE_NUM_THREADS=1 in the environment"
+            ),
+        }),
+        None => Err(CoreError::EnvironmentBusy {
+            var: CANDLE_NUM_THREADS,
+            reason: "this platform gives no way to check that no other thread is running; set \
+                     CANDLE_NUM_THREADS=1 in the environment, or use \
+                     elementwise_on_caller_unchecked"
+                .into(),
+        }),
+    }
+}
+
+/// [`elementwise_on_caller`] without the check that no other thread runs; `true` when it set the
+/// variable.
+///
+/// # Safety
+/// No other thread may read or write the process environment during the call (the contract of
+/// [`std::env::set_var`]).
+pub unsafe fn elementwise_on_caller_unchecked() -> bool {
     if std::env::var_os(CANDLE_NUM_THREADS).is_some() {
         return false;
     }
-    std::env::set_var(CANDLE_NUM_THREADS, "1");
+    // SAFETY: the caller's contract.
+    unsafe { set_candle_num_threads() };
     true
+}
+
+/// # Safety
+/// As [`std::env::set_var`]: no concurrent access to the environment.
+unsafe fn set_candle_num_threads() {
+    // `set_var` is safe to call in edition 2021 but has this contract all the same.
+    #[allow(unused_unsafe)]
+    unsafe {
+        std::env::set_var(CANDLE_NUM_THREADS, "1")
+    };
+}
+
+/// The number of threads in this process, where the platform says.
+fn thread_count() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test harness runs tests on threads of its own, so the checked call must refuse here
+    /// and leave the environment as it was.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn refuses_while_other_threads_run() {
+        let helper =
+            std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
+        assert!(thread_count().unwrap() >= 2);
+        if std::env::var_os(CANDLE_NUM_THREADS).is_none() {
+            let err = elementwise_on_caller().unwrap_err();
+            assert!(matches!(err, CoreError::EnvironmentBusy { .. }), "{err}");
+            assert!(err.to_string().contains("threads"), "{err}");
+            assert!(std::env::var_os(CANDLE_NUM_THREADS).is_none());
+        }
+        helper.join().unwrap();
+    }
 }
