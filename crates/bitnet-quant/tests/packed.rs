@@ -591,18 +591,58 @@ fn packing_and_inference_draw_from_the_pool_the_caller_chose() -> Result<()> {
         p.forward(&x)?;
         Ok((p.clone(), p))
     })?;
-    // Two weight buffers (the packed layer and its clone), both charged to the chosen pool and
-    // still alive after `with_pool` returned; the activation scratch went back after the call.
+    // One weight buffer, shared by the layer and its clone and charged to the chosen pool, still
+    // alive after `with_pool` returned; the activation scratch went back after the call.
     let packed = stats(Category::PackedWeights);
-    assert_eq!(packed.live_allocations, 2);
-    assert_eq!(packed.bytes_in_use, 2 * p.weight().data().len());
+    assert_eq!(packed.live_allocations, 1);
+    assert_eq!(packed.bytes_in_use, p.weight().data().len());
+    assert_eq!(p.weight().data().as_ptr(), copy.weight().data().as_ptr());
     let scratch = stats(Category::Scratch);
     assert!(scratch.total_allocations >= 1);
     assert_eq!(scratch.bytes_in_use, 0);
-    // A clone made outside `with_pool` still comes from the original's pool.
+    // Clones and moves to the CPU share the codes too: no allocation, so no cap to hit.
     let third = copy.clone();
-    assert_eq!(stats(Category::PackedWeights).live_allocations, 3);
+    let on_cpu = copy.to_device(&Device::Cpu)?;
+    assert_eq!(stats(Category::PackedWeights).live_allocations, 1);
+    assert_eq!(
+        on_cpu.forward(&x)?.to_vec2::<f32>()?,
+        p.forward(&x)?.to_vec2::<f32>()?
+    );
+    drop(on_cpu);
     drop((p, copy, third));
     assert_eq!(stats(Category::PackedWeights).bytes_in_use, 0);
+    Ok(())
+}
+
+/// A pool whose cap the packed weight fills: cloning the layer and moving it to the CPU used to
+/// allocate a copy there and panic on the cap; now they share the codes and succeed.
+#[test]
+fn clones_and_cpu_moves_succeed_in_a_full_pool() -> Result<()> {
+    use bitnet_core::{with_pool, Category, HybridMemoryPool, PoolConfig};
+    let l = layer(4096, 256, BitLinearConfig::default(), 5);
+    let x = Tensor::randn(0f32, 1.0, (2, 4096), &Device::Cpu)?;
+    let bytes = PackedBitLinear::from_trained(&l)?.weight().data().len();
+    // One buddy arena of exactly the weight's size, and nothing more.
+    let pool = HybridMemoryPool::new(PoolConfig {
+        small_threshold: 4096,
+        slab_chunk_size: 4096,
+        arena_size: bytes.next_power_of_two(),
+        max_bytes: bytes.next_power_of_two(),
+        ..Default::default()
+    })?;
+    let p = with_pool(&pool, || PackedBitLinear::from_trained(&l))?;
+    // The cap is reached: a second buffer of the same size is refused.
+    assert!(pool.allocate(bytes, 64, Category::PackedWeights).is_err());
+    let (copy, moved) = (p.clone(), p.to_device(&Device::Cpu)?);
+    let want = p.forward(&x)?.to_vec2::<f32>()?;
+    for q in [&copy, &moved] {
+        assert_eq!(q.forward(&x)?.to_vec2::<f32>()?, want);
+    }
+    assert_eq!(
+        pool.stats()
+            .category(Category::PackedWeights)
+            .live_allocations,
+        1
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ use crate::quantizer::Quantizer;
 use crate::scheme::Granularity;
 use bitnet_core::{current_pool, Category, PoolBuffer};
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 /// Weights per kernel block. 128 codes are 32 bytes, one 256-bit AVX2 register: a block is one
 /// load, and its four 32-weight quarters come out with one shift and one mask each.
@@ -64,7 +65,7 @@ const ZERO_BYTE: u8 = 0b0101_0101;
 /// assert_eq!(packed.row_bytes(), 3 * 32); // 300 inputs padded to 384
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PackedTernary {
     out_features: usize,
     in_features: usize,
@@ -73,26 +74,10 @@ pub struct PackedTernary {
     seg_padded: usize,
     /// Bits per weight: 2 (ternary codes) or 1 (binary).
     bits: u8,
-    data: PoolBuffer,
+    /// The codes, shared by clones: they never change once built, so a clone (and a move to the
+    /// CPU) costs no allocation and cannot fail on the pool's cap.
+    data: Arc<PoolBuffer>,
     scales: Vec<f32>,
-}
-
-impl Clone for PackedTernary {
-    fn clone(&self) -> Self {
-        // From the original's pool, so the copy counts against the same cap and accounting.
-        let mut data = self
-            .data
-            .pool()
-            .allocate_slice::<u8>(self.data.len(), Category::PackedWeights)
-            .expect("the pool's cap leaves room for a copy of packed weights it already holds");
-        data.as_mut_slice_of::<u8>()
-            .copy_from_slice(self.data.as_slice_of::<u8>());
-        Self {
-            data,
-            scales: self.scales.clone(),
-            ..*self
-        }
-    }
 }
 
 fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
@@ -173,7 +158,7 @@ impl PackedTernary {
         };
         let mut packed = Self::zeroed(out, inp, granularity, seg_len, seg_padded, bits, scales)?;
         let row_bytes = packed.row_bytes();
-        let data = packed.data.as_mut_slice_of::<u8>();
+        let data = packed.codes_mut()?;
         for (r, row) in levels.chunks_exact(inp).enumerate() {
             let dst = &mut data[r * row_bytes..(r + 1) * row_bytes];
             for (i, &l) in row.iter().enumerate() {
@@ -211,9 +196,26 @@ impl PackedTernary {
             seg_len,
             seg_padded,
             bits,
-            data,
+            data: Arc::new(data),
             scales,
         })
+    }
+
+    /// The codes for writing while the weight is built. Codes shared with a clone are copied
+    /// first (from the same pool, so a full pool is an error here rather than a panic); the
+    /// constructors only ever write codes they hold alone.
+    fn codes_mut(&mut self) -> Result<&mut [u8]> {
+        if Arc::get_mut(&mut self.data).is_none() {
+            let pool = self.data.pool();
+            let mut copy = pool.allocate_slice::<u8>(self.data.len(), Category::PackedWeights)?;
+            copy.as_mut_slice_of::<u8>()
+                .copy_from_slice(self.data.as_slice_of::<u8>());
+            self.data = Arc::new(copy);
+        }
+        let data = Arc::get_mut(&mut self.data).ok_or_else(|| {
+            candle_core::Error::Msg("packed codes still shared after copying them".into())
+        })?;
+        Ok(data.as_mut_slice_of::<u8>())
     }
 
     /// Rebuilds a 2-bit packed weight from its raw parts (our layout, as [`Self::data`] and
@@ -292,7 +294,7 @@ impl PackedTernary {
             bits,
             scales.to_vec(),
         )?;
-        packed.data.as_mut_slice_of::<u8>().copy_from_slice(data);
+        packed.codes_mut()?.copy_from_slice(data);
         packed.validate_codes()?;
         Ok(packed)
     }
@@ -531,7 +533,7 @@ impl PackedTernary {
             vec![1.0 / ws],
         )?;
         let row_bytes = out.row_bytes();
-        let data = out.data.as_mut_slice_of::<u8>();
+        let data = out.codes_mut()?;
         for r in 0..out_features {
             let (j, hr) = (r / rows, r % rows);
             for i in 0..inp {
