@@ -1,7 +1,7 @@
 """Reference sentence embeddings of all-MiniLM-L6-v2 from an independent numpy implementation.
 
 Used to write the expected values of tests/minilm.rs. Needs numpy, safetensors, tokenizers:
-    python3 tests/reference/minilm_reference.py ../shared/models/all-MiniLM-L6-v2
+    python3 tests/reference/minilm_reference.py path/to/all-MiniLM-L6-v2
 Prints, per sentence, the token ids, the embedding's first 8 values, and the pairwise cosines.
 """
 import json

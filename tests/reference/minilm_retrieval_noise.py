@@ -7,7 +7,7 @@ consistent if an error of cosine 0.95 leaves 90 % of the nearest neighbours in p
 that for noise with no structure; a trained student's error is not isotropic, but the real
 student (cosine 0.932, 59.6 %) can be read against the same curve.
 
-    python3 tests/reference/minilm_retrieval_noise.py ../shared/models/all-MiniLM-L6-v2 data/shakespeare/shakespeare.txt.gz
+    python3 tests/reference/minilm_retrieval_noise.py path/to/all-MiniLM-L6-v2 data/shakespeare/shakespeare.txt.gz
 
 Needs numpy, safetensors, tokenizers. Takes a few minutes (the numpy encoder, in f64).
 """

@@ -43,7 +43,7 @@ pub fn l1(w: &Tensor) -> Result<Tensor> {
     (w * w.sign()?.detach())?.sum_all()
 }
 
-/// The sparsity penalty of API.md: [`l1`].
+/// The sparsity penalty, by the name users look for: [`l1`].
 pub use self::l1 as sparsity;
 
 /// `sum (a - |w|)^2` (BNN+, p = 2); gradient `-2 (a - |w|) sign(w)`. `a > 0`.

@@ -18,7 +18,8 @@ pub enum STEVariant {
     Learnable,
 }
 
-/// The estimator configuration of API.md.
+/// Which straight-through estimator a [`crate::QATLayer`] uses, and its parameters (clip,
+/// temperature); serde, so it loads from a `QATConfig` file.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct STEConfig {
