@@ -7,9 +7,7 @@
 //! # or let this example train a quick model itself (2 epochs) when no checkpoint is given:
 //! cargo run --release --example export_and_infer
 //! ```
-//! Options: `--checkpoint DIR` (a `train_mnist --save` directory; its mode must be ternary or
-//! binary), `--out FILE` (default `mnist.packed.safetensors` in the temp dir), `--epochs N`
-//! (when training here), `--data DIR`.
+//! Every flag with its default: `--help`.
 //!
 //! It prints the size of the f32 model (latent weights and norm gains as safetensors) against the
 //! packed file's, the test accuracy of the QAT
@@ -28,41 +26,24 @@ use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-struct Args {
-    checkpoint: Option<PathBuf>,
-    out: PathBuf,
-    epochs: usize,
-    data: PathBuf,
-}
+mod common;
 
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        checkpoint: None,
-        out: std::env::temp_dir().join("mnist.packed.safetensors"),
-        epochs: 2,
-        data: mnist::default_dir(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--checkpoint" => a.checkpoint = Some(val()?.into()),
-            "--out" => a.out = val()?.into(),
-            "--epochs" => {
-                a.epochs = val()?.parse().map_err(|e| format!("--epochs: {e}"))?;
-                if a.epochs == 0 {
-                    return Err("--epochs must be at least 1".into());
-                }
-            }
-            "--data" => a.data = val()?.into(),
-            "-h" | "--help" => return Err(
-                "usage: export_and_infer [--checkpoint DIR] [--out FILE] [--epochs N] [--data DIR]"
-                    .into(),
-            ),
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    Ok(a)
+/// Pack a trained MNIST QAT model and run it with integer kernels.
+#[derive(Debug, clap::Parser)]
+#[command(long_about = None)]
+struct Args {
+    /// A `train_mnist --save` directory (mode ternary or binary) [default: train 2 epochs here].
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Where to write the packed model [default: mnist.packed.safetensors in the temp dir].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Epochs to train when no --checkpoint is given.
+    #[arg(long, default_value_t = 2, value_parser = common::positive_usize)]
+    epochs: usize,
+    /// Folder with the four MNIST idx files.
+    #[arg(long, default_value_os_t = common::repo_data("mnist"))]
+    data: PathBuf,
 }
 
 /// The packed model: the three packed layers with ReLU between them.
@@ -121,10 +102,11 @@ fn file_size(p: &std::path::Path) -> Result<u64> {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("{e}");
-        std::process::exit(2);
-    });
+    let args = <Args as clap::Parser>::parse();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("mnist.packed.safetensors"));
     bitnet::core::host_alloc::keep_freed_memory();
     if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
         eprintln!("note: {e}");
@@ -159,7 +141,7 @@ fn main() -> Result<()> {
     };
     // The f32 model as a plain safetensors file (latent weights and norm gains, no optimizer
     // state): what shipping the unpacked model would take.
-    let f32_path = args.out.with_extension("f32.safetensors");
+    let f32_path = out.with_extension("f32.safetensors");
     vm.save(&f32_path)?;
     let f32_bytes = file_size(&f32_path)?;
 
@@ -174,14 +156,9 @@ fn main() -> Result<()> {
         .map(|d| d.2)
         .zip(packed.iter())
         .collect();
-    save_packed(&args.out, &named)?;
-    let packed_bytes = file_size(&args.out)?;
-    let loaded = PackedMlp(
-        load_packed(&args.out)?
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect(),
-    );
+    save_packed(&out, &named)?;
+    let packed_bytes = file_size(&out)?;
+    let loaded = PackedMlp(load_packed(&out)?.into_iter().map(|(_, l)| l).collect());
     let weights: usize = MnistMlp::DIMS.iter().map(|&(i, o, _)| i * o).sum();
 
     // 3. Accuracy of both; they must agree.
@@ -210,7 +187,7 @@ fn main() -> Result<()> {
         "packed file      {packed_bytes:>9} bytes ({:.3} bytes/weight, {:.1}x smaller) -> {}",
         packed_bytes as f64 / weights as f64,
         f32_bytes as f64 / packed_bytes as f64,
-        args.out.display()
+        out.display()
     );
     println!(
         "test accuracy    QAT {:.4}  packed {:.4}  (predictions agree on {agree}/{n})",
@@ -228,6 +205,7 @@ fn main() -> Result<()> {
             "qat_accuracy": qat_ok as f64 / n as f64,
             "packed_accuracy": packed_ok as f64 / n as f64,
             "agree": agree,
+            "peak_rss_bytes": common::peak_rss_json(),
             "images_per_s": { "qat_b1": qat_b1.round(), "packed_b1": packed_b1.round(),
                               "qat_b1000": qat_b1000.round(), "packed_b1000": packed_b1000.round() },
         })

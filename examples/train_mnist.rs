@@ -7,7 +7,7 @@
 //! # the Hugging Face recipe's lambda warmup over the first epoch:
 //! cargo run --release --example train_mnist -- --mode ternary --schedule linear
 //! ```
-//! Options:
+//! Every flag with its default: `--help`. In short:
 //! * `--mode fp|ternary|binary`, `--epochs N`, `--batch N`, `--lr X`, `--seed N`;
 //! * `--data DIR` (default: the copy in `data/mnist`), `--train-limit N` (first N images only);
 //! * `--device cpu|auto|cuda[:N]|metal[:N]` (default `cpu`; a GPU needs the `cuda` or `metal`
@@ -50,101 +50,99 @@ use rand::SeedableRng;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const USAGE: &str = "usage: train_mnist [--mode fp|ternary|binary] [--epochs N] [--data DIR] \
-[--log FILE] [--save DIR] [--batch N] [--lr X] [--seed N] [--train-limit N] [--distill] \
-[--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
-[--schedule constant|linear|exponential|sigmoid|step] [--warmup-steps N] [--report] \
-[--device cpu|auto|cuda[:N]|metal[:N]] [--shards N]";
+mod common;
 
-struct Args {
-    mode: String,
-    epochs: usize,
-    data: PathBuf,
-    log: Option<String>,
-    save: Option<PathBuf>,
-    batch: usize,
-    lr: f64,
-    seed: u64,
-    train_limit: Option<usize>,
-    distill: bool,
-    teacher: Option<PathBuf>,
-    kd_temperature: f64,
-    kd_alpha: f64,
-    schedule: String,
-    warmup_steps: Option<usize>,
-    report: bool,
-    device: bitnet::core::device::Preference,
-    shards: Option<usize>,
+/// Which quantizer every layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// No quantization (the same layers, full precision).
+    Fp,
+    /// BitNet b1.58: absmean ternary weights, int8 activations.
+    Ternary,
+    /// BitNet b1: binary weights, int8 activations.
+    Binary,
 }
 
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        mode: "ternary".into(),
-        epochs: 10,
-        data: mnist::default_dir(),
-        log: None,
-        save: None,
-        batch: 128,
-        lr: 1e-3,
-        seed: 42,
-        train_limit: None,
-        distill: false,
-        teacher: None,
-        kd_temperature: 4.0,
-        kd_alpha: 0.7,
-        schedule: "constant".into(),
-        warmup_steps: None,
-        report: false,
-        device: bitnet::core::device::Preference::Cpu,
-        shards: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        let num = |v: String| v.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
-        let count = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
-        match flag.as_str() {
-            "--mode" => a.mode = val()?,
-            "--epochs" => a.epochs = count(val()?)?,
-            "--data" => a.data = val()?.into(),
-            "--log" => a.log = Some(val()?),
-            "--save" => a.save = Some(val()?.into()),
-            "--batch" => a.batch = count(val()?)?,
-            "--lr" => a.lr = num(val()?)?,
-            "--seed" => a.seed = val()?.parse().map_err(|e| format!("{flag}: {e}"))?,
-            "--train-limit" => a.train_limit = Some(count(val()?)?),
-            "--distill" => a.distill = true,
-            "--teacher" => a.teacher = Some(val()?.into()),
-            "--kd-temperature" => a.kd_temperature = num(val()?)?,
-            "--kd-alpha" => a.kd_alpha = num(val()?)?,
-            "--schedule" => a.schedule = val()?,
-            "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
-            "--report" => a.report = true,
-            "--shards" => a.shards = Some(count(val()?)?),
-            "--device" => a.device = val()?.parse().map_err(|e| format!("--device: {e}"))?,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown option {other}\n{USAGE}")),
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Fp => "fp",
+            Mode::Ternary => "ternary",
+            Mode::Binary => "binary",
         }
     }
-    if !["fp", "ternary", "binary"].contains(&a.mode.as_str()) {
-        return Err(format!(
-            "--mode must be fp, ternary or binary, got {}",
-            a.mode
-        ));
-    }
-    if a.batch == 0 || a.epochs == 0 || a.shards == Some(0) {
-        return Err("--batch, --epochs and --shards must be at least 1".into());
-    }
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        return Err(format!("--lr must be a finite number > 0, got {}", a.lr));
-    }
-    if a.teacher.is_some() && !a.distill {
-        return Err("--teacher is only used with --distill".into());
-    }
-    if a.distill && a.mode == "fp" {
-        return Err("--distill trains a quantized student: use --mode ternary or binary".into());
-    }
-    Ok(a)
+}
+
+/// How lambda in the progressive blend `x + lambda (q(x) - x)` rises to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Schedule {
+    /// lambda = 1 from the first step.
+    Constant,
+    Linear,
+    Exponential,
+    Sigmoid,
+    /// 0, then 1 after the warmup.
+    Step,
+}
+
+/// Train a BitNet MLP (784-256-256-10, every layer a `QATLayer<BitLinear>`) on MNIST.
+#[derive(Debug, clap::Parser)]
+#[command(long_about = None)]
+struct Args {
+    /// Quantizer of every layer.
+    #[arg(long, value_enum, default_value_t = Mode::Ternary)]
+    mode: Mode,
+    /// Training epochs.
+    #[arg(long, default_value_t = 10, value_parser = common::positive_usize)]
+    epochs: usize,
+    /// Folder with the four MNIST idx files (gzip'd or not).
+    #[arg(long, default_value_os_t = common::repo_data("mnist"))]
+    data: PathBuf,
+    /// Write per-layer state (level shares, flip ratio, MSE, SQNR, norms) as JSON lines here.
+    #[arg(long)]
+    log: Option<String>,
+    /// Save a checkpoint here after every epoch (read by --teacher and export_and_infer).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Batch size.
+    #[arg(long, default_value_t = 128, value_parser = common::positive_usize)]
+    batch: usize,
+    /// Peak learning rate of Adam (cosine decay to 0).
+    #[arg(long, default_value_t = 1e-3, value_parser = common::positive_f64)]
+    lr: f64,
+    /// Seed of the initial weights and the data order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Train on the first N images only.
+    #[arg(long, value_parser = common::positive_usize)]
+    train_limit: Option<usize>,
+    /// Hinton knowledge distillation from a full-precision teacher (trained first, or --teacher).
+    #[arg(long)]
+    distill: bool,
+    /// Load the teacher from a `--mode fp --save DIR` run instead of training it (needs --distill).
+    #[arg(long, requires = "distill")]
+    teacher: Option<PathBuf>,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 4.0, value_parser = common::positive_f64)]
+    kd_temperature: f64,
+    /// Weight of the soft (teacher) term in the distillation loss.
+    #[arg(long, default_value_t = 0.7, value_parser = common::unit_f64)]
+    kd_alpha: f64,
+    /// Progressive quantization: how lambda rises to 1 over --warmup-steps.
+    #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+    schedule: Schedule,
+    /// Steps of the lambda warmup [default: one epoch].
+    #[arg(long, value_parser = common::positive_usize)]
+    warmup_steps: Option<usize>,
+    /// After training, print the per-layer sensitivity and the precision policy it proposes.
+    #[arg(long)]
+    report: bool,
+    /// cpu, auto, cuda[:N] or metal[:N] (a GPU needs the `cuda` or `metal` feature).
+    #[arg(long, default_value = "cpu")]
+    device: bitnet::core::device::Preference,
+    /// Row shards per batch, trained side by side [default: rayon's threads on the CPU, 1 on a GPU].
+    #[arg(long, value_parser = common::positive_usize)]
+    shards: Option<usize>,
 }
 
 /// The images and labels one run trains and tests on.
@@ -319,17 +317,12 @@ fn lambda_schedule(
     steps_per_epoch: usize,
 ) -> std::result::Result<LambdaSchedule, String> {
     let steps = args.warmup_steps.unwrap_or(steps_per_epoch);
-    let s = match args.schedule.as_str() {
-        "constant" => LambdaSchedule::default(),
-        "linear" => LambdaSchedule::Linear { steps },
-        "exponential" => LambdaSchedule::Exponential { steps, k: 3.0 },
-        "sigmoid" => LambdaSchedule::Sigmoid { steps, k: 10.0 },
-        "step" => LambdaSchedule::Step { steps },
-        other => {
-            return Err(format!(
-                "--schedule must be constant, linear, exponential, sigmoid or step, got {other}"
-            ))
-        }
+    let s = match args.schedule {
+        Schedule::Constant => LambdaSchedule::default(),
+        Schedule::Linear => LambdaSchedule::Linear { steps },
+        Schedule::Exponential => LambdaSchedule::Exponential { steps, k: 3.0 },
+        Schedule::Sigmoid => LambdaSchedule::Sigmoid { steps, k: 10.0 },
+        Schedule::Step => LambdaSchedule::Step { steps },
     };
     s.validate().map_err(|e| format!("--warmup-steps: {e}"))?;
     Ok(s)
@@ -362,7 +355,10 @@ fn main() -> Result<()> {
         eprintln!("{e}");
         std::process::exit(2);
     };
-    let args = parse_args().unwrap_or_else(|e| fail(e));
+    let args = <Args as clap::Parser>::parse();
+    if args.distill && args.mode == Mode::Fp {
+        fail("--distill trains a quantized student: use --mode ternary or binary".into());
+    }
     bitnet::core::host_alloc::keep_freed_memory();
     if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
         eprintln!("note: {e}");
@@ -385,10 +381,10 @@ fn main() -> Result<()> {
         test_x: mnist.test_images,
         test_y: mnist.test_labels,
     };
-    let mut cfg = match args.mode.as_str() {
-        "fp" => QATConfig::full_precision(),
-        "binary" => QATConfig::binary(),
-        _ => QATConfig::ternary(),
+    let mut cfg = match args.mode {
+        Mode::Fp => QATConfig::full_precision(),
+        Mode::Binary => QATConfig::binary(),
+        Mode::Ternary => QATConfig::ternary(),
     };
     let steps_per_epoch = data.train_x.dim(0)?.div_ceil(args.batch);
     cfg.lambda = lambda_schedule(&args, steps_per_epoch).unwrap_or_else(|e| fail(e));
@@ -410,11 +406,11 @@ fn main() -> Result<()> {
     let who = if args.distill {
         "student"
     } else {
-        args.mode.as_str()
+        args.mode.name()
     };
     let run = Run {
         who,
-        mode: &args.mode,
+        mode: args.mode.name(),
         model: &model,
         vm: &vm,
         teacher: distiller.as_ref().map(|(d, _)| d),
@@ -422,8 +418,8 @@ fn main() -> Result<()> {
     };
     let report = train(&run, &args, &data, tracker.as_mut())?;
     if args.report {
-        let quantized = match args.mode.as_str() {
-            "fp" => QATConfig::ternary(),
+        let quantized = match args.mode {
+            Mode::Fp => QATConfig::ternary(),
             _ => cfg,
         };
         print_sensitivity(&vm, &data, quantized)?;
@@ -431,14 +427,15 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "mode": args.mode,
+            "mode": args.mode.name(),
             "epochs": args.epochs,
             "test_accuracy": (report.test_accuracy * 10000.0).round() / 10000.0,
             "epoch_seconds_median": (report.epoch_seconds_median * 100.0).round() / 100.0,
             "distill": args.distill,
             "teacher_accuracy": distiller.as_ref().map(|(_, a)| (a * 10000.0).round() / 10000.0),
-            "schedule": args.schedule,
+            "schedule": format!("{:?}", args.schedule).to_lowercase(),
             "device": selected.info.name,
+            "peak_rss_bytes": common::peak_rss_json(),
         })
     );
     Ok(())
