@@ -1,5 +1,5 @@
-//! Gradients: every estimator against DESIGN.md's formulas (written out again here, independently
-//! of the kernels), and the smooth ones against finite differences of the function they differentiate.
+//! Gradients: every estimator against the formulas in `bitnet_quant::Estimator`'s docs (written
+//! out again here, independently of the kernels), and the smooth ones against finite differences of the function they differentiate.
 
 use bitnet_quant::ops::learnable::{learnable_quantize, LearnableOp, Surrogate};
 use bitnet_quant::ops::lsq::{lsq_quantize, LsqOp};
@@ -14,7 +14,7 @@ fn sech2(z: f32) -> f32 {
     1.0 / (z.cosh() * z.cosh())
 }
 
-/// DESIGN.md's estimator table, `r` the normalised input.
+/// The estimator table of `Estimator`'s docs, `r` the normalised input.
 fn design_formula(e: Estimator, r: f32) -> f32 {
     match e {
         Estimator::Identity => 1.0,

@@ -12,7 +12,19 @@
 //! only terms below `2^-126` of their chunk's maximum can be lost (flushed to zero), at most
 //! `2^-94` of the sum. The means then agree with the CPU's to about 1e-14 relative before the
 //! final rounding to f32, as CUDA's do (the device tests allow 2e-6); maxima are exact.
-//! `cpu.rs`'s tests check these float operations in a host emulation of the kernels.
+//! `metal_emulation.rs` checks these float operations in a host emulation of the kernels.
+
+use crate::error::QuantError;
+use crate::ops::math::Kind;
+use crate::ops::metal_util::{
+    encode, f32_buffer, f32_view, pipeline, read_counter, splits, wrap, zeroed_counter,
+};
+use candle_core::backend::BackendStorage;
+use candle_core::{DType, Layout, MetalStorage, Result};
+use candle_metal_kernels::metal::ComputeCommandEncoder;
+use candle_metal_kernels::set_params;
+use candle_metal_kernels::utils::Input;
+use candle_metal_kernels::Output;
 
 const SRC: &str = r#"
 // No exponent: a chunk whose values are all zero (or whose maximum is not finite, which
