@@ -274,6 +274,18 @@ fn lsq_steps_are_trained_variables_and_the_loss_falls() {
     for (a, b) in init.iter().zip(&moved) {
         assert!((a - b).abs() > 0.05 * a, "step {a} -> {b}");
     }
+    // The state tracker reports the learned steps and their levels, not absmax ones.
+    let stats = StateTracker::new()
+        .record(1, &[&l as &dyn Tracked], None)
+        .unwrap()
+        .remove(0);
+    let mean_step = moved.iter().sum::<f32>() as f64 / 4.0;
+    assert!(
+        (stats.scale - mean_step).abs() < 1e-6,
+        "{} vs {mean_step}",
+        stats.scale
+    );
+    assert!(stats.level_shares.iter().all(|(k, _)| (-4..=3).contains(k)));
     // The forward is LSQ's: every weight is an integer in -4..=3 times its row's step.
     let wq = l.effective_weight().unwrap().to_vec2::<f32>().unwrap();
     for (row, s) in wq.iter().zip(&moved) {

@@ -479,7 +479,10 @@ pub fn bad_temperature(dev: &Device) -> Result<()> {
 /// sums do not overflow; Metal scales its double-float sums so that they cannot).
 pub fn overflow(dev: &Device) -> Result<()> {
     let same = vec![3e37f32; 1000 * 37];
-    let mixed: Vec<f32> = values(1000 * 37, 12).iter().map(|v| v * 17.0 * 1e38).collect();
+    let mixed: Vec<f32> = values(1000 * 37, 12)
+        .iter()
+        .map(|v| v * 17.0 * 1e38)
+        .collect();
     for (name, v) in [("3e37", same), ("1.7e38", mixed)] {
         let x_cpu = Tensor::from_vec(v, (1000, 37), &Device::Cpu)?;
         let x_dev = x_cpu.to_device(dev)?;

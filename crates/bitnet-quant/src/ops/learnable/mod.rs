@@ -47,7 +47,7 @@ impl Surrogate {
             return Err(crate::error::invalid(
                 "scheme",
                 "MultiBit/Int8PerToken",
-                "Binary, TernaryAbsmean or TernaryThreshold for a learnable temperature (use LSQ for multi-bit)",
+                "Binary, BinaryCentered, TernaryAbsmean or TernaryThreshold for a learnable temperature (use LSQ for multi-bit)",
             ));
         }
         if !(0.0..=1.0).contains(&hardness) {

@@ -72,7 +72,8 @@ fn ldexp(x: f32, k: i32) -> f32 {
 
 /// `bq_exponent` (MSL's `frexp`); a subnormal maximum is flushed, as the worst case.
 fn exponent(mx: f32) -> i32 {
-    if !(mx >= f32::MIN_POSITIVE) || !mx.is_finite() {
+    // `mx` is a maximum of |x|: not normal means 0, subnormal (flushed), infinite or NaN.
+    if !mx.is_normal() {
         return NO_EXP;
     }
     ((mx.to_bits() >> 23) & 0xff) as i32 - 126
