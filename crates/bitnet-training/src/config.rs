@@ -230,15 +230,21 @@ impl QATConfig {
 mod tests {
     use super::*;
 
+    /// `cfg` reads back equal from its TOML and from its JSON.
+    fn assert_round_trips(cfg: &QATConfig) {
+        let toml_text = cfg.to_toml_string().unwrap();
+        let back = QATConfig::from_toml_str(&toml_text).unwrap();
+        assert_eq!(&back, cfg, "{toml_text}");
+        let json = serde_json::to_string(cfg).unwrap();
+        assert_eq!(&QATConfig::from_json_str(&json).unwrap(), cfg, "{json}");
+    }
+
     #[test]
     fn round_trips_through_toml_and_json() {
         let mut cfg = QATConfig::binary();
         cfg.lambda = LambdaSchedule::Exponential { steps: 10, k: 2.0 };
         cfg.weight_granularity = Granularity::PerGroup(64);
-        let toml_text = cfg.to_toml_string().unwrap();
-        assert_eq!(QATConfig::from_toml_str(&toml_text).unwrap(), cfg);
-        let json = serde_json::to_string(&cfg).unwrap();
-        assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+        assert_round_trips(&cfg);
     }
 
     #[test]
@@ -269,14 +275,7 @@ mod tests {
         anneal.ste.variant = STEVariant::Soft;
         anneal.temperature_anneal = Some(TemperatureAnneal::new(0.1, 10.0, 500).unwrap());
         for cfg in [lsq, anneal] {
-            let toml_text = cfg.to_toml_string().unwrap();
-            assert_eq!(
-                QATConfig::from_toml_str(&toml_text).unwrap(),
-                cfg,
-                "{toml_text}"
-            );
-            let json = serde_json::to_string(&cfg).unwrap();
-            assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+            assert_round_trips(&cfg);
         }
         assert_eq!(QATConfig::binary().weight, Some(Scheme::BinaryCentered));
         let anneal_toml = "[temperature_anneal]\nt_min = 0.1\nt_max = 10.0\ntotal = 100";
@@ -310,14 +309,7 @@ mod tests {
             ])
             .unwrap(),
         );
-        let toml_text = cfg.to_toml_string().unwrap();
-        assert_eq!(
-            QATConfig::from_toml_str(&toml_text).unwrap(),
-            cfg,
-            "{toml_text}"
-        );
-        let json = serde_json::to_string(&cfg).unwrap();
-        assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+        assert_round_trips(&cfg);
         assert_eq!(
             cfg.weight_scheme_at(150),
             Some(Scheme::MultiBit { bits: 4 })
