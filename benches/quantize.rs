@@ -1,5 +1,7 @@
 //! Our quantize op (forward + backward) against the same math as plain candle ops with the detach
-//! trick, and against a plain copy of the tensor (the memory-bound floor), all in one run.
+//! trick, and against a plain copy of the tensor (the memory-bound floor), all in one run; and
+//! what BitNet b1's centering costs: the centered binary forward (one more pass over the values,
+//! for their signed mean) against the plain scaled sign.
 //!
 //! `cargo bench --bench quantize` (add `--features cuda` for the `cuda_` group)
 
@@ -110,6 +112,18 @@ fn bench(c: &mut Criterion) {
     g.bench_function("candle_detach_fwd_bwd", |b| {
         b.iter(|| candle_detach(x.as_tensor()).unwrap().backward().unwrap())
     });
+    g.finish();
+
+    let mut g = c.benchmark_group("cpu_binary_4096x4096");
+    g.throughput(Throughput::Bytes((N * N * 4 * 2) as u64));
+    g.sample_size(20);
+    for (name, scheme) in [
+        ("plain_fwd", Scheme::Binary { scaled: true }),
+        ("centered_fwd", Scheme::BinaryCentered),
+    ] {
+        let q = Quantizer::new(scheme, Estimator::Identity).unwrap();
+        g.bench_function(name, |b| b.iter(|| q.quantize(x.as_tensor()).unwrap()));
+    }
     g.finish();
 }
 

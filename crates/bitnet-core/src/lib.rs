@@ -28,9 +28,9 @@
 //!
 //! // A pool of your own, with a cap, shared by cloning the handle.
 //! let pool = HybridMemoryPool::new(PoolConfig { max_bytes: 256 << 20, ..Default::default() })?;
-//! let weights = pool.allocate(16 << 20, 64, Category::LatentWeights)?;
+//! let weights = pool.allocate(16 << 20, 64, Category::PackedWeights)?;
 //! let stats = pool.stats();
-//! assert_eq!(stats.category(Category::LatentWeights).bytes_in_use, 16 << 20);
+//! assert_eq!(stats.category(Category::PackedWeights).bytes_in_use, 16 << 20);
 //! drop(weights);
 //! assert_eq!(pool.stats().overall.bytes_in_use, 0);
 //! # Ok(())

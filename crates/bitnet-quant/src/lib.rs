@@ -1,8 +1,9 @@
 //! Quantizers for BitNet-style quantization-aware training in candle.
 //!
-//! * [`Quantizer`]: binary, ternary (absmean, threshold/TWN), multi-bit and int8 per-token
-//!   quantization at per-tensor, per-channel or per-group granularity, with a choice of
-//!   [`Estimator`] for the backward. Every quantizer is a candle custom op with our own kernels,
+//! * [`Quantizer`]: binary (BitNet b1's centered sign, XNOR-Net's plain one), ternary (absmean,
+//!   threshold/TWN), multi-bit (fixed or learned LSQ step) and int8 per-token quantization at
+//!   per-tensor, per-channel or per-group granularity, with a choice of [`Estimator`] for the
+//!   backward. Every quantizer is a candle custom op with our own kernels,
 //!   because candle's autograd gives no gradient through `round` or `sign`.
 //! * [`BitLinear`]: BitNet b1.58's linear layer (RMSNorm, int8 activations, ternary weights).
 //! * [`packed`]: inference with 2-bit packed weights ([`PackedTernary`], [`PackedBitLinear`]),

@@ -2,6 +2,7 @@
 
 use crate::error::{invalid, QuantError};
 use crate::ops::learnable::{LearnableOp, Surrogate};
+use crate::ops::lsq::LsqOp;
 use crate::ops::math::{EstKind, Kind};
 use crate::ops::quantize::QuantizeOp;
 use crate::ops::scales::scales;
@@ -128,9 +129,11 @@ impl Quantizer {
 
     /// The soft-to-hard surrogate with a learnable temperature `t` (a one-value tensor, usually
     /// a `Var`) at hardness `h` in `[0, 1]`; see [`crate::ops::learnable`]. Binary and ternary
-    /// schemes only.
+    /// schemes only. This quantizer's estimator is the backward of the hard part (weighted by
+    /// `h`); its `lambda` does not apply.
     pub fn quantize_learnable(&self, x: &Tensor, t: &Tensor, hardness: f32) -> Result<Tensor> {
-        let surrogate = Surrogate::new(self.kind(), hardness)?;
+        let surrogate =
+            Surrogate::new(self.kind(), hardness)?.with_estimator(EstKind::of(&self.estimator));
         with_f32(x, "quantize_learnable", |x| {
             let params = self.scales(x)?;
             let t = t.to_dtype(DType::F32)?;
@@ -145,10 +148,61 @@ impl Quantizer {
         })
     }
 
+    /// The LSQ op of this quantizer (learned step size, Esser et al. 2020; see
+    /// [`crate::ops::lsq`]): [`Scheme::MultiBit`] only, one step per block of the granularity.
+    pub fn lsq_op(&self) -> Result<LsqOp> {
+        match self.scheme {
+            Scheme::MultiBit { bits } => Ok(LsqOp::new(bits, self.granularity)?),
+            other => Err(invalid(
+                "scheme",
+                format!("{other:?}"),
+                "MultiBit for a learned step size (LSQ)",
+            )
+            .into()),
+        }
+    }
+
+    /// LSQ's initial steps for `x`, one per block: `2 mean|x| / sqrt(qmax)` (f32, `x`'s device).
+    pub fn lsq_init_steps(&self, x: &Tensor) -> Result<Tensor> {
+        let op = self.lsq_op()?;
+        with_f32_host(x, "lsq_init_steps", |x| op.init_steps(x))
+    }
+
+    /// Quantizes `x` with learned steps `steps` (one value per block, usually a `Var`):
+    /// `s * clamp(round(x / s), qmin, qmax)` forward, LSQ's gradients for `x` and `steps`
+    /// backward (see [`crate::ops::lsq`]); blended as `x + lambda (q - x)` when `lambda < 1`.
+    /// [`Scheme::MultiBit`] only; this quantizer's estimator does not apply (LSQ has its own).
+    ///
+    /// ```
+    /// use bitnet_quant::{Estimator, Quantizer, Scheme};
+    /// use candle_core::{Device, Tensor, Var};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let q = Quantizer::new(Scheme::MultiBit { bits: 3 }, Estimator::Identity)?;
+    /// let w = Var::new(&[[0.3f32, -0.9, 0.05, 0.6]], &Device::Cpu)?;
+    /// let steps = Var::new(&[0.25f32], &Device::Cpu)?; // levels -4..=3 times 0.25
+    /// let wq = q.quantize_lsq(w.as_tensor(), steps.as_tensor())?;
+    /// assert_eq!(wq.to_vec2::<f32>()?, [[0.25, -1.0, 0.0, 0.5]]); // -3.6 rounds to -4
+    /// let grads = wq.sum_all()?.backward()?;
+    /// assert!(grads.get(&steps).is_some()); // the step size learns
+    /// # Ok(()) }
+    /// ```
+    pub fn quantize_lsq(&self, x: &Tensor, steps: &Tensor) -> Result<Tensor> {
+        let op = self.lsq_op()?;
+        with_f32(x, "quantize_lsq", |x| {
+            let q = x.apply_op2(&steps.to_dtype(DType::F32)?, op)?;
+            if self.lambda == 1.0 {
+                Ok(q)
+            } else {
+                // Plain tensor ops, so autograd weighs both gradients by the blend.
+                x + ((q - x)? * self.lambda as f64)?
+            }
+        })
+    }
+
     /// The integer level of every value (row-major, copied to the host) and the block
     /// parameters: what packing, histograms and flip ratios are computed from.
     pub fn levels(&self, x: &Tensor) -> Result<(Vec<i8>, Vec<f32>)> {
-        with_f32_host(x, |x| {
+        with_f32_host(x, "levels", |x| {
             let params = self.scales(x)?.flatten_all()?.to_vec1::<f32>()?;
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
             let last = x.dims().last().copied().unwrap_or(1);
@@ -180,14 +234,14 @@ fn with_f32(
     }
 }
 
-fn with_f32_host<T>(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<T>) -> Result<T> {
+fn with_f32_host<T>(
+    x: &Tensor,
+    op: &'static str,
+    f: impl FnOnce(&Tensor) -> Result<T>,
+) -> Result<T> {
     match x.dtype() {
         DType::F32 => f(x),
         DType::F16 | DType::BF16 | DType::F64 => f(&x.to_dtype(DType::F32)?),
-        dtype => Err(QuantError::DType {
-            op: "levels",
-            dtype,
-        }
-        .into()),
+        dtype => Err(QuantError::DType { op, dtype }.into()),
     }
 }

@@ -13,8 +13,20 @@ pub const EPS: f32 = 1e-5;
 /// Each scheme works on blocks given by the [`Granularity`]; `s` is the block's scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Scheme {
-    /// `s * sign(x)`, `s = mean|x|` if `scaled` (XNOR-Net / BitNet b1), else 1.
+    /// `s * sign(x)`, `s = mean|x|` if `scaled` (XNOR-Net), else 1. Not centered: see
+    /// [`Scheme::BinaryCentered`] for BitNet b1.
     Binary { scaled: bool },
+    /// BitNet b1 (Wang et al. 2023, "BitNet: Scaling 1-bit Transformers"), the binary default.
+    ///
+    /// * Forward: `beta * sign(x - alpha)` with `alpha = mean(x)` and `beta = mean|x|`
+    ///   (`||W||_1 / (n m)`, of the uncentered values), both per block; `sign(0) = +1`, i.e.
+    ///   `x >= alpha` gives `+beta`. Centering moves only the threshold: the levels are still
+    ///   `±beta`, so the weight packs at 1 bit like [`Scheme::Binary`].
+    /// * Backward: the [`Estimator`] at `r = (x - alpha) / beta`, the distance to the threshold
+    ///   (BitNet: the identity STE, `u`).
+    /// * Reference: Wang et al. 2023, section 2.1 (arXiv 2310.11453): `W~ = Sign(W - alpha)`,
+    ///   `alpha = sum W_ij / (n m)`, `beta = ||W||_1 / (n m)`.
+    BinaryCentered,
     /// BitNet b1.58: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
     TernaryAbsmean,
     /// `s * (x > D) - s * (x < -D)` (strict, so `|x| == D` gives 0). `s` is the mean of `|x|` over the
@@ -53,7 +65,8 @@ pub enum Granularity {
 /// The backward of a quantizer: the gradient it lets through, with `u` the upstream gradient and
 /// `r = x / n` the input normalised by its block's range `n` (`n = s` for binary and threshold
 /// schemes, `g + 1e-5` for absmean, `m` for multi-bit and int8; `n = 1` for unscaled binary, where
-/// `r = x` and the formulas are those of the papers).
+/// `r = x` and the formulas are those of the papers). For [`Scheme::BinaryCentered`],
+/// `r = (x - mean(x)) / n`: the distance to its threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Estimator {
     /// Straight-through: `u`.
@@ -68,6 +81,11 @@ pub enum Estimator {
     ApproxSign,
     /// BNN+: `u * b (2 - b r tanh(b r / 2)) / (1 + cosh(b r))`.
     SwishSign { beta: f32 },
+    /// IR-Net's error-decay estimator (Qin et al. 2020): `u * max(t, 1) * (1 - tanh(t r)^2)`, the
+    /// derivative of `k tanh(t r)` with `k = max(1 / t, 1)`. Close to the identity while `t` is
+    /// small, close to `sign`'s while it is large; a schedule raises `t` during training
+    /// (bitnet-training's `TemperatureAnneal`).
+    Ede { temperature: f32 },
 }
 
 fn positive_finite(field: &'static str, v: f32) -> Result<(), QuantError> {
@@ -108,7 +126,7 @@ impl Scheme {
     /// The integer levels a block's values map to (before multiplying by the scale).
     pub fn levels(&self) -> Vec<i32> {
         match *self {
-            Scheme::Binary { .. } => vec![-1, 1],
+            Scheme::Binary { .. } | Scheme::BinaryCentered => vec![-1, 1],
             Scheme::TernaryAbsmean | Scheme::TernaryThreshold { .. } => vec![-1, 0, 1],
             Scheme::MultiBit { bits } => {
                 let h = 1i32 << (bits - 1);
@@ -125,9 +143,9 @@ impl Estimator {
         match *self {
             Estimator::Identity | Estimator::ApproxSign => Ok(()),
             Estimator::Clipped { clip } => positive_finite("clip", clip),
-            Estimator::SoftTanh { temperature } | Estimator::SoftSigmoid { temperature } => {
-                positive_finite("temperature", temperature)
-            }
+            Estimator::SoftTanh { temperature }
+            | Estimator::SoftSigmoid { temperature }
+            | Estimator::Ede { temperature } => positive_finite("temperature", temperature),
             Estimator::SwishSign { beta } => positive_finite("beta", beta),
         }
     }

@@ -1,7 +1,9 @@
 //! Gradients: every estimator against the formulas in `bitnet_quant::Estimator`'s docs (written
 //! out again here, independently of the kernels), and the smooth ones against finite differences of the function they differentiate.
 
+use bitnet_quant::ops::learnable::{learnable_quantize, LearnableOp, Surrogate};
 use bitnet_quant::ops::lsq::{lsq_quantize, LsqOp};
+use bitnet_quant::ops::EstKind;
 use bitnet_quant::{Estimator, Granularity, Quantizer, Scheme};
 use candle_core::{Device, Tensor, Var};
 
@@ -32,10 +34,12 @@ fn design_formula(e: Estimator, r: f32) -> f32 {
         Estimator::SwishSign { beta: b } => {
             b * (2.0 - b * r * (b * r / 2.0).tanh()) / (1.0 + (b * r).cosh())
         }
+        // IR-Net: k t sech^2(t r), k = max(1 / t, 1).
+        Estimator::Ede { temperature: t } => (1.0 / t).max(1.0) * t * sech2(t * r),
     }
 }
 
-const ESTIMATORS: [Estimator; 8] = [
+const ESTIMATORS: [Estimator; 10] = [
     Estimator::Identity,
     Estimator::Clipped { clip: 1.0 },
     Estimator::Clipped { clip: 0.5 },
@@ -44,6 +48,8 @@ const ESTIMATORS: [Estimator; 8] = [
     Estimator::SoftSigmoid { temperature: 2.0 },
     Estimator::ApproxSign,
     Estimator::SwishSign { beta: 5.0 },
+    Estimator::Ede { temperature: 0.3 },
+    Estimator::Ede { temperature: 4.0 },
 ];
 
 /// The gradient reaching a `Var` through `loss = sum(q(x) * u)`.
@@ -80,30 +86,34 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
 #[test]
 fn every_estimator_on_every_scheme_gives_the_formula() {
     let mean_abs = XS.iter().map(|v| v.abs()).sum::<f32>() / XS.len() as f32;
+    let mean = XS.iter().sum::<f32>() / XS.len() as f32;
     let max_abs = 2.0f32;
-    // (scheme, normaliser n of r = x / n for the one block of XS)
+    // (scheme, normaliser n and center c of r = (x - c) / n for the one block of XS)
     let schemes = [
-        (Scheme::Binary { scaled: false }, 1.0),
-        (Scheme::Binary { scaled: true }, mean_abs),
-        (Scheme::TernaryAbsmean, mean_abs + 1e-5),
+        (Scheme::Binary { scaled: false }, 1.0, 0.0),
+        (Scheme::Binary { scaled: true }, mean_abs, 0.0),
+        // BitNet b1: measured from the mean, its threshold.
+        (Scheme::BinaryCentered, mean_abs, mean),
+        (Scheme::TernaryAbsmean, mean_abs + 1e-5, 0.0),
         (
             Scheme::TernaryThreshold {
                 threshold: bitnet_quant::Threshold::Fixed(0.4),
                 scaled: false,
             },
             1.0,
+            0.0,
         ),
-        (Scheme::MultiBit { bits: 4 }, max_abs),
-        (Scheme::Int8PerToken, max_abs),
+        (Scheme::MultiBit { bits: 4 }, max_abs, 0.0),
+        (Scheme::Int8PerToken, max_abs, 0.0),
     ];
-    for (scheme, n) in schemes {
+    for (scheme, n, c) in schemes {
         for est in ESTIMATORS {
             let q = Quantizer::new(scheme, est).unwrap();
             let got = grad_through(&q, &XS, &US, (1, 10));
             let want: Vec<f32> = XS
                 .iter()
                 .zip(&US)
-                .map(|(&x, &u)| u * design_formula(est, x / n))
+                .map(|(&x, &u)| u * design_formula(est, (x - c) / n))
                 .collect();
             assert_close(&format!("{scheme:?} {est:?}"), &got, &want, 1e-5);
         }
@@ -146,21 +156,26 @@ fn blended_gradient_mixes_identity_and_estimator() {
 
 #[test]
 fn soft_estimators_are_the_derivatives_of_their_surrogates() {
-    // Finite differences of tanh(t x) and 2 sig(t x) - 1 against the kernels' gradients.
+    // Finite differences of tanh(t x), 2 sig(t x) - 1 and IR-Net's k tanh(t x) (k = max(1/t, 1))
+    // against the kernels' gradients.
     let h = 1e-3f64;
     for (est, f) in [
         (
             Estimator::SoftTanh { temperature: 1.5 },
-            (|t: f64, x: f64| (t * x).tanh()) as fn(f64, f64) -> f64,
+            (|x: f64| (1.5 * x).tanh()) as fn(f64) -> f64,
         ),
-        (Estimator::SoftSigmoid { temperature: 1.5 }, |t, x| {
-            2.0 / (1.0 + (-t * x).exp()) - 1.0
+        (Estimator::SoftSigmoid { temperature: 1.5 }, |x| {
+            2.0 / (1.0 + (-1.5 * x).exp()) - 1.0
         }),
+        (Estimator::Ede { temperature: 0.5 }, |x| {
+            2.0 * (0.5 * x).tanh()
+        }),
+        (Estimator::Ede { temperature: 3.0 }, |x| (3.0 * x).tanh()),
     ] {
         let q = Quantizer::new(Scheme::Binary { scaled: false }, est).unwrap();
         let got = grad_through(&q, &XS, &[1.0; 10], (1, 10));
         for (i, &x) in XS.iter().enumerate() {
-            let fd = (f(1.5, x as f64 + h) - f(1.5, x as f64 - h)) / (2.0 * h);
+            let fd = (f(x as f64 + h) - f(x as f64 - h)) / (2.0 * h);
             assert!(
                 (got[i] as f64 - fd).abs() < 1e-4,
                 "{est:?} at {x}: {} vs fd {fd}",
@@ -236,59 +251,110 @@ fn candle_round_gives_no_gradient_but_our_op_does() {
     );
 }
 
-#[test]
-fn learnable_temperature_gradients_match_finite_differences() {
+/// `(absolute, relative)` error allowed between a gradient and a central difference of the f32
+/// forward with step 5e-3: the rounding of eight f32 outputs of about 1, divided by the step,
+/// is about 5e-5; the truncation error (the step squared times the third derivative, over 6)
+/// is below 1e-4 for `t = 1.7`.
+const FD_TOL: (f64, f64) = (3e-4, 2e-3);
+
+/// The learnable surrogate's loss `sum(u * y)` at `x` and `t`, with the block parameters held
+/// fixed (as the backward holds them), in f64.
+fn learnable_loss(op: LearnableOp, x: &[f32], t: f32, params: &Tensor, u: &[f32]) -> f64 {
     let dev = Device::Cpu;
-    let xs = [-1.2f32, -0.4, -0.05, 0.0, 0.3, 0.8, 1.5, -2.0];
+    let x = Tensor::new(x, &dev).unwrap();
+    let t = Tensor::new(&[t], &dev).unwrap();
+    let y = learnable_quantize(&x, &t, params, op)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    y.iter().zip(u).map(|(&y, &u)| y as f64 * u as f64).sum()
+}
+
+/// Both gradients of the learnable surrogate against central differences, at hardness 0, in
+/// between, and 1. `dL/dt` is the difference quotient in `t` (exactly 0 at `h = 1`, where `t`
+/// no longer changes the output); `dL/dx` is the difference quotient in `x`, which sees only
+/// the soft part `(1 - h) s soft(r)` (the hard part is flat away from its thresholds), plus the
+/// hard part's straight-through term `h u e(r)`. The values stay more than the step away from
+/// every threshold (asserted), and the parameters are held fixed as the backward holds them.
+#[test]
+fn learnable_gradients_match_finite_differences_at_every_hardness() {
+    let dev = Device::Cpu;
+    let xs = [-1.2f32, -0.45, -0.07, 0.03, 0.31, 0.8, 1.5, -2.0];
     let us = [0.5f32, -1.0, 2.0, 1.0, 0.3, -0.7, 1.2, 0.9];
-    let u = Tensor::new(&us, &dev).unwrap();
-    for scheme in [
+    let t0 = 1.7f32;
+    let step = 5e-3f32;
+    let thr = |d| Scheme::TernaryThreshold {
+        threshold: bitnet_quant::Threshold::Fixed(d),
+        scaled: true,
+    };
+    let schemes = [
         Scheme::Binary { scaled: false },
         Scheme::Binary { scaled: true },
+        Scheme::BinaryCentered,
         Scheme::TernaryAbsmean,
-    ] {
-        let q = Quantizer::new(scheme, Estimator::Identity).unwrap();
-        let x = Var::new(&xs, &dev).unwrap();
-        let t = Var::new(&[1.7f32], &dev).unwrap();
-        let loss = |x: &Tensor, t: &Tensor| -> f64 {
-            let y = q.quantize_learnable(x, t, 0.0).unwrap();
-            y.mul(&u)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
-        let y = q
-            .quantize_learnable(x.as_tensor(), t.as_tensor(), 0.0)
-            .unwrap();
-        let grads = y.mul(&u).unwrap().sum_all().unwrap().backward().unwrap();
-        let gt = grads.get(&t).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-        let h = 1e-2f32;
-        let tp = Tensor::new(&[1.7f32 + h], &dev).unwrap();
-        let tm = Tensor::new(&[1.7f32 - h], &dev).unwrap();
-        let fd_t = (loss(x.as_tensor(), &tp) - loss(x.as_tensor(), &tm)) / (2.0 * h as f64);
-        assert!(
-            (gt - fd_t).abs() < 2e-3 * fd_t.abs().max(1.0),
-            "{scheme:?} dt: {gt} vs fd {fd_t}"
-        );
-        // d/dx with the scale held fixed is only exact for unscaled binary (the scale is a
-        // constant for autograd but moves under finite differences).
-        if scheme == (Scheme::Binary { scaled: false }) {
-            let gx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
-            for i in 0..xs.len() {
-                let mut p = xs;
-                p[i] += h;
-                let mut m = xs;
-                m[i] -= h;
-                let fd = (loss(&Tensor::new(&p, &dev).unwrap(), t.as_tensor())
-                    - loss(&Tensor::new(&m, &dev).unwrap(), t.as_tensor()))
-                    / (2.0 * h as f64);
-                assert!(
-                    (gx[i] as f64 - fd).abs() < 2e-3,
-                    "dx[{i}]: {} vs fd {fd}",
-                    gx[i]
-                );
+        thr(0.5),
+        Scheme::TernaryThreshold {
+            threshold: bitnet_quant::Threshold::Twn,
+            scaled: false,
+        },
+    ];
+    let estimators = [Estimator::Identity, Estimator::Clipped { clip: 0.6 }];
+    for scheme in schemes {
+        for est in estimators {
+            let q = Quantizer::new(scheme, est).unwrap();
+            let x_t = Tensor::new(&xs, &dev).unwrap();
+            let params = q.scales(&x_t).unwrap();
+            let p = params.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let kind = q.kind();
+            let (n, c) = (kind.normalizer(p[0], p[1]), kind.center(p[1]));
+            for h in [0.0f32, 0.3, 0.7, 1.0] {
+                let what = format!("{scheme:?} {est:?} h={h}");
+                let op = LearnableOp {
+                    surrogate: Surrogate::new(kind, h)
+                        .unwrap()
+                        .with_estimator(EstKind::of(&est)),
+                    granularity: Granularity::PerTensor,
+                };
+                let x = Var::new(&xs, &dev).unwrap();
+                let t = Var::new(&[t0], &dev).unwrap();
+                let y = learnable_quantize(x.as_tensor(), t.as_tensor(), &params, op).unwrap();
+                let u = Tensor::new(&us, &dev).unwrap();
+                let grads = y.mul(&u).unwrap().sum_all().unwrap().backward().unwrap();
+                let gx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
+                let gt = grads.get(&t).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+
+                let loss = |x: &[f32], t: f32| learnable_loss(op, x, t, &params, &us);
+                let fd_t = (loss(&xs, t0 + step) - loss(&xs, t0 - step)) / (2.0 * step as f64);
+                if h == 1.0 {
+                    assert_eq!(gt, 0.0, "{what}: dt");
+                    assert_eq!(fd_t, 0.0, "{what}: the output depends on t at h = 1");
+                } else {
+                    assert!(fd_t.abs() > 1e-3, "{what}: a vacuous dt check ({fd_t})");
+                    assert!(
+                        (gt - fd_t).abs() < FD_TOL.0 + FD_TOL.1 * fd_t.abs(),
+                        "{what}: dt {gt} vs fd {fd_t}"
+                    );
+                }
+
+                for i in 0..xs.len() {
+                    let (mut hi, mut lo) = (xs, xs);
+                    hi[i] += step;
+                    lo[i] -= step;
+                    let hard = |v: f32| kind.quantize(v, p[0], p[1]);
+                    assert_eq!(
+                        hard(hi[i]),
+                        hard(lo[i]),
+                        "{what}: x[{i}] straddles a threshold"
+                    );
+                    let fd = (loss(&hi, t0) - loss(&lo, t0)) / (2.0 * step as f64);
+                    let ste = h as f64 * us[i] as f64 * design_formula(est, (xs[i] - c) / n) as f64;
+                    let want = fd + ste;
+                    assert!(
+                        (gx[i] as f64 - want).abs() < FD_TOL.0 + FD_TOL.1 * want.abs(),
+                        "{what}: dx[{i}] {} vs fd {fd} + ste {ste}",
+                        gx[i]
+                    );
+                }
             }
         }
     }

@@ -20,8 +20,8 @@ use bitnet_quant::{
 };
 use candle_core::{test_device, DType, Device, Module, Result, Tensor};
 use gpu_common::{
-    assert_close, autograd, host, learnable, lsq, non_finite, quantize_backward,
-    scales_and_forward, values,
+    assert_close, autograd, bad_temperature, host, learnable, lsq, non_finite, overflow,
+    quantize_backward, scales_and_forward, values,
 };
 
 /// The backward checks run on row-major inputs only: the transposed variants came with the
@@ -240,4 +240,11 @@ test_device!(
     non_finite_cpu,
     non_finite_cuda,
     non_finite_metal
+);
+test_device!(overflow, overflow_cpu, overflow_cuda, overflow_metal);
+test_device!(
+    bad_temperature,
+    bad_temperature_cpu,
+    bad_temperature_cuda,
+    bad_temperature_metal
 );

@@ -104,11 +104,29 @@ fn bad_inputs_are_errors() {
         .to_string()
         .contains("dtype"));
 
+    // A learnable temperature that is not a finite number > 0 (the GPUs check it as well, in
+    // tests/{cuda,metal}.rs); one LSQ step size per block.
+    let x = Tensor::new(&[0.5f32, -1.0, 1.0, 0.25], &dev).unwrap();
+    for t in [0.0f32, -2.0, f32::NAN] {
+        let t = Tensor::new(&[t], &dev).unwrap();
+        let e = qz.quantize_learnable(&x, &t, 0.5).unwrap_err().to_string();
+        assert!(e.contains("`temperature`") && e.contains("> 0"), "{e}");
+    }
+    let four = Quantizer::new(Scheme::MultiBit { bits: 4 }, Estimator::Identity).unwrap();
+    let e = four
+        .quantize_lsq(&x, &Tensor::new(&[0.1f32, 0.2], &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("step sizes"), "{e}");
+    let e = qz.quantize_lsq(&x, &Tensor::new(&[0.1f32], &dev).unwrap());
+    assert!(e.unwrap_err().to_string().contains("`scheme`"));
+
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let x = Tensor::new(&[0.5f32, bad, 1.0, bad], &dev).unwrap();
         for scheme in [
             Scheme::TernaryAbsmean,
             Scheme::Binary { scaled: false },
+            Scheme::BinaryCentered,
             Scheme::Int8PerToken,
         ] {
             let q = Quantizer::new(scheme, Estimator::Identity).unwrap();

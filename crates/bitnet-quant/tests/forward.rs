@@ -48,6 +48,14 @@ fn forward_table() {
         // s = mean|x| = 6 / 4.
         ("binary scaled", bin(true), PerTensor, vec![1.0, -2.0, 0.0, 3.0], (1, 4), vec![1.5, -1.5, 1.5, 1.5]),
         ("binary scaled per row", bin(true), PerChannel, vec![1.0, -3.0, 0.5, 0.5], (2, 2), vec![2., -2., 0.5, 0.5]),
+        // BitNet b1: sign(x - mean) * mean|x|; mean 0.5, so 0 is below the threshold.
+        ("binary centered", Scheme::BinaryCentered, PerTensor, vec![1.0, -2.0, 0.0, 3.0], (1, 4), vec![1.5, -1.5, -1.5, 1.5]),
+        // A value equal to the mean is on the + side (sign(0) = +1).
+        ("binary centered tie", Scheme::BinaryCentered, PerTensor, vec![0.25, 0.75, 0.5, 0.5], (1, 4), vec![-0.5, 0.5, 0.5, 0.5]),
+        // Rows [1, 3] (mean 2, s 2) and [-1, -5] (mean -3, s 3).
+        ("binary centered per row", Scheme::BinaryCentered, PerChannel, vec![1.0, 3.0, -1.0, -5.0], (2, 2), vec![-2., 2., 3., -3.]),
+        // Groups [2, 4] (mean 3, s 3) and [-1, 1] (mean 0, s 1).
+        ("binary centered per group", Scheme::BinaryCentered, PerGroup(2), vec![2.0, 4.0, -1.0, 1.0], (1, 4), vec![-3., 3., -1., 1.]),
         ("absmean", Scheme::TernaryAbsmean, PerTensor, vec![0.5, -0.5, 1.5, 0.0], (1, 4), vec![g, -g, g, 0.0]),
         // All zero: g = 0, the eps keeps it finite and every level is 0.
         ("absmean zeros", Scheme::TernaryAbsmean, PerTensor, vec![0.0; 4], (2, 2), vec![0.0; 4]),
@@ -132,6 +140,7 @@ fn non_contiguous_input_matches_its_contiguous_copy() {
     assert!(!xt.is_contiguous());
     for scheme in [
         Scheme::TernaryAbsmean,
+        Scheme::BinaryCentered,
         Scheme::Int8PerToken,
         Scheme::MultiBit { bits: 4 },
     ] {

@@ -1,11 +1,12 @@
 //! Every op's Metal kernel against its CPU kernel (the reference), forward and backward: the
 //! checks of `gpu_common` (see there for the tolerances), with the backward ops also on
-//! non-contiguous inputs, plus the CPU's errors for bad dtypes and shapes and sums that overflow
-//! f32 (Metal's double-float sums have f32's range, CUDA's f64 sums do not overflow there).
+//! non-contiguous inputs, plus the CPU's errors for bad dtypes and shapes.
 //!
 //! `test_device!` runs each check on the CPU too, where it compares the CPU kernel with itself:
 //! that keeps the checks' own logic tested on machines without a Mac. These tests type-check on
-//! Linux (`shared/tools/metal-check`) but have not yet run on Apple hardware.
+//! Linux (`cargo check --target aarch64-apple-darwin --features metal --all-targets`) but have
+//! not yet run on Apple hardware; the scales kernels' float operations are emulated on the host
+//! by the unit tests of `src/ops/scales/metal_emulation.rs`.
 
 #![cfg(feature = "metal")]
 
@@ -19,37 +20,13 @@ use bitnet_quant::ops::{EstKind, Kind};
 use bitnet_quant::{Granularity, Scheme};
 use candle_core::{test_device, DType, Device, Result, Tensor};
 use gpu_common::{
-    assert_exact, autograd, granularities, host, learnable, lsq, non_finite, quantize_backward,
+    autograd, bad_temperature, learnable, lsq, non_finite, overflow, quantize_backward,
     scales_and_forward, values,
 };
 
 /// The backward ops also get transposed (non-contiguous) inputs: each Metal kernel gathers them
 /// through its own strided copy (`metal_util::f32_view`), which these checks cover.
 const BACKWARD_TRANSPOSED: bool = true;
-
-/// Finite values whose `sum|x|` in a block passes `f32::MAX` (37 values of 3e37 in a row): the
-/// CPU's f32 lane sums overflow and it reports non-finite input; Metal's double-float sums have
-/// f32's range and must do the same. Groups of one value do not overflow and must agree exactly.
-fn overflow(dev: &Device) -> Result<()> {
-    let v = vec![3e37f32; 1000 * 37];
-    let x_cpu = Tensor::from_vec(v, (1000, 37), &Device::Cpu)?;
-    let x_dev = x_cpu.to_device(dev)?;
-    let kind = Kind::of(&Scheme::TernaryAbsmean);
-    for g in granularities(37) {
-        let want = scales(&x_cpu, kind, g);
-        let got = scales(&x_dev, kind, g);
-        match (want, got) {
-            (Ok(w), Ok(d)) => assert_exact(&format!("overflow {g:?}"), &host(&d)?, &host(&w)?),
-            (Err(w), Err(d)) => {
-                let (w, d) = (w.to_string(), d.to_string());
-                assert!(w.contains("NaN or infinite"), "{g:?} cpu: {w}");
-                assert!(d.contains("NaN or infinite"), "{g:?} device: {d}");
-            }
-            (w, d) => panic!("{g:?}: cpu {w:?} vs device {d:?}"),
-        }
-    }
-    Ok(())
-}
 
 /// The error of `f` on the CPU and on `dev`, which must be the same message. Only the first
 /// line: with `RUST_BACKTRACE` set, candle appends each call's own backtrace.
@@ -134,4 +111,10 @@ test_device!(
     non_finite_metal
 );
 test_device!(overflow, overflow_cpu, overflow_cuda, overflow_metal);
+test_device!(
+    bad_temperature,
+    bad_temperature_cpu,
+    bad_temperature_cuda,
+    bad_temperature_metal
+);
 test_device!(errors, errors_cpu, errors_cuda, errors_metal);

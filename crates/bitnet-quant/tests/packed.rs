@@ -19,6 +19,7 @@ fn weight_quantizers() -> Vec<Quantizer> {
             scaled: true,
         },
         Scheme::Binary { scaled: true },
+        Scheme::BinaryCentered,
     ];
     schemes
         .into_iter()
@@ -138,6 +139,53 @@ fn binary_weights_pack_at_one_bit_in_the_documented_layout() -> Result<()> {
     // Ternary schemes keep 2 bits.
     let t = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
     assert_eq!(PackedTernary::pack(&w, &t)?.bits(), 2);
+    Ok(())
+}
+
+/// BitNet b1's centered binary weights pack at 1 bit too: the bit is `w >= mean(w)` of the
+/// weight's block, the scale `mean|w|`. Weights shifted off zero put many values between 0 and
+/// the mean, where the centered and the plain sign disagree.
+#[test]
+fn centered_binary_packs_the_sign_of_w_minus_its_mean() -> Result<()> {
+    let w = (randn((6, 256), 4) + 0.3)?;
+    let rows = w.to_vec2::<f32>()?;
+    for g in [Granularity::PerTensor, Granularity::PerChannel] {
+        let q = Quantizer::new(Scheme::BinaryCentered, Estimator::Identity)?.with_granularity(g)?;
+        let p = PackedTernary::pack(&w, &q)?;
+        assert_eq!(p.bits(), 1);
+        let mean = |r: &[f32]| r.iter().map(|&v| v as f64).sum::<f64>() / r.len() as f64;
+        let mean_abs = |r: &[f32]| r.iter().map(|&v| v.abs() as f64).sum::<f64>() / r.len() as f64;
+        let all: Vec<f32> = rows.concat();
+        let levels = p.levels();
+        let mut disagree = 0;
+        for (r, row) in rows.iter().enumerate() {
+            let block: &[f32] = if g == Granularity::PerTensor {
+                &all
+            } else {
+                row
+            };
+            let (c, s) = (mean(block) as f32, mean_abs(block) as f32);
+            let scale = p.scales()[if g == Granularity::PerTensor { 0 } else { r }];
+            assert!(
+                (scale - s).abs() <= 1e-6 * s,
+                "{g:?} row {r}: scale {scale} vs {s}"
+            );
+            for (i, &v) in row.iter().enumerate() {
+                let want: i8 = if v >= c { 1 } else { -1 };
+                assert_eq!(
+                    levels[r * 256 + i],
+                    want,
+                    "{g:?} w[{r}][{i}] = {v}, mean {c}"
+                );
+                disagree += (want != if v >= 0.0 { 1 } else { -1 }) as usize;
+            }
+        }
+        assert!(
+            disagree > 20,
+            "{g:?}: only {disagree} values between 0 and the mean"
+        );
+        assert_eq!(max_abs_diff(&p.unpack()?, &q.quantize(&w)?), 0.0);
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 fn schemes() -> impl Strategy<Value = Scheme> {
     prop_oneof![
         any::<bool>().prop_map(|scaled| Scheme::Binary { scaled }),
+        Just(Scheme::BinaryCentered),
         Just(Scheme::TernaryAbsmean),
         (0.0f32..1.0, any::<bool>()).prop_map(|(d, scaled)| Scheme::TernaryThreshold {
             threshold: Threshold::Fixed(d),

@@ -1,8 +1,8 @@
 //! [`QATConfig`]: what a [`QATLayer`](crate::QATLayer) quantizes and how, loadable from TOML or JSON.
 
 use crate::error::TrainingError;
-use crate::progressive::{BitSchedule, HardnessSchedule, LambdaSchedule};
-use crate::ste::STEConfig;
+use crate::progressive::{BitSchedule, HardnessSchedule, LambdaSchedule, TemperatureAnneal};
+use crate::ste::{STEConfig, STEVariant};
 use bitnet_quant::{Estimator, Granularity, Quantizer, Scheme};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -41,6 +41,10 @@ pub struct QATConfig {
     /// Bit-width reduction: when set, it decides the weight scheme at every step (and `weight` is
     /// not used), e.g. 8-bit, then 4-bit, then ternary. `None` keeps `weight` throughout.
     pub bit_schedule: Option<BitSchedule>,
+    /// IR-Net's temperature anneal for `ste.variant = Soft`: the weight quantizer's backward at
+    /// step `k` is the error-decay estimator [`Estimator::Ede`] at temperature `t(k)` (in place
+    /// of `SoftTanh` at `ste.temperature`), soft at first and close to `sign`'s at the end.
+    pub temperature_anneal: Option<TemperatureAnneal>,
 }
 
 impl Default for QATConfig {
@@ -61,13 +65,16 @@ impl QATConfig {
             lambda: LambdaSchedule::default(),
             hardness: HardnessSchedule::default(),
             bit_schedule: None,
+            temperature_anneal: None,
         }
     }
 
-    /// BitNet b1: `mean|w| * sign(w)` weights, int8 per-token activations.
+    /// BitNet b1: `mean|w| * sign(w - mean(w))` weights ([`Scheme::BinaryCentered`]), int8
+    /// per-token activations, identity STE. The uncentered XNOR-Net form is
+    /// `weight: Some(Scheme::Binary { scaled: true })`.
     pub fn binary() -> Self {
         Self {
-            weight: Some(Scheme::Binary { scaled: true }),
+            weight: Some(Scheme::BinaryCentered),
             ..Self::ternary()
         }
     }
@@ -115,14 +122,33 @@ impl QATConfig {
         toml::to_string(self).map_err(|e| TrainingError::Parse(format!("QATConfig TOML: {e}")))
     }
 
-    /// The weight quantizer this config describes (`None` for full precision).
+    /// The weight quantizer this config describes at step 0 (`None` for full precision); see
+    /// [`QATConfig::weight_quantizer_at`] for the schedules.
     pub fn weight_quantizer(&self) -> Result<Option<Quantizer>, TrainingError> {
         self.weight
-            .map(|s| {
-                Quantizer::new(s, self.ste.estimator())?.with_granularity(self.weight_granularity)
-            })
+            .map(|s| self.quantizer(s, self.estimator_at(0)))
             .transpose()
-            .map_err(TrainingError::from)
+    }
+
+    fn quantizer(&self, scheme: Scheme, estimator: Estimator) -> Result<Quantizer, TrainingError> {
+        Ok(Quantizer::new(scheme, estimator)?.with_granularity(self.weight_granularity)?)
+    }
+
+    /// The weight quantizer's backward at `step`: the STE's, or the annealed error-decay
+    /// estimator when [`QATConfig::temperature_anneal`] is set.
+    pub fn estimator_at(&self, step: usize) -> Estimator {
+        match &self.temperature_anneal {
+            Some(a) => Estimator::Ede {
+                temperature: a.t(step) as f32,
+            },
+            None => self.ste.estimator(),
+        }
+    }
+
+    /// Whether the weight quantizer changes with the step (a bit schedule or a temperature
+    /// anneal), so that [`QATConfig::weight_quantizer_at`] must be asked at every step.
+    pub fn is_scheduled(&self) -> bool {
+        self.bit_schedule.is_some() || self.temperature_anneal.is_some()
     }
 
     /// The weight scheme at `step`: the bit schedule's if there is one, else `weight`.
@@ -133,15 +159,12 @@ impl QATConfig {
         }
     }
 
-    /// The weight quantizer at `step` (see [`QATConfig::weight_scheme_at`]); `None` for full
-    /// precision.
+    /// The weight quantizer at `step` (scheme from [`QATConfig::weight_scheme_at`], backward
+    /// from [`QATConfig::estimator_at`]); `None` for full precision.
     pub fn weight_quantizer_at(&self, step: usize) -> Result<Option<Quantizer>, TrainingError> {
         self.weight_scheme_at(step)
-            .map(|s| {
-                Quantizer::new(s, self.ste.estimator())?.with_granularity(self.weight_granularity)
-            })
+            .map(|s| self.quantizer(s, self.estimator_at(step)))
             .transpose()
-            .map_err(TrainingError::from)
     }
 
     /// The activation quantizer (straight-through; `None` for full precision).
@@ -160,6 +183,18 @@ impl QATConfig {
         self.ste.validate()?;
         self.lambda.validate()?;
         self.hardness.validate()?;
+        // Before the quantizers: their estimator comes from the anneal.
+        if let Some(a) = &self.temperature_anneal {
+            a.validate()?;
+            if self.ste.variant != STEVariant::Soft || self.ste.learnable_temperature {
+                return Err(TrainingError::InvalidConfig {
+                    field: "temperature_anneal",
+                    value: format!("{a:?} with ste.variant = {:?}", self.ste.variant),
+                    allowed:
+                        "an anneal only with ste.variant = Soft (and no learnable_temperature)",
+                });
+            }
+        }
         self.weight_quantizer()?;
         self.activation_quantizer()?;
         let mut schemes: Vec<Option<Scheme>> = vec![self.weight];
@@ -174,8 +209,18 @@ impl QATConfig {
             return Err(TrainingError::InvalidConfig {
                 field: "ste.variant",
                 value: "Learnable".into(),
-                allowed: "Standard, Clipped or Soft for multi-bit weights (Learnable needs a binary or ternary scheme)",
+                allowed: "Standard, Clipped, Soft or Lsq for multi-bit weights (Learnable needs a binary or ternary scheme)",
             });
+        }
+        if self.ste.is_lsq() {
+            let multi_bit_weight = matches!(self.weight, Some(Scheme::MultiBit { .. }));
+            if !multi_bit_weight || self.bit_schedule.is_some() || self.ste.learnable_temperature {
+                return Err(TrainingError::InvalidConfig {
+                    field: "ste.variant",
+                    value: "Lsq".into(),
+                    allowed: "Lsq with a MultiBit weight scheme, no bit_schedule and no learnable_temperature",
+                });
+            }
         }
         Ok(())
     }
@@ -185,15 +230,21 @@ impl QATConfig {
 mod tests {
     use super::*;
 
+    /// `cfg` reads back equal from its TOML and from its JSON.
+    fn assert_round_trips(cfg: &QATConfig) {
+        let toml_text = cfg.to_toml_string().unwrap();
+        let back = QATConfig::from_toml_str(&toml_text).unwrap();
+        assert_eq!(&back, cfg, "{toml_text}");
+        let json = serde_json::to_string(cfg).unwrap();
+        assert_eq!(&QATConfig::from_json_str(&json).unwrap(), cfg, "{json}");
+    }
+
     #[test]
     fn round_trips_through_toml_and_json() {
         let mut cfg = QATConfig::binary();
         cfg.lambda = LambdaSchedule::Exponential { steps: 10, k: 2.0 };
         cfg.weight_granularity = Granularity::PerGroup(64);
-        let toml_text = cfg.to_toml_string().unwrap();
-        assert_eq!(QATConfig::from_toml_str(&toml_text).unwrap(), cfg);
-        let json = serde_json::to_string(&cfg).unwrap();
-        assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+        assert_round_trips(&cfg);
     }
 
     #[test]
@@ -211,6 +262,41 @@ mod tests {
         }
     }
 
+    /// LSQ and the temperature anneal come through TOML and JSON, and the combinations they do
+    /// not support are refused naming the field.
+    #[test]
+    fn lsq_and_anneal_round_trip_and_are_validated() {
+        use crate::progressive::TemperatureAnneal;
+        use crate::ste::STEVariant;
+        let mut lsq = QATConfig::ternary();
+        lsq.weight = Some(Scheme::MultiBit { bits: 4 });
+        lsq.ste.variant = STEVariant::Lsq;
+        let mut anneal = QATConfig::binary();
+        anneal.ste.variant = STEVariant::Soft;
+        anneal.temperature_anneal = Some(TemperatureAnneal::new(0.1, 10.0, 500).unwrap());
+        for cfg in [lsq, anneal] {
+            assert_round_trips(&cfg);
+        }
+        assert_eq!(QATConfig::binary().weight, Some(Scheme::BinaryCentered));
+        let anneal_toml = "[temperature_anneal]\nt_min = 0.1\nt_max = 10.0\ntotal = 100";
+        let bad = [
+            ("[ste]\nvariant = \"Lsq\"", "ste.variant"),
+            (
+                "weight = { MultiBit = { bits = 4 } }\n[ste]\nvariant = \"Lsq\"\nlearnable_temperature = true",
+                "ste.variant",
+            ),
+            (anneal_toml, "temperature_anneal"),
+            (
+                "[ste]\nvariant = \"Soft\"\n[temperature_anneal]\nt_min = 0.0\nt_max = 1.0\ntotal = 10",
+                "temperature_anneal.t_min",
+            ),
+        ];
+        for (text, field) in bad {
+            let e = QATConfig::from_toml_str(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{text}: {e}");
+        }
+    }
+
     #[test]
     fn bit_schedule_round_trips_and_is_validated() {
         use crate::progressive::BitSchedule;
@@ -223,14 +309,7 @@ mod tests {
             ])
             .unwrap(),
         );
-        let toml_text = cfg.to_toml_string().unwrap();
-        assert_eq!(
-            QATConfig::from_toml_str(&toml_text).unwrap(),
-            cfg,
-            "{toml_text}"
-        );
-        let json = serde_json::to_string(&cfg).unwrap();
-        assert_eq!(QATConfig::from_json_str(&json).unwrap(), cfg);
+        assert_round_trips(&cfg);
         assert_eq!(
             cfg.weight_scheme_at(150),
             Some(Scheme::MultiBit { bits: 4 })

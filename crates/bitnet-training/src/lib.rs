@@ -2,7 +2,8 @@
 //!
 //! * [`ste`]: straight-through estimator variants ([`STEVariant`], [`STEConfig`]).
 //! * [`QATConfig`] and [`QATLayer`]: wrap a `BitLinear`, train with quantization in the loop.
-//! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules.
+//! * [`progressive`]: lambda warmup of the blend `x + lambda (q(x) - x)`, hardness schedules,
+//!   bit-width reduction, IR-Net's temperature anneal.
 //! * [`state`]: per-layer statistics (level shares, flip ratio, SQNR, norms) as JSON lines.
 //! * [`regularization`]: L2, L1 sparsity, distance to the quantization grid, BNN+.
 //! * [`distillation`]: Hinton KD loss, feature matching, a frozen-teacher [`distillation::Distiller`].

@@ -238,6 +238,9 @@ impl From<BitSchedule> for Vec<BitStage> {
 /// IR-Net's error-decay estimator schedule (Qin et al. 2020): at epoch (or step) `e` of `E`,
 /// `t = t_min * 10^(e / E * log10(t_max / t_min))` and `k = max(1 / t, 1)`; the binarizer's
 /// surrogate is `k tanh(t x)`, soft (close to identity) at first and close to `sign` at the end.
+/// [`QATConfig::temperature_anneal`](crate::QATConfig::temperature_anneal) trains with it: the
+/// weight quantizer's backward at step `e` is `Estimator::Ede { temperature: t(e) }`, the
+/// derivative `k t (1 - tanh(t x)^2)` of that surrogate.
 ///
 /// ```
 /// use bitnet_training::progressive::TemperatureAnneal;
@@ -272,17 +275,21 @@ impl TemperatureAnneal {
     /// Rejects `t_min <= 0`, `t_max < t_min`, non-finite values and `total = 0`, naming the field.
     pub fn validate(&self) -> Result<(), TrainingError> {
         if !(self.t_min.is_finite() && self.t_min > 0.0) {
-            return Err(invalid("anneal.t_min", self.t_min, "a finite number > 0"));
+            return Err(invalid(
+                "temperature_anneal.t_min",
+                self.t_min,
+                "a finite number > 0",
+            ));
         }
         if !(self.t_max.is_finite() && self.t_max >= self.t_min) {
             return Err(invalid(
-                "anneal.t_max",
+                "temperature_anneal.t_max",
                 self.t_max,
                 "a finite number >= t_min",
             ));
         }
         if self.total == 0 {
-            return Err(invalid("anneal.total", 0, "an integer >= 1"));
+            return Err(invalid("temperature_anneal.total", 0, "an integer >= 1"));
         }
         Ok(())
     }

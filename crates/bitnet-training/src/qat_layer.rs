@@ -1,6 +1,7 @@
 //! [`QATLayer`]: a BitLinear (or any [`QuantLinear`]) trained under a [`QATConfig`].
 
 use crate::config::QATConfig;
+use crate::ste::STEVariant;
 use bitnet_quant::{BitLinear, BitLinearConfig, PackedBitLinear, Quantizer};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -58,7 +59,12 @@ impl QuantLinear for BitLinear {
 }
 
 /// A layer trained with quantization in the loop: quantizers from the config, the progressive
-/// blend and hardness read from its schedules at the current step ([`QATLayer::set_step`]).
+/// blend, hardness, bit width and temperature anneal read from its schedules at the current
+/// step ([`QATLayer::set_step`]).
+///
+/// Two STE variants add variables under the layer's `VarBuilder`, which the optimizer trains
+/// with the weights: `ste_temperature` (one value) for [`STEVariant::Learnable`], and
+/// `lsq_step` (one step size per block of the weight granularity) for [`STEVariant::Lsq`].
 ///
 /// ```
 /// use bitnet_quant::BitLinear;
@@ -82,6 +88,7 @@ pub struct QATLayer<M = BitLinear> {
     weight_q: Option<Quantizer>,
     act_q: Option<Quantizer>,
     temperature: Option<Tensor>,
+    steps: Option<Tensor>,
     step: AtomicUsize,
     quantize: AtomicBool,
     name: String,
@@ -89,8 +96,10 @@ pub struct QATLayer<M = BitLinear> {
 
 impl<M: QuantLinear> QATLayer<M> {
     /// Wraps `inner`. With a learnable STE the temperature is a variable `ste_temperature` under
-    /// `vb`, initialised to the config's temperature. The layer's name (for state tracking) is
-    /// `vb`'s prefix.
+    /// `vb`, initialised to the config's temperature. With LSQ the step sizes are a variable
+    /// `lsq_step` of one value per block, initialised as in the LSQ paper from the whole latent
+    /// weight, `2 mean|w| / sqrt(qmax)` (per-channel and per-group steps then start equal and
+    /// learn apart). The layer's name (for state tracking) is `vb`'s prefix.
     pub fn new(inner: M, config: QATConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let quantized = config.weight.is_some() || config.bit_schedule.is_some();
@@ -103,12 +112,18 @@ impl<M: QuantLinear> QATLayer<M> {
         } else {
             None
         };
+        let weight_q = config.weight_quantizer()?;
+        let steps = match (config.ste.variant, weight_q) {
+            (STEVariant::Lsq, Some(q)) => Some(lsq_steps(inner.latent_weight(), &q, &vb)?),
+            _ => None,
+        };
         Ok(Self {
             inner,
-            weight_q: config.weight_quantizer()?,
+            weight_q,
             act_q: config.activation_quantizer()?,
             config,
             temperature,
+            steps,
             step: AtomicUsize::new(0),
             quantize: AtomicBool::new(true),
             name: vb.prefix(),
@@ -154,6 +169,11 @@ impl<M: QuantLinear> QATLayer<M> {
         self.temperature.as_ref()
     }
 
+    /// The learned step sizes (one per block of the weight granularity), with the LSQ STE.
+    pub fn lsq_steps(&self) -> Option<&Tensor> {
+        self.steps.as_ref()
+    }
+
     /// The weight quantizer at the current step (blend applied; the scheme from the config's bit
     /// schedule if it has one); `None` in full precision.
     pub fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
@@ -162,9 +182,9 @@ impl<M: QuantLinear> QATLayer<M> {
         }
         let step = self.step();
         let lambda = self.config.lambda.value(step);
-        let q = match self.config.bit_schedule {
-            Some(_) => self.config.weight_quantizer_at(step)?,
-            None => self.weight_q,
+        let q = match self.config.is_scheduled() {
+            true => self.config.weight_quantizer_at(step)?,
+            false => self.weight_q,
         };
         q.map(|q| q.with_lambda(lambda)).transpose()
     }
@@ -175,17 +195,35 @@ impl<M: QuantLinear> QATLayer<M> {
     }
 
     /// The latent weight through `q` (see [`Self::weight_quantizer`]), with the learnable
-    /// surrogate when the STE has a temperature.
+    /// surrogate when the STE has a temperature and LSQ when it has step sizes.
     fn weight_with(&self, q: Option<Quantizer>) -> Result<Tensor> {
         let w = self.inner.latent_weight();
-        match (q, &self.temperature) {
-            (None, _) => Ok(w.clone()),
-            (Some(q), Some(t)) => {
+        match (q, &self.temperature, &self.steps) {
+            (None, _, _) => Ok(w.clone()),
+            (Some(q), _, Some(steps)) => q.quantize_lsq(w, steps),
+            (Some(q), Some(t), None) => {
                 q.quantize_learnable(w, t, self.config.hardness.value(self.step()))
             }
-            (Some(q), None) => q.quantize(w),
+            (Some(q), None, None) => q.quantize(w),
         }
     }
+}
+
+/// LSQ's step sizes of `w` under `q` as the variable `lsq_step` of `vb`: one per block, all
+/// `2 mean|w| / sqrt(qmax)` of the whole weight at first.
+fn lsq_steps(w: &Tensor, q: &Quantizer, vb: &VarBuilder) -> Result<Tensor> {
+    let op = q.lsq_op()?;
+    let n = w.elem_count();
+    let last = w.dims().last().copied().unwrap_or(1);
+    let blocks = n / q.granularity().block_size(n, last)?;
+    let mean_abs = w
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    let init = 2.0 * mean_abs as f64 / (op.qmax as f64).sqrt();
+    vb.get_with_hints(blocks, "lsq_step", candle_nn::Init::Const(init))
 }
 
 impl QATLayer<BitLinear> {
@@ -241,9 +279,9 @@ impl<M: QuantLinear> Module for QATLayer<M> {
             true => self.act_q.map(|q| q.with_lambda(lambda)).transpose()?,
             false => None,
         };
-        match (self.weight_quantizer()?, &self.temperature) {
-            (Some(q), None) => self.inner.forward_with_quantizer(x, &q, act.as_ref()),
-            (q, _) => {
+        match (self.weight_quantizer()?, &self.temperature, &self.steps) {
+            (Some(q), None, None) => self.inner.forward_with_quantizer(x, &q, act.as_ref()),
+            (q, _, _) => {
                 let w = self.weight_with(q)?;
                 self.inner.forward_quantized(x, &w, act.as_ref())
             }

@@ -3,8 +3,9 @@
 //!
 //! * [`l2`]: `sum w^2`, plain weight decay as a loss term.
 //! * [`l1`]: `sum |w|`, pushes latent weights to 0, i.e. ternary weights to the 0 level (sparsity).
-//! * [`smoothness`]: `mean |w - nearest level|`, the distance of the latent weights to the grid of a
-//!   [`Quantizer`], so that they settle on levels instead of oscillating across a rounding boundary.
+//! * [`smoothness`]: `mean |w - q(w)|`, the distance of the latent weights to the level the
+//!   [`Quantizer`] maps them to, so that they settle on levels instead of oscillating across a
+//!   rounding boundary or a threshold.
 //! * [`bnn_plus`]: `sum (a - |w|)^2`, the BNN+ regularizer (Darabi et al. 2018, p = 2) that pulls
 //!   binary latent weights to `±a`.
 //!
@@ -24,12 +25,14 @@
 //! assert_eq!(g, [0.1, -0.1, 0.0]);
 //! reg.set_weight(0.0); // e.g. switched off by a schedule
 //! assert_eq!(reg.loss(&[w.as_tensor()])?.to_scalar::<f32>()?, 0.0);
+//! // A list that may be empty says where its zero lives.
+//! assert_eq!(reg.loss_on(&[], &Device::Cpu)?.to_scalar::<f32>()?, 0.0);
 //! # Ok(()) }
 //! ```
 
 use crate::error::TrainingError;
-use bitnet_quant::{Quantizer, Scheme};
-use candle_core::{DType, Result, Tensor};
+use bitnet_quant::Quantizer;
+use candle_core::{DType, Device, Result, Tensor};
 
 /// `sum w^2`.
 pub fn l2(w: &Tensor) -> Result<Tensor> {
@@ -53,10 +56,10 @@ pub fn bnn_plus(w: &Tensor, a: f64) -> Result<Tensor> {
     abs.affine(-1.0, a)?.sqr()?.sum_all()
 }
 
-/// `mean |w - c(w)|` with `c(w)` the nearest value of `levels(scheme) * s`, `s` the scale of
-/// `w`'s block under `q`'s granularity (e.g. `mean|w|` for absmean ternary, `max|w| / qmax` for
-/// multi-bit). `c(w)` and the scale are constants for the backward, so the gradient is
-/// `sign(w - c(w)) / numel`, 0 on a level.
+/// `mean |w - q(w)|` with `q(w)` the value `q` quantizes `w` to (fully, whatever `q`'s blend):
+/// its level, chosen exactly as the quantizer chooses it (ties to even, thresholds, the centered
+/// binary's mean), times its block's scale. `q(w)` is a constant for the backward, so the
+/// gradient is `sign(w - q(w)) / numel`, 0 on a level.
 ///
 /// A block whose scale is 0 has every level at 0.
 pub fn smoothness(w: &Tensor, q: &Quantizer) -> Result<Tensor> {
@@ -65,32 +68,11 @@ pub fn smoothness(w: &Tensor, q: &Quantizer) -> Result<Tensor> {
     (&d * d.sign()?.detach())?.mean_all()
 }
 
-/// The nearest quantization level of every value of `w` (a constant tensor of `w`'s shape, f32).
+/// The level `q` maps every value of `w` to, times its block's scale: `q`'s own forward (its
+/// kernels, on `w`'s device) without the blend, as a constant f32 tensor of `w`'s shape.
 pub fn nearest_levels(w: &Tensor, q: &Quantizer) -> Result<Tensor> {
     let x = w.detach().to_dtype(DType::F32)?;
-    let numel = x.elem_count();
-    let last = x.dims().last().copied().unwrap_or(1);
-    let block = q.granularity().block_size(numel, last)?;
-    let blocks = numel / block.max(1);
-    // Column 0 of the block parameters is the scale `s` of every scheme.
-    let s = q.scales(&x)?.narrow(1, 0, 1)?.reshape((blocks, 1))?;
-    let r = x
-        .reshape((blocks, block))?
-        .broadcast_div(&s.clamp(f32::MIN_POSITIVE, f32::MAX)?)?;
-    let levels = q.scheme().levels();
-    let level = match q.scheme() {
-        // {-1, +1}: the nearest is the sign, with sign(0) = +1 as in the quantizer.
-        Scheme::Binary { .. } => r
-            .ge(0f32)?
-            .where_cond(&r.ones_like()?, &r.ones_like()?.neg()?)?,
-        // The other schemes' levels are a run of consecutive integers.
-        _ => {
-            let lo = *levels.first().expect("a scheme has levels") as f32;
-            let hi = *levels.last().expect("a scheme has levels") as f32;
-            r.round()?.clamp(lo, hi)?
-        }
-    };
-    level.broadcast_mul(&s)?.reshape(x.shape())
+    q.with_lambda(1.0)?.quantize(&x)
 }
 
 fn check_a(a: f64) -> Result<()> {
@@ -186,27 +168,49 @@ impl Regularizer {
         }
     }
 
-    /// `weight * sum_i penalty(ws[i])`, an f32 scalar (0 for an empty list).
+    /// `weight * sum_i penalty(ws[i])`, an f32 scalar on the tensors' device. The list must not
+    /// be empty (there would be no device to put the 0 on): use [`Regularizer::loss_on`] for a
+    /// list that may be.
     pub fn loss(&self, ws: &[&Tensor]) -> Result<Tensor> {
-        let mut total: Option<Tensor> = None;
-        for w in ws {
-            let p = self.penalty(w)?.to_dtype(DType::F32)?;
-            total = Some(match total {
-                None => p,
-                Some(t) => (t + p)?,
-            });
+        match ws.first() {
+            Some(w) => self.loss_on(ws, w.device()),
+            None => Err(TrainingError::InvalidConfig {
+                field: "ws",
+                value: "[] (an empty list of tensors)".into(),
+                allowed:
+                    "at least one tensor; Regularizer::loss_on takes the device for an empty list",
+            }
+            .into()),
         }
-        match total {
-            Some(t) => t.affine(self.weight, 0.0),
-            None => Tensor::new(0f32, &candle_core::Device::Cpu),
+    }
+
+    /// [`Regularizer::loss`] on `device`: every tensor must be there, and an empty list gives
+    /// an f32 0 there.
+    pub fn loss_on(&self, ws: &[&Tensor], device: &Device) -> Result<Tensor> {
+        let mut total = Tensor::zeros((), DType::F32, device)?;
+        for (i, w) in ws.iter().enumerate() {
+            if !w.device().same_device(device) {
+                return Err(TrainingError::Parameter {
+                    index: i,
+                    shape: w.shape().clone(),
+                    reason: format!(
+                        "on {:?}, the regularization loss on {:?}",
+                        w.device().location(),
+                        device.location()
+                    ),
+                }
+                .into());
+            }
+            total = (total + self.penalty(w)?.to_dtype(DType::F32)?)?;
         }
+        total.affine(self.weight, 0.0)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitnet_quant::{Estimator, Granularity, Threshold};
+    use bitnet_quant::{Estimator, Granularity, Scheme, Threshold};
     use candle_core::{Device, Var};
 
     const W: [f32; 4] = [0.4, -0.1, 0.02, -0.9];
@@ -273,6 +277,50 @@ mod tests {
         assert_eq!(grad_of(l1, &[0.0, 2.0]).1, [0.0, 1.0]);
     }
 
+    /// The smoothness target is the quantizer's own value: ties to even, strict thresholds, the
+    /// centered binary's mean (the first version rounded ties away from zero, put every value
+    /// on its nearest level whatever the threshold, and treated centered binary as ternary).
+    #[test]
+    fn smoothness_targets_the_quantizers_own_levels() {
+        let q = |s| Quantizer::new(s, Estimator::Identity).unwrap();
+        let cases = [
+            // Unscaled threshold 0.7: 0.6 and -0.65 quantize to 0, not to their nearest level ±1.
+            (
+                q(Scheme::TernaryThreshold {
+                    threshold: Threshold::Fixed(0.7),
+                    scaled: false,
+                }),
+                vec![0.6f32, 0.8, -0.65],
+                (0.6 + 0.2 + 0.65) / 3.0,
+                vec![1.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0],
+            ),
+            // 3 bits with max 3 (step 1): ties go to even, 0.5 -> 0, 1.5 -> 2, -2.5 -> -2.
+            (
+                q(Scheme::MultiBit { bits: 3 }),
+                vec![3.0, 0.5, 1.5, -2.5],
+                (0.0 + 0.5 + 0.5 + 0.5) / 4.0,
+                vec![0.0, 0.25, -0.25, -0.25],
+            ),
+            // BitNet b1: mean 0.5, mean|w| 1.5; 0 is below the mean, so its target is -1.5.
+            (
+                q(Scheme::BinaryCentered),
+                vec![1.0, -2.0, 0.0, 3.0],
+                (0.5 + 0.5 + 1.5 + 1.5) / 4.0,
+                vec![-0.25, -0.25, 0.25, 0.25],
+            ),
+        ];
+        for (q, w, want, want_g) in cases {
+            let name = format!("{:?}", q.scheme());
+            let (v, g) = grad_of(|t: &Tensor| smoothness(t, &q), &w);
+            assert!((v - want).abs() < 1e-6, "{name}: {v} vs {want}");
+            assert!(close(&g, &want_g, 1e-6), "{name}: {g:?} vs {want_g:?}");
+            // A blended quantizer still targets its fully quantized value.
+            let half = q.with_lambda(0.5).unwrap();
+            let (v, _) = grad_of(|t: &Tensor| smoothness(t, &half), &w);
+            assert!((v - want).abs() < 1e-6, "{name} blended: {v} vs {want}");
+        }
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         // The backward treats the scale as a constant; schemes with a fixed scale (unscaled binary
@@ -336,6 +384,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("regularization.a"), "{e}");
-        assert_eq!(r.loss(&[]).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// The loss lives on its tensors' device; an empty list has none, so `loss` refuses it and
+    /// `loss_on` puts the 0 where it is told (the first version returned a CPU 0, which fails
+    /// to add to a GPU loss).
+    #[test]
+    fn the_loss_lives_on_the_tensors_device() {
+        let r = Regularizer::new(Penalty::L1, 0.5).unwrap();
+        let e = r.loss(&[]).unwrap_err().to_string();
+        assert!(e.contains("`ws`") && e.contains("loss_on"), "{e}");
+        let zero = r.loss_on(&[], &Device::Cpu).unwrap();
+        assert_eq!(zero.dims(), &[] as &[usize]);
+        assert_eq!(zero.dtype(), DType::F32);
+        assert_eq!(zero.to_scalar::<f32>().unwrap(), 0.0);
+        let w = Tensor::new(&[1f32, -2.0], &Device::Cpu).unwrap();
+        let l = r.loss_on(&[&w], &Device::Cpu).unwrap();
+        assert_eq!(l.to_scalar::<f32>().unwrap(), 1.5);
+        assert!(l.device().same_device(w.device()));
     }
 }

@@ -4,9 +4,9 @@
 
 use crate::error::TrainingError;
 use crate::qat_layer::{QATLayer, QuantLinear};
-use bitnet_quant::{metrics, Quantizer};
+use bitnet_quant::{metrics, Quantizer, EPS};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,6 +19,11 @@ pub trait Tracked {
     fn latent_weight(&self) -> &Tensor;
     /// The weight quantizer at the current step, `None` in full precision.
     fn weight_quantizer(&self) -> Result<Option<Quantizer>>;
+    /// The learned step sizes of an LSQ layer (one per block), which then replace the
+    /// quantizer's own scales; `None` by default.
+    fn lsq_steps(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 impl<M: QuantLinear> Tracked for QATLayer<M> {
@@ -31,6 +36,39 @@ impl<M: QuantLinear> Tracked for QATLayer<M> {
     fn weight_quantizer(&self) -> Result<Option<Quantizer>> {
         QATLayer::weight_quantizer(self)
     }
+    fn lsq_steps(&self) -> Option<&Tensor> {
+        QATLayer::lsq_steps(self)
+    }
+}
+
+/// `(q(w), levels, scales)` of `w` under `q`'s own scales, or under learned LSQ `steps`.
+fn quantized(
+    q: &Quantizer,
+    w: &Tensor,
+    steps: Option<&Tensor>,
+) -> Result<(Tensor, Vec<i8>, Vec<f64>)> {
+    let Some(steps) = steps else {
+        let (levels, params) = q.levels(w)?;
+        let scales = params.chunks(2).map(|p| p[0] as f64).collect();
+        return Ok((q.quantize(&w.detach())?, levels, scales));
+    };
+    let qw = q.quantize_lsq(&w.detach(), &steps.detach())?;
+    // The op's own floor of a step, so that `q / s` is the integer it multiplied.
+    let s: Vec<f32> = steps
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|s| s.max(EPS))
+        .collect();
+    let values = qw.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let block = values.len() / s.len().max(1);
+    let levels = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / s[i / block]).round() as i8)
+        .collect();
+    Ok((qw, levels, s.iter().map(|&s| s as f64).collect()))
 }
 
 /// One layer at one step.
@@ -143,8 +181,7 @@ impl StateTracker {
                 grad_norm,
             });
         };
-        let qw = q.quantize(&w.detach())?;
-        let (levels, params) = q.levels(w)?;
+        let (qw, levels, scales) = quantized(&q, w, layer.lsq_steps())?;
         let n = levels.len() as f64;
         let level_shares = metrics::level_histogram(&levels)
             .into_iter()
@@ -158,7 +195,6 @@ impl StateTracker {
                 let flips = prev.iter().zip(&levels).filter(|(a, b)| a != b).count();
                 flips as f64 / n
             });
-        let scales: Vec<f64> = params.chunks(2).map(|p| p[0] as f64).collect();
         let scale = scales.iter().sum::<f64>() / scales.len() as f64;
         let stats = LayerStats {
             step,

@@ -16,6 +16,9 @@ pub enum STEVariant {
     Soft,
     /// A soft-to-hard surrogate whose temperature is learned (a `Var` trained by the optimizer).
     Learnable,
+    /// LSQ (Esser et al. 2020): multi-bit weights whose step size per block is learned (a `Var`
+    /// trained by the optimizer), with LSQ's own gradients for the weights and the steps.
+    Lsq,
 }
 
 /// Which straight-through estimator a [`crate::QATLayer`] uses, and its parameters (clip,
@@ -66,11 +69,17 @@ impl STEConfig {
         self.variant == STEVariant::Learnable || self.learnable_temperature
     }
 
+    /// Whether the weight's step sizes are trained `Var`s (LSQ).
+    pub fn is_lsq(&self) -> bool {
+        self.variant == STEVariant::Lsq
+    }
+
     /// The quantizer estimator for the non-learnable variants (the learnable one replaces the
-    /// quantize op by the surrogate op altogether).
+    /// quantize op by the surrogate op altogether and uses this as its hard part's backward;
+    /// LSQ has its own backward).
     pub fn estimator(&self) -> Estimator {
         match self.variant {
-            STEVariant::Standard | STEVariant::Learnable => Estimator::Identity,
+            STEVariant::Standard | STEVariant::Learnable | STEVariant::Lsq => Estimator::Identity,
             STEVariant::Clipped => Estimator::Clipped {
                 clip: self.clipping_threshold,
             },
@@ -102,10 +111,12 @@ mod tests {
                 false,
             ),
             (STEVariant::Learnable, Estimator::Identity, true),
+            (STEVariant::Lsq, Estimator::Identity, false),
         ];
         for (v, e, learn) in cases {
             assert_eq!(c(v).estimator(), e);
             assert_eq!(c(v).is_learnable(), learn);
+            assert_eq!(c(v).is_lsq(), v == STEVariant::Lsq);
         }
         let bad = STEConfig {
             temperature: 0.0,

@@ -102,7 +102,7 @@ fn alignment_is_honoured_for_small_and_large_requests() {
     let mut keep = Vec::new();
     for align in [1, 2, 8, 16, 64, 128, 512, 1024, 4096] {
         for size in [1, 63, 200, 3000, 4096, 10_000, 40_000] {
-            let b = p.try_allocate(size, align, Category::Activations).unwrap();
+            let b = p.try_allocate(size, align, Category::Scratch).unwrap();
             let want = align.max(64);
             assert_eq!(b.as_ptr() as usize % want, 0, "size {size} align {align}");
             keep.push(b);
@@ -136,13 +136,13 @@ fn exceeding_the_cap_is_an_error_not_an_abort() {
         ..tiny()
     });
     let a = p
-        .try_allocate(64 * KIB, 64, Category::LatentWeights)
+        .try_allocate(64 * KIB, 64, Category::PackedWeights)
         .unwrap();
     let b = p
-        .try_allocate(64 * KIB, 64, Category::LatentWeights)
+        .try_allocate(64 * KIB, 64, Category::PackedWeights)
         .unwrap();
     let err = p
-        .try_allocate(64 * KIB, 64, Category::LatentWeights)
+        .try_allocate(64 * KIB, 64, Category::PackedWeights)
         .unwrap_err();
     assert!(
         matches!(err, CoreError::CapExceeded { requested, cap, .. } if requested == 64 * KIB && cap == 128 * KIB),
@@ -163,7 +163,7 @@ fn exceeding_the_cap_is_an_error_not_an_abort() {
     drop(a);
     // Freed memory is reused, so the same request now succeeds within the cap.
     let c = p
-        .try_allocate(64 * KIB, 64, Category::LatentWeights)
+        .try_allocate(64 * KIB, 64, Category::PackedWeights)
         .unwrap();
     assert_eq!(p.stats().reserved_bytes, 128 * KIB);
     drop((b, c));
@@ -173,12 +173,12 @@ fn exceeding_the_cap_is_an_error_not_an_abort() {
 fn stats_track_categories_and_return_to_zero() {
     let p = pool(tiny());
     let sizes = [
-        (Category::LatentWeights, 10_000usize),
-        (Category::LatentWeights, 100),
+        (Category::PackedWeights, 10_000usize),
+        (Category::PackedWeights, 100),
         (Category::PackedWeights, 2_500),
-        (Category::Activations, 70_000),
+        (Category::Scratch, 70_000),
         (Category::Scratch, 1),
-        (Category::OptimizerState, 20_000),
+        (Category::PackedWeights, 20_000),
     ];
     for _round in 0..2 {
         let bufs: Vec<PoolBuffer> = sizes
@@ -205,11 +205,13 @@ fn stats_track_categories_and_return_to_zero() {
     assert_eq!(s.overall.bytes_in_use, 0);
     assert_eq!(s.overall.live_allocations, 0);
     assert_eq!(s.overall.total_allocations, 12);
-    assert_eq!(s.category(Category::Activations).peak_bytes, 70_000);
+    assert_eq!(s.category(Category::Scratch).peak_bytes, 70_001);
+    assert_eq!(s.category(Category::PackedWeights).peak_bytes, 32_600);
     // Round one grew the pool for all but the 20 000-byte block (which fit in the arena the
     // 10 000-byte block opened); round two was served entirely from freed memory.
     assert_eq!(s.overall.hits, 1 + 6, "{:?}", s.overall);
-    assert!((s.category(Category::Activations).hit_rate() - 0.5).abs() < 1e-12);
+    // Scratch: both blocks missed in round one and hit in round two.
+    assert!((s.category(Category::Scratch).hit_rate() - 0.5).abs() < 1e-12);
     // One 64 KiB arena and one of its own for the 70 000-byte block, both whole again.
     assert_eq!((s.large_arenas, s.large_free_bytes), (2, 192 * KIB));
     assert_eq!(s.large_largest_free_block, 128 * KIB);
@@ -287,7 +289,7 @@ fn typed_views_cover_whole_elements() {
     assert_eq!(odd.as_mut_slice_of::<u16>().len(), 3);
     assert_eq!(odd.as_slice_of::<u64>().len(), 0);
     let big = p
-        .allocate_slice::<u64>(2000, Category::OptimizerState)
+        .allocate_slice::<u64>(2000, Category::PackedWeights)
         .unwrap();
     assert_eq!(big.as_slice_of::<u64>().len(), 2000);
     assert!(p

@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 /// Threads per CUDA block of every kernel; the block reductions assume a power of two <= 256.
 pub(crate) const THREADS: u32 = 256;
 
-/// CUDA C of `Kind::quantize`, `Kind::normalizer`, `EstKind::derivative` and `blend`, line by line.
+/// CUDA C of `Kind::quantize`, `Kind::normalizer`, `Kind::center`, `EstKind::derivative` and
+/// `blend`, line by line.
 /// The kind and estimator codes are those of `Kind::device_code` and `EstKind::device_code`.
 /// `clampf` keeps Rust's `clamp` semantics (NaN passes through), which `fminf`/`fmaxf` would not.
 pub(crate) const MATH: &str = r#"
@@ -24,8 +25,11 @@ __device__ __forceinline__ float clampf(float v, float lo, float hi) {
 }
 
 // Kind codes: 0 binary, 1 binary scaled, 2 absmean, 3..=6 threshold (fixed, fixed scaled, twn,
-// twn scaled), 7 integer grid with qmax.
+// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux).
 __device__ __forceinline__ float bq_quantize(unsigned kind, float qmax, float x, float s, float aux) {
+    if (kind == 8u) {
+        return x >= aux ? s : -s;
+    }
     if (kind <= 1u) {
         return x >= 0.0f ? s : -s;
     }
@@ -37,6 +41,10 @@ __device__ __forceinline__ float bq_quantize(unsigned kind, float qmax, float x,
     }
     float inv = qmax / aux;
     return clampf(rintf(x * inv), -qmax - 1.0f, qmax) / inv;
+}
+
+__device__ __forceinline__ float bq_center(unsigned kind, float aux) {
+    return kind == 8u ? aux : 0.0f;
 }
 
 __device__ __forceinline__ float bq_normalizer(unsigned kind, float s, float aux) {
@@ -52,7 +60,7 @@ __device__ __forceinline__ float bq_normalizer(unsigned kind, float s, float aux
 }
 
 // Estimator codes: 0 identity, 1 clipped(c), 2 soft tanh(t), 3 soft sigmoid(t), 4 approx sign,
-// 5 swish sign(beta).
+// 5 swish sign(beta), 6 IR-Net's EDE(t).
 __device__ __forceinline__ float bq_derivative(unsigned est, float p, float r) {
     switch (est) {
     case 0u:
@@ -71,9 +79,13 @@ __device__ __forceinline__ float bq_derivative(unsigned est, float p, float r) {
         float a = fabsf(r);
         return a <= 1.0f ? 2.0f - 2.0f * a : 0.0f;
     }
-    default: {
+    case 5u: {
         float br = p * r;
         return p * (2.0f - br * tanhf(br / 2.0f)) / (1.0f + coshf(br));
+    }
+    default: {
+        float th = tanhf(p * r);
+        return fmaxf(p, 1.0f) * (1.0f - th * th);
     }
     }
 }
@@ -190,16 +202,10 @@ pub(crate) fn stride_blocks(n: usize) -> usize {
     n.div_ceil(THREADS as usize).clamp(1, 132 * 8)
 }
 
-/// How a per-block reduction splits each quantization block of `block` values among CUDA
-/// blocks: `(splits, chunk, threads)`. A per-tensor scale of a 4096x4096 matrix is one block of
-/// 16 M values; one CUDA block would read it with one SM, so it is split into up to ~1000
-/// chunks of at least 4096 values, reduced again (in a fixed order) by a second kernel. Small
-/// blocks get fewer threads so that most of each CUDA block has work.
+/// [`reduction_splits`](super::reduction_splits) with the thread count as CUDA launches take it.
 pub(crate) fn splits(blocks: usize, block: usize) -> (usize, usize, u32) {
-    let splits = 1024usize.div_ceil(blocks).min(block.div_ceil(4096)).max(1);
-    let chunk = block.div_ceil(splits);
-    let threads = (chunk.next_power_of_two() as u32).clamp(32, THREADS);
-    (splits, chunk, threads)
+    let (splits, chunk, threads) = super::reduction_splits(blocks, block);
+    (splits, chunk, threads as u32)
 }
 
 /// Wraps a kernel's output for candle.

@@ -8,6 +8,8 @@ use crate::scheme::{Estimator, Scheme, Threshold, EPS};
 pub enum Kind {
     /// `s * sign(x)`; `s = mean|x|` when scaled, else 1.
     Binary { scaled: bool },
+    /// `s * sign(x - c)` with `s = mean|x|` and the center `c = mean(x)` in `aux` (BitNet b1).
+    BinaryCentered,
     /// `g * clamp(round(x / (g + eps)), -1, 1)`.
     Absmean,
     /// `s * (x > D) - s * (x < -D)`; `fixed = None` means TWN's `D = 0.7 mean|x|`.
@@ -21,6 +23,7 @@ impl Kind {
     pub fn of(s: &Scheme) -> Kind {
         match *s {
             Scheme::Binary { scaled } => Kind::Binary { scaled },
+            Scheme::BinaryCentered => Kind::BinaryCentered,
             Scheme::TernaryAbsmean => Kind::Absmean,
             Scheme::TernaryThreshold { threshold, scaled } => Kind::Threshold {
                 fixed: match threshold {
@@ -41,6 +44,12 @@ impl Kind {
         matches!(self, Kind::Threshold { scaled: true, .. })
     }
 
+    /// Whether the block parameters need the signed mean of the block (the center of
+    /// [`Kind::BinaryCentered`]).
+    pub fn needs_mean(&self) -> bool {
+        matches!(self, Kind::BinaryCentered)
+    }
+
     /// The threshold from the block's `mean|x|` (threshold kinds only).
     pub fn threshold(&self, mean_abs: f32) -> f32 {
         match *self {
@@ -52,10 +61,24 @@ impl Kind {
     /// Block parameters `(s, aux)` from the block's `mean|x|`, `max|x|` and, for scaled
     /// threshold kinds, the mean of `|x|` over values above the threshold (`above_mean`, 0 when
     /// none is above). `aux` is the threshold `D` for threshold kinds and the clamped absmax `m`
-    /// for integer kinds, 0 otherwise.
+    /// for integer kinds, 0 otherwise. [`Kind::BinaryCentered`] needs the signed mean too: use
+    /// [`Kind::params_with_mean`] (here its center is 0).
     pub fn params(&self, mean_abs: f32, max_abs: f32, above_mean: f32) -> (f32, f32) {
+        self.params_with_mean(mean_abs, max_abs, above_mean, 0.0)
+    }
+
+    /// [`Kind::params`] with the block's signed `mean(x)`, the center (`aux`) of
+    /// [`Kind::BinaryCentered`]; the other kinds ignore it.
+    pub fn params_with_mean(
+        &self,
+        mean_abs: f32,
+        max_abs: f32,
+        above_mean: f32,
+        mean: f32,
+    ) -> (f32, f32) {
         match *self {
             Kind::Binary { scaled: true } => (mean_abs, 0.0),
+            Kind::BinaryCentered => (mean_abs, mean),
             Kind::Binary { scaled: false } => (1.0, 0.0),
             Kind::Absmean => (mean_abs, 0.0),
             Kind::Threshold { scaled, .. } => {
@@ -75,6 +98,15 @@ impl Kind {
         match *self {
             Kind::Binary { .. } => {
                 if x >= 0.0 {
+                    s
+                } else {
+                    -s
+                }
+            }
+            // `x >= c` rather than `x - c >= 0`: the same in IEEE arithmetic, and still right on
+            // a GPU that flushes a subnormal difference to zero.
+            Kind::BinaryCentered => {
+                if x >= aux {
                     s
                 } else {
                     -s
@@ -108,6 +140,13 @@ impl Kind {
                     -1
                 }
             }
+            Kind::BinaryCentered => {
+                if x >= aux {
+                    1
+                } else {
+                    -1
+                }
+            }
             Kind::Absmean => round_clamped(x / (s + EPS), -1.0, 1.0) as i32,
             Kind::Threshold { .. } => {
                 if x > aux {
@@ -126,7 +165,7 @@ impl Kind {
     #[inline(always)]
     pub fn normalizer(&self, s: f32, aux: f32) -> f32 {
         let n = match *self {
-            Kind::Binary { .. } | Kind::Threshold { .. } => s,
+            Kind::Binary { .. } | Kind::BinaryCentered | Kind::Threshold { .. } => s,
             Kind::Absmean => s + EPS,
             Kind::Int { .. } => aux,
         };
@@ -135,6 +174,16 @@ impl Kind {
             n
         } else {
             1.0
+        }
+    }
+
+    /// The point the estimators measure `x` from (`r = (x - center) / n`): the block's mean for
+    /// [`Kind::BinaryCentered`], whose threshold it is, 0 for every other kind.
+    #[inline(always)]
+    pub fn center(&self, aux: f32) -> f32 {
+        match *self {
+            Kind::BinaryCentered => aux,
+            _ => 0.0,
         }
     }
 
@@ -149,6 +198,7 @@ impl Kind {
                 0.0,
             ),
             Kind::Int { qmax } => (7, 0.0, qmax),
+            Kind::BinaryCentered => (8, 0.0, 0.0),
         }
     }
 }
@@ -162,6 +212,7 @@ pub enum EstKind {
     SoftSigmoid(f32),
     ApproxSign,
     SwishSign(f32),
+    Ede(f32),
 }
 
 impl EstKind {
@@ -174,6 +225,7 @@ impl EstKind {
             Estimator::SoftSigmoid { temperature } => EstKind::SoftSigmoid(temperature),
             Estimator::ApproxSign => EstKind::ApproxSign,
             Estimator::SwishSign { beta } => EstKind::SwishSign(beta),
+            Estimator::Ede { temperature } => EstKind::Ede(temperature),
         }
     }
 
@@ -209,6 +261,10 @@ impl EstKind {
                 let br = b * r;
                 b * (2.0 - br * (br / 2.0).tanh()) / (1.0 + br.cosh())
             }
+            EstKind::Ede(t) => {
+                let th = (t * r).tanh();
+                t.max(1.0) * (1.0 - th * th)
+            }
         }
     }
 
@@ -221,6 +277,7 @@ impl EstKind {
             EstKind::SoftSigmoid(t) => (3, t),
             EstKind::ApproxSign => (4, 0.0),
             EstKind::SwishSign(b) => (5, b),
+            EstKind::Ede(t) => (6, t),
         }
     }
 }

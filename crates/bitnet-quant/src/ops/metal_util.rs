@@ -4,10 +4,9 @@
 //!
 //! Metal has no `double`. Where a CUDA kernel accumulates in f64, the Metal kernel accumulates a
 //! double-float pair `(hi, lo)` with error-free additions (about 48 significant bits against f64's
-//! 53; 7e-12 relative error after 4 M additions in a host emulation), reduced in the same order as
-//! the CUDA kernel. The pair has f32's exponent range,
-//! so a block whose sum of `|x|` passes `f32::MAX` is reported as non-finite (see
-//! `scales/metal.rs`).
+//! 53), reduced in the same order as the CUDA kernel. The pair has f32's exponent range, so the
+//! block statistics add their values scaled by a power of two that keeps every sum finite (see
+//! `scales/metal.rs`, whose tests emulate these operations on the host).
 
 use crate::error::QuantError;
 use candle_core::backend::BackendStorage;
@@ -23,7 +22,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 /// <= 256 (the size of their threadgroup arrays).
 pub(crate) const THREADS: usize = 256;
 
-/// MSL of `Kind::quantize`, `Kind::normalizer`, `EstKind::derivative` and `blend`, line by line
+/// MSL of `Kind::quantize`, `Kind::normalizer`, `Kind::center`, `EstKind::derivative` and `blend`, line by line
 /// after `cuda_util::MATH`, plus the double-float sums that stand in for CUDA's f64. The kind and
 /// estimator codes are those of `Kind::device_code` and `EstKind::device_code`. `clampf` and
 /// `bq_fmax` keep the NaN rules of Rust's `clamp` and CUDA's `fmaxf` whatever the math mode.
@@ -60,8 +59,11 @@ BQ_FN ulong bq_div(ulong i, ulong d) {
 }
 
 // Kind codes: 0 binary, 1 binary scaled, 2 absmean, 3..=6 threshold (fixed, fixed scaled, twn,
-// twn scaled), 7 integer grid with qmax.
+// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux).
 BQ_FN float bq_quantize(uint kind, float qmax, float x, float s, float aux) {
+    if (kind == 8u) {
+        return x >= aux ? s : -s;
+    }
     if (kind <= 1u) {
         return x >= 0.0f ? s : -s;
     }
@@ -73,6 +75,10 @@ BQ_FN float bq_quantize(uint kind, float qmax, float x, float s, float aux) {
     }
     float inv = qmax / aux;
     return clampf(rint(x * inv), -qmax - 1.0f, qmax) / inv;
+}
+
+BQ_FN float bq_center(uint kind, float aux) {
+    return kind == 8u ? aux : 0.0f;
 }
 
 BQ_FN float bq_normalizer(uint kind, float s, float aux) {
@@ -88,7 +94,7 @@ BQ_FN float bq_normalizer(uint kind, float s, float aux) {
 }
 
 // Estimator codes: 0 identity, 1 clipped(c), 2 soft tanh(t), 3 soft sigmoid(t), 4 approx sign,
-// 5 swish sign(beta).
+// 5 swish sign(beta), 6 IR-Net's EDE(t).
 BQ_FN float bq_derivative(uint est, float p, float r) {
     switch (est) {
     case 0u:
@@ -107,9 +113,13 @@ BQ_FN float bq_derivative(uint est, float p, float r) {
         float a = fabs(r);
         return a <= 1.0f ? 2.0f - 2.0f * a : 0.0f;
     }
-    default: {
+    case 5u: {
         float br = p * r;
         return p * (2.0f - br * precise::tanh(br / 2.0f)) / (1.0f + precise::cosh(br));
+    }
+    default: {
+        float th = precise::tanh(p * r);
+        return bq_fmax(p, 1.0f) * (1.0f - th * th);
     }
     }
 }
@@ -356,14 +366,9 @@ pub(crate) fn stride_groups(n: usize) -> usize {
     n.div_ceil(THREADS).clamp(1, 132 * 8)
 }
 
-/// How a per-block reduction splits each quantization block of `block` values among
-/// threadgroups: `(splits, chunk, threads)`, exactly as `cuda_util::splits` (see there for why).
-pub(crate) fn splits(blocks: usize, block: usize) -> (usize, usize, usize) {
-    let splits = 1024usize.div_ceil(blocks).min(block.div_ceil(4096)).max(1);
-    let chunk = block.div_ceil(splits);
-    let threads = chunk.next_power_of_two().clamp(32, THREADS);
-    (splits, chunk, threads)
-}
+/// How a per-block reduction splits each quantization block among threadgroups: the same
+/// [`reduction_splits`](super::reduction_splits) as CUDA's.
+pub(crate) use super::reduction_splits as splits;
 
 /// A zeroed `u32` counter for kernels to add to atomically.
 pub(crate) fn zeroed_counter(dev: &MetalDevice) -> Result<Arc<Buffer>> {

@@ -36,6 +36,20 @@ pub use math::{EstKind, Kind};
 /// microseconds, more than the whole kernel for a small layer's bias or a 256-wide row.
 pub const PAR_MIN: usize = 1 << 15;
 
+/// How the GPU kernels' per-block reductions split each quantization block of `block` values
+/// (of `blocks`) among CUDA blocks or Metal threadgroups: `(splits, chunk, threads)`. A
+/// per-tensor scale of a 4096x4096 matrix is one block of 16 M values; one CUDA block would
+/// read it with one SM, so it is split into up to ~1000 chunks of at least 4096 values, reduced
+/// again (in a fixed order) by a second kernel. Small blocks get fewer threads (a power of two
+/// from 32 to 256) so that most of each group has work.
+#[cfg(any(feature = "cuda", feature = "metal", test))]
+pub(crate) fn reduction_splits(blocks: usize, block: usize) -> (usize, usize, usize) {
+    let splits = 1024usize.div_ceil(blocks).min(block.div_ceil(4096)).max(1);
+    let chunk = block.div_ceil(splits);
+    let threads = chunk.next_power_of_two().clamp(32, 256);
+    (splits, chunk, threads)
+}
+
 /// Whether a kernel over `n` values should split across rayon's pool: at least [`PAR_MIN`]
 /// values and more than one thread. With one thread, handing the work to rayon's single worker
 /// only adds a wake-up and a wait (measured: a sched_yield/futex pair per call, about 5 % of a

@@ -136,7 +136,7 @@ impl PackedTernary {
             return Err(invalid(
                 "weight.scheme",
                 format!("{:?}", q.scheme()),
-                "Binary, TernaryAbsmean or TernaryThreshold",
+                "Binary, BinaryCentered, TernaryAbsmean or TernaryThreshold",
             )
             .into());
         }
@@ -153,7 +153,7 @@ impl PackedTernary {
         let granularity = q.granularity();
         let (seg_len, seg_padded) = segments(inp, granularity)?;
         let bits = match q.kind() {
-            Kind::Binary { .. } => 1,
+            Kind::Binary { .. } | Kind::BinaryCentered => 1,
             _ => 2,
         };
         let mut packed = Self::zeroed(out, inp, granularity, seg_len, seg_padded, bits, scales)?;

@@ -8,10 +8,12 @@
 //!   devices get the same block parameters and the kernels are compiled without fused
 //!   multiply-add (CUDA) or in the safe math mode without contraction (Metal), so every value is
 //!   computed by the same IEEE operations.
-//! * block parameters from a mean (`mean|x|`, the mean above a threshold): 2e-6 relative. The CPU
-//!   sums in f32 lanes of 1024 values and then f64, CUDA in f64 and Metal in double-float pairs
-//!   (it has no f64); the sums differ in their last f32 bits. Parameters from a maximum or a
-//!   constant are exact.
+//! * block parameters from a mean (`mean|x|`, the mean above a threshold, the center `mean(x)` of
+//!   the centered binary kind): 2e-6 relative, plus 1e-12 of the block's `mean|x|` for the
+//!   center, which can cancel to near zero. The CPU and CUDA sum in f64 in different orders,
+//!   Metal in double-float pairs (it has no f64) scaled by a power of two so that they cannot
+//!   overflow; the means differ by at most an ulp or so. Parameters from a maximum or a constant
+//!   are exact.
 //! * values that go through `tanh`, `exp` or `cosh`: 1e-6 relative plus 2e-6 of the largest
 //!   magnitude. CUDA's `tanhf`/`expf`/`coshf` and Metal's `precise::` functions are within a few
 //!   ulp, not bit-equal to the C library's, and `1 - tanh^2` turns a last-bit difference of
@@ -37,6 +39,7 @@ fn schemes() -> Vec<Scheme> {
     vec![
         Scheme::Binary { scaled: false },
         Scheme::Binary { scaled: true },
+        Scheme::BinaryCentered,
         Scheme::TernaryAbsmean,
         Scheme::TernaryThreshold {
             threshold: Threshold::Fixed(0.05),
@@ -160,10 +163,27 @@ fn mean_based(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Binary { scaled: true }
+            | Kind::BinaryCentered
             | Kind::Absmean
             | Kind::Threshold { fixed: None, .. }
             | Kind::Threshold { scaled: true, .. }
     )
+}
+
+/// Block parameters from a mean within the tolerance of the file docs.
+pub fn assert_mean_params(what: &str, kind: Kind, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        // Each block's `(s, aux)`; the center is aux, next to its block's `mean|x|`.
+        let abs = match kind {
+            Kind::BinaryCentered if i % 2 == 1 => 1e-12 * want[i - 1],
+            _ => 0.0,
+        };
+        assert!(
+            (g - w).abs() <= 2e-6 * w.abs() + abs,
+            "{what}: param {i}: got {g}, want {w}"
+        );
+    }
 }
 
 /// Every shape, granularity and scheme: the block parameters, then the forward of the quantize
@@ -185,7 +205,7 @@ pub fn scales_and_forward(dev: &Device) -> Result<()> {
                     let p_dev_t = scales(&x_dev, kind, g)?;
                     let p_dev = host(&p_dev_t)?;
                     if mean_based(kind) {
-                        assert_close(&format!("scales {what}"), &p_dev, &p_cpu, 2e-6, 0.0, 0.0);
+                        assert_mean_params(&format!("scales {what}"), kind, &p_dev, &p_cpu);
                     } else {
                         assert_exact(&format!("scales {what}"), &p_dev, &p_cpu);
                     }
@@ -217,13 +237,14 @@ fn estimators() -> Vec<Estimator> {
         Estimator::SoftSigmoid { temperature: 3.0 },
         Estimator::ApproxSign,
         Estimator::SwishSign { beta: 5.0 },
+        Estimator::Ede { temperature: 0.5 },
     ]
 }
 
 fn transcendental(e: EstKind) -> bool {
     matches!(
         e,
-        EstKind::SoftTanh(_) | EstKind::SoftSigmoid(_) | EstKind::SwishSign(_)
+        EstKind::SoftTanh(_) | EstKind::SoftSigmoid(_) | EstKind::SwishSign(_) | EstKind::Ede(_)
     )
 }
 
@@ -277,7 +298,8 @@ pub fn quantize_backward(dev: &Device) -> Result<()> {
 }
 
 /// The learnable surrogate: forward, `dL/dx` and `dL/dt` on both devices, `x` row-major (and
-/// transposed, see [`backward_layouts`]; the large shape row-major only).
+/// transposed, see [`backward_layouts`]; the large shape row-major only), at hardness 0, 1/2
+/// and 1, the hard part's estimator the identity or (at 1/2) a clipped one.
 pub fn learnable(dev: &Device) -> Result<()> {
     for (seed, &(r, c)) in SHAPES.iter().enumerate() {
         let xs = pair((r, c), seed as u64, dev)?;
@@ -291,17 +313,23 @@ pub fn learnable(dev: &Device) -> Result<()> {
             }
             let (x_cpu, x_dev) = maybe_t(&xs, transposed)?;
             for g in granularities(x_cpu.dims()[1]) {
-                for scheme in schemes().into_iter().take(7) {
+                for scheme in schemes().into_iter().take(8) {
                     let kind = Kind::of(&scheme);
                     let p_dev_t = scales(&x_dev, kind, g)?;
                     let p_host = p_dev_t.to_device(&Device::Cpu)?;
-                    for h in [0.0f32, 0.5, 1.0] {
+                    for (h, est) in [
+                        (0.0f32, EstKind::Identity),
+                        (0.5, EstKind::Identity),
+                        (0.5, EstKind::Clipped(0.7)),
+                        (1.0, EstKind::Identity),
+                    ] {
                         let op = LearnableOp {
-                            surrogate: Surrogate::new(kind, h)?,
+                            surrogate: Surrogate::new(kind, h)?.with_estimator(est),
                             granularity: g,
                         };
                         let what = format!(
-                            "learnable {scheme:?} {g:?} {:?} transposed={transposed} h={h}",
+                            "learnable {scheme:?} {g:?} {:?} transposed={transposed} h={h} \
+                             {est:?}",
                             x_cpu.dims()
                         );
                         let want = host(&x_cpu.apply_op3_no_bwd(&t_cpu, &p_host, &op)?)?;
@@ -414,6 +442,68 @@ pub fn autograd(dev: &Device) -> Result<()> {
     assert_close("autograd dx", &gpu.0, &cpu.0, 1e-5, 1e-5, 0.0);
     assert_close("autograd dt", &gpu.1, &cpu.1, 1e-5, 0.0, 1e-5);
     assert_close("autograd ds", &gpu.2, &cpu.2, 1e-5, 0.0, 1e-5);
+    Ok(())
+}
+
+/// A temperature that is not a finite number > 0 is the CPU's error on every device, in the
+/// forward and in the gradient op.
+pub fn bad_temperature(dev: &Device) -> Result<()> {
+    let x = Tensor::from_vec(values(6 * 64, 11), (6, 64), dev)?;
+    let kind = Kind::of(&Scheme::BinaryCentered);
+    let g = Granularity::PerChannel;
+    let p = scales(&x, kind, g)?;
+    let op = LearnableOp {
+        surrogate: Surrogate::new(kind, 0.5)?,
+        granularity: g,
+    };
+    let rest = Tensor::cat(&[&p.flatten_all()?, &x.flatten_all()?], 0)?;
+    for t in [0.0f32, -1.5, f32::NAN, f32::INFINITY] {
+        let t = Tensor::new(&[t], dev)?;
+        let fwd = x
+            .apply_op3_no_bwd(&t, &p, &op)
+            .expect_err("forward")
+            .to_string();
+        let bwd = x
+            .apply_op3_no_bwd(&t, &rest, &LearnableGradOp(op))
+            .expect_err("backward")
+            .to_string();
+        for e in [fwd, bwd] {
+            assert!(e.contains("`temperature`") && e.contains("> 0"), "{t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Finite values whose `sum|x|` in a block passes `f32::MAX` (37 values of 3e37 in a row, and
+/// values up to 1.7e38 of both signs): every device gives the CPU's finite parameters (its f64
+/// sums do not overflow; Metal scales its double-float sums so that they cannot).
+pub fn overflow(dev: &Device) -> Result<()> {
+    let same = vec![3e37f32; 1000 * 37];
+    let mixed: Vec<f32> = values(1000 * 37, 12)
+        .iter()
+        .map(|v| v * 17.0 * 1e38)
+        .collect();
+    for (name, v) in [("3e37", same), ("1.7e38", mixed)] {
+        let x_cpu = Tensor::from_vec(v, (1000, 37), &Device::Cpu)?;
+        let x_dev = x_cpu.to_device(dev)?;
+        for scheme in [
+            Scheme::TernaryAbsmean,
+            Scheme::BinaryCentered,
+            Scheme::TernaryThreshold {
+                threshold: Threshold::Twn,
+                scaled: true,
+            },
+        ] {
+            let kind = Kind::of(&scheme);
+            for g in granularities(37) {
+                let what = format!("overflow {name} {scheme:?} {g:?}");
+                let want = host(&scales(&x_cpu, kind, g)?)?;
+                let got = host(&scales(&x_dev, kind, g)?)?;
+                assert!(want.iter().all(|v| v.is_finite()), "{what}: cpu {want:?}");
+                assert_mean_params(&what, kind, &got, &want);
+            }
+        }
+    }
     Ok(())
 }
 

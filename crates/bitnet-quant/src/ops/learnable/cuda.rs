@@ -9,7 +9,8 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{Layout, Result};
 use std::sync::OnceLock;
 
-/// `Surrogate::{value, dx, dt}` transcribed; kind codes as `Kind::device_code` (0..=6 only).
+/// `Surrogate::{value, dx, dt}` transcribed; kind codes as `Kind::device_code` (0..=6 and 8),
+/// estimator codes as `EstKind::device_code`.
 const SRC: &str = r#"
 struct bq_parts_t {
     float r;
@@ -20,9 +21,9 @@ struct bq_parts_t {
 __device__ __forceinline__ bq_parts_t bq_parts(unsigned kind, float x, float s, float aux) {
     float n = bq_normalizer(kind, s, aux);
     bq_parts_t p;
-    p.ternary = kind >= 2u;
+    p.ternary = kind >= 2u && kind <= 6u;
     p.d = kind == 2u ? 0.5f : aux / n;
-    p.r = x / n;
+    p.r = (x - bq_center(kind, aux)) / n;
     return p;
 }
 
@@ -40,20 +41,27 @@ __device__ __forceinline__ float bq_value(unsigned kind, float h, float x, float
     return (1.0f - h) * s * soft + h * bq_quantize(kind, 0.0f, x, s, aux);
 }
 
-__device__ __forceinline__ float bq_dx(unsigned kind, float x, float s, float aux, float t) {
+__device__ __forceinline__ float bq_dx(unsigned kind, float h, unsigned est, float ep, float x, float s,
+                                       float aux, float t) {
     float n = bq_normalizer(kind, s, aux);
     bq_parts_t p = bq_parts(kind, x, s, aux);
     float ds = !p.ternary ? t * bq_sech2(t * p.r)
                           : 0.5f * t * (bq_sech2(t * (p.r - p.d)) + bq_sech2(t * (p.r + p.d)));
-    return s / n * ds;
+    if (h == 0.0f) {
+        return s / n * ds;
+    }
+    return (1.0f - h) * (s / n * ds) + h * bq_derivative(est, ep, p.r);
 }
 
-__device__ __forceinline__ float bq_dt(unsigned kind, float x, float s, float aux, float t) {
+__device__ __forceinline__ float bq_dt(unsigned kind, float h, float x, float s, float aux, float t) {
     bq_parts_t p = bq_parts(kind, x, s, aux);
     float r = p.r, d = p.d;
     float ds = !p.ternary ? r * bq_sech2(t * r)
                           : 0.5f * ((r - d) * bq_sech2(t * (r - d)) + (r + d) * bq_sech2(t * (r + d)));
-    return s * ds;
+    if (h == 0.0f) {
+        return s * ds;
+    }
+    return (1.0f - h) * (s * ds);
 }
 
 extern "C" __global__ void bq_learnable_fwd(const float* x, const float* tp, const float* params, float* out,
@@ -68,7 +76,8 @@ extern "C" __global__ void bq_learnable_fwd(const float* x, const float* tp, con
 // rest = [params (2 per block) ..., upstream (n) ...]; out = [dL/dx (n) ..., dL/dt]; partial
 // sums of dL/dt per CUDA block go to partial.
 extern "C" __global__ void bq_learnable_bwd(const float* x, const float* tp, const float* rest, float* out,
-                                            double* partial, u64 n, u64 block, unsigned kind) {
+                                            double* partial, u64 n, u64 block, unsigned kind, float h,
+                                            unsigned est, float ep) {
     __shared__ double shd[256];
     float t = tp[0];
     const float* params = rest;
@@ -77,8 +86,8 @@ extern "C" __global__ void bq_learnable_bwd(const float* x, const float* tp, con
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 b = i / block;
         float s = params[2 * b], aux = params[2 * b + 1];
-        out[i] = u[i] * bq_dx(kind, x[i], s, aux, t);
-        acc += (double)(u[i] * bq_dt(kind, x[i], s, aux, t));
+        out[i] = u[i] * bq_dx(kind, h, est, ep, x[i], s, aux, t);
+        acc += (double)(u[i] * bq_dt(kind, h, x[i], s, aux, t));
     }
     acc = bq_block_sum<double>(acc, shd);
     if (threadIdx.x == 0) {
@@ -153,6 +162,7 @@ pub(crate) fn backward(
     let rest = f32_view(op, sr, lr, &mut tr)?;
     let n = lx.shape().elem_count();
     let (code, _, _) = sur.kind.device_code();
+    let (est, ep) = sur.estimator.device_code();
     let (n_u, block_u) = (n as u64, block as u64);
     let grid = stride_blocks(n);
     let grid_u = grid as u32;
@@ -164,7 +174,8 @@ pub(crate) fn backward(
     let f = function(dev, &PTX, MODULE, SRC, "bq_learnable_bwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&x).arg(&t).arg(&rest).arg(&mut out).arg(&mut partial);
-    b.arg(&n_u).arg(&block_u).arg(&code);
+    b.arg(&n_u).arg(&block_u).arg(&code).arg(&sur.hardness);
+    b.arg(&est).arg(&ep);
     // SAFETY: the argument list matches the kernel's signature.
     unsafe { b.launch(cfg(grid, THREADS)) }.w()?;
 

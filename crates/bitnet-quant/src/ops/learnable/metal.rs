@@ -14,7 +14,8 @@ use candle_metal_kernels::set_params;
 use candle_metal_kernels::utils::Input;
 use candle_metal_kernels::Output;
 
-/// `Surrogate::{value, dx, dt}` transcribed; kind codes as `Kind::device_code` (0..=6 only).
+/// `Surrogate::{value, dx, dt}` transcribed; kind codes as `Kind::device_code` (0..=6 and 8),
+/// estimator codes as `EstKind::device_code`.
 const SRC: &str = r#"
 // Mirrors bq_parts_t / bq_parts (learnable/cuda.rs).
 struct bq_parts_t {
@@ -26,9 +27,9 @@ struct bq_parts_t {
 BQ_FN bq_parts_t bq_parts(uint kind, float x, float s, float aux) {
     float n = bq_normalizer(kind, s, aux);
     bq_parts_t p;
-    p.ternary = kind >= 2u;
+    p.ternary = kind >= 2u && kind <= 6u;
     p.d = kind == 2u ? 0.5f : aux / n;
-    p.r = x / n;
+    p.r = (x - bq_center(kind, aux)) / n;
     return p;
 }
 
@@ -50,21 +51,27 @@ BQ_FN float bq_value(uint kind, float h, float x, float s, float aux, float t) {
 }
 
 // Mirrors bq_dx (learnable/cuda.rs).
-BQ_FN float bq_dx(uint kind, float x, float s, float aux, float t) {
+BQ_FN float bq_dx(uint kind, float h, uint est, float ep, float x, float s, float aux, float t) {
     float n = bq_normalizer(kind, s, aux);
     bq_parts_t p = bq_parts(kind, x, s, aux);
     float ds = !p.ternary ? t * bq_sech2(t * p.r)
                           : 0.5f * t * (bq_sech2(t * (p.r - p.d)) + bq_sech2(t * (p.r + p.d)));
-    return s / n * ds;
+    if (h == 0.0f) {
+        return s / n * ds;
+    }
+    return (1.0f - h) * (s / n * ds) + h * bq_derivative(est, ep, p.r);
 }
 
 // Mirrors bq_dt (learnable/cuda.rs).
-BQ_FN float bq_dt(uint kind, float x, float s, float aux, float t) {
+BQ_FN float bq_dt(uint kind, float h, float x, float s, float aux, float t) {
     bq_parts_t p = bq_parts(kind, x, s, aux);
     float r = p.r, d = p.d;
     float ds = !p.ternary ? r * bq_sech2(t * r)
                           : 0.5f * ((r - d) * bq_sech2(t * (r - d)) + (r + d) * bq_sech2(t * (r + d)));
-    return s * ds;
+    if (h == 0.0f) {
+        return s * ds;
+    }
+    return (1.0f - h) * (s * ds);
 }
 
 // Mirrors bq_learnable_fwd (learnable/cuda.rs).
@@ -94,6 +101,9 @@ kernel void bq_learnable_bwd(device const float* x [[buffer(0)]],
                              constant ulong& n [[buffer(5)]],
                              constant ulong& block [[buffer(6)]],
                              constant uint& kind [[buffer(7)]],
+                             constant float& h [[buffer(8)]],
+                             constant uint& est [[buffer(9)]],
+                             constant float& ep [[buffer(10)]],
                              BQ_THREAD_IDS) {
     threadgroup bq_dd shd[256];
     float t = tp[0];
@@ -103,8 +113,8 @@ kernel void bq_learnable_bwd(device const float* x [[buffer(0)]],
     for (ulong i = ulong(bid) * bdim + tid; i < n; i += ulong(gdim) * bdim) {
         ulong b = bq_div(i, block);
         float s = params[2 * b], aux = params[2 * b + 1];
-        out[i] = u[i] * bq_dx(kind, x[i], s, aux, t);
-        acc = bq_dd_add(acc, bq_dd(u[i] * bq_dt(kind, x[i], s, aux, t), 0.0f));
+        out[i] = u[i] * bq_dx(kind, h, est, ep, x[i], s, aux, t);
+        acc = bq_dd_add(acc, bq_dd(u[i] * bq_dt(kind, h, x[i], s, aux, t), 0.0f));
     }
     acc = bq_block_sum<bq_dd>(acc, shd, tid, bdim);
     if (tid == 0) {
@@ -182,6 +192,7 @@ pub(crate) fn backward(
     let rest = f32_view(op, sr, lr, &mut tr)?;
     let n = lx.shape().elem_count();
     let (code, _, _) = sur.kind.device_code();
+    let (est, ep) = sur.estimator.device_code();
     let (n_u, block_u) = (n as u64, block as u64);
     let grid = stride_groups(n);
     let grid_u = grid as u32;
@@ -205,7 +216,10 @@ pub(crate) fn backward(
                 Output::new(&partial),
                 n_u,
                 block_u,
-                code
+                code,
+                sur.hardness,
+                est,
+                ep
             )
         );
     });

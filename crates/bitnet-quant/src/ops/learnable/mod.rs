@@ -1,14 +1,20 @@
 //! Soft-to-hard quantization with a learnable temperature `t` (a `Var`).
 //!
-//! Forward: `y = (1 - h) * s * soft(x / n) + h * q(x)` with `h` the hardness in `[0, 1]` (a schedule
-//! raises it to 1), `q` the scheme's hard quantizer, and the soft surrogate
+//! Forward: `y = (1 - h) * s * soft(r) + h * q(x)` with `h` the hardness in `[0, 1]` (a schedule
+//! raises it to 1), `q` the scheme's hard quantizer, `r = (x - c) / n` the input measured from
+//! the kind's [`center`](Kind::center) in units of its normaliser, and the soft surrogate
 //! * binary: `soft(r) = tanh(t r)`,
 //! * ternary: `soft(r) = (tanh(t (r - d)) + tanh(t (r + d))) / 2` with the half step `d = 1/2` for
 //!   absmean and `d = D / n` for threshold schemes: a smooth staircase through -1, 0, +1.
 //!
-//! Backward: the derivatives of the soft part, also while `h > 0` (straight through the hard part):
-//! `dy/dx = u * (s / n) * soft'(r)`, `dy/dt = u * s * dsoft/dt`; for binary that is DESIGN.md's
-//! `u * t * (1 - tanh(t x)^2)` and `u * x * (1 - tanh(t x)^2)`.
+//! Backward, with `u` the upstream gradient:
+//! * `dL/dx = u * ((1 - h) * (s / n) * soft'(r) + h * e(r))`: the soft part's exact derivative,
+//!   plus the hard part's straight-through estimator `e` (the quantizer's [`EstKind`]; the
+//!   identity by default), as the quantize op's backward weighs its blend.
+//! * `dL/dt = u * (1 - h) * s * dsoft/dt`: 0 at `h = 1`, where `t` no longer changes the output.
+//!
+//! For unscaled binary at `h = 0` these are `u * t * (1 - tanh(t x)^2)` and
+//! `u * x * (1 - tanh(t x)^2)`.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -18,7 +24,7 @@ pub(crate) mod metal;
 
 use crate::error::QuantError;
 use crate::ops::cpu_util::f32_values;
-use crate::ops::math::Kind;
+use crate::ops::math::{EstKind, Kind};
 use crate::ops::quantize::checked_block;
 use crate::scheme::Granularity;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -29,22 +35,34 @@ pub struct Surrogate {
     pub kind: Kind,
     /// Hardness `h` in `[0, 1]`: 0 is the soft surrogate alone, 1 the hard quantizer.
     pub hardness: f32,
+    /// The hard part's straight-through estimator, weighted by `h` in `dL/dx`.
+    pub estimator: EstKind,
 }
 
 impl Surrogate {
-    /// Only sign-like schemes have a tanh surrogate.
+    /// Only sign-like schemes have a tanh surrogate. The hard part's estimator is the identity;
+    /// see [`Surrogate::with_estimator`].
     pub fn new(kind: Kind, hardness: f32) -> std::result::Result<Self, QuantError> {
         if matches!(kind, Kind::Int { .. }) {
             return Err(crate::error::invalid(
                 "scheme",
                 "MultiBit/Int8PerToken",
-                "Binary, TernaryAbsmean or TernaryThreshold for a learnable temperature (use LSQ for multi-bit)",
+                "Binary, BinaryCentered, TernaryAbsmean or TernaryThreshold for a learnable temperature (use LSQ for multi-bit)",
             ));
         }
         if !(0.0..=1.0).contains(&hardness) {
             return Err(crate::error::invalid("hardness", hardness, "0.0..=1.0"));
         }
-        Ok(Self { kind, hardness })
+        Ok(Self {
+            kind,
+            hardness,
+            estimator: EstKind::Identity,
+        })
+    }
+
+    /// The same surrogate with `estimator` as the hard part's backward.
+    pub fn with_estimator(self, estimator: EstKind) -> Self {
+        Self { estimator, ..self }
     }
 
     /// `(r, half step)`: the normalised input and `None` for binary, `Some(d)` for ternary.
@@ -52,11 +70,11 @@ impl Surrogate {
     fn parts(&self, x: f32, s: f32, aux: f32) -> (f32, Option<f32>) {
         let n = self.kind.normalizer(s, aux);
         let d = match self.kind {
-            Kind::Binary { .. } => None,
+            Kind::Binary { .. } | Kind::BinaryCentered => None,
             Kind::Absmean => Some(0.5),
             _ => Some(aux / n),
         };
-        (x / n, d)
+        ((x - self.kind.center(aux)) / n, d)
     }
 
     /// The forward value.
@@ -75,7 +93,7 @@ impl Surrogate {
         }
     }
 
-    /// `dy/dx` of the soft part.
+    /// `dy/dx`: `(1 - h) (s / n) soft'(r) + h e(r)`.
     #[inline(always)]
     pub fn dx(&self, x: f32, s: f32, aux: f32, t: f32) -> f32 {
         let n = self.kind.normalizer(s, aux);
@@ -88,10 +106,15 @@ impl Surrogate {
             None => t * sech2(t * r),
             Some(d) => 0.5 * t * (sech2(t * (r - d)) + sech2(t * (r + d))),
         };
-        s / n * ds
+        let h = self.hardness;
+        if h == 0.0 {
+            s / n * ds
+        } else {
+            (1.0 - h) * (s / n * ds) + h * self.estimator.derivative(r)
+        }
     }
 
-    /// `dy/dt` of the soft part.
+    /// `dy/dt`: `(1 - h) s dsoft/dt`, exactly 0 at `h = 1`.
     #[inline(always)]
     pub fn dt(&self, x: f32, s: f32, aux: f32, t: f32) -> f32 {
         let (r, d) = self.parts(x, s, aux);
@@ -103,7 +126,12 @@ impl Surrogate {
             None => r * sech2(t * r),
             Some(d) => 0.5 * ((r - d) * sech2(t * (r - d)) + (r + d) * sech2(t * (r + d))),
         };
-        s * ds
+        let h = self.hardness;
+        if h == 0.0 {
+            s * ds
+        } else {
+            (1.0 - h) * (s * ds)
+        }
     }
 }
 
@@ -127,9 +155,16 @@ fn temperature(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<f32> {
     }
 }
 
-/// The temperature tensor must hold exactly one value (checked without reading it).
+/// The GPU kernels' check of the temperature: the CPU's ([`temperature`]: one value, finite and
+/// > 0, the same errors), on a copy of it read back to the host. That waits for the GPU once
+/// per call, as the scales op before it already does for its non-finite check; the kernels
+/// still read `t` on the device.
 #[cfg(any(feature = "cuda", feature = "metal"))]
-fn one_value(op: &'static str, l: &Layout) -> Result<()> {
+fn device_temperature<S: candle_core::backend::BackendStorage>(
+    op: &'static str,
+    s: &S,
+    l: &Layout,
+) -> Result<()> {
     if l.shape().elem_count() != 1 {
         return Err(QuantError::Shape {
             op,
@@ -137,16 +172,21 @@ fn one_value(op: &'static str, l: &Layout) -> Result<()> {
         }
         .into());
     }
-    Ok(())
+    temperature(op, &s.to_cpu_storage()?, l).map(|_| ())
 }
 
 impl LearnableOp {
     /// The GPU kernels' input checks, the block size: parameters that match `x`'s blocks and a
-    /// one-value `t` (its value is not read).
+    /// one-value `t` that is finite and > 0.
     #[cfg(any(feature = "cuda", feature = "metal"))]
-    fn device_checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<usize> {
+    fn device_checks<S: candle_core::backend::BackendStorage>(
+        &self,
+        l1: &Layout,
+        (s2, l2): (&S, &Layout),
+        l3: &Layout,
+    ) -> Result<usize> {
         let block = checked_block(self.name(), self.granularity, l1, l3)?;
-        one_value(self.name(), l2)?;
+        device_temperature(self.name(), s2, l2)?;
         Ok(block)
     }
 }
@@ -173,9 +213,7 @@ impl CustomOp3 for LearnableOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// On CUDA the temperature's shape is checked but not its value: reading it would copy it to
-    /// the host on every call, so a `t <= 0` or non-finite `t` gives the formula's value there
-    /// instead of the CPU's error.
+    /// `t` is checked as on the CPU (see `device_temperature`): `t <= 0` is the same error.
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -186,7 +224,7 @@ impl CustomOp3 for LearnableOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let block = self.device_checks(l1, l2, l3)?;
+        let block = self.device_checks(l1, (s2, l2), l3)?;
         let out = cuda::forward(
             self.name(),
             &self.surrogate,
@@ -198,8 +236,7 @@ impl CustomOp3 for LearnableOp {
         Ok((out, l1.shape().clone()))
     }
 
-    /// As on CUDA, the temperature's shape is checked but not its value (reading it would wait
-    /// for the GPU on every call): a `t <= 0` or non-finite `t` gives the formula's value.
+    /// `t` is checked as on the CPU, as on CUDA.
     #[cfg(feature = "metal")]
     fn metal_fwd(
         &self,
@@ -210,7 +247,7 @@ impl CustomOp3 for LearnableOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let block = self.device_checks(l1, l2, l3)?;
+        let block = self.device_checks(l1, (s2, l2), l3)?;
         let out = metal::forward(
             self.name(),
             &self.surrogate,
@@ -245,17 +282,22 @@ impl CustomOp3 for LearnableOp {
 pub struct LearnableGradOp(pub LearnableOp);
 
 impl LearnableGradOp {
-    /// The GPU kernels' input checks, `(n, block)`: a non-empty `x`, a one-value `t` (its value is
-    /// not read) and exactly the parameters plus the upstream gradient in the third input.
+    /// The GPU kernels' input checks, `(n, block)`: a non-empty `x`, a one-value `t` that is
+    /// finite and > 0, and exactly the parameters plus the upstream gradient in the third input.
     #[cfg(any(feature = "cuda", feature = "metal"))]
-    fn device_checks(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize)> {
+    fn device_checks<S: candle_core::backend::BackendStorage>(
+        &self,
+        l1: &Layout,
+        (s2, l2): (&S, &Layout),
+        l3: &Layout,
+    ) -> Result<(usize, usize)> {
         crate::ops::cpu_util::non_empty(self.name(), l1)?;
         let n = l1.shape().elem_count();
         let block = self
             .0
             .granularity
             .block_size(n, crate::ops::cpu_util::last_dim(l1))?;
-        one_value(self.name(), l2)?;
+        device_temperature(self.name(), s2, l2)?;
         if l3.shape().elem_count() != 2 * (n / block) + n {
             return Err(QuantError::Shape {
                 op: self.name(),
@@ -308,7 +350,7 @@ impl CustomOp3 for LearnableGradOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, block) = self.device_checks(l1, l2, l3)?;
+        let (n, block) = self.device_checks(l1, (s2, l2), l3)?;
         let out = cuda::backward(
             self.name(),
             &self.0.surrogate,
@@ -330,7 +372,7 @@ impl CustomOp3 for LearnableGradOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let (n, block) = self.device_checks(l1, l2, l3)?;
+        let (n, block) = self.device_checks(l1, (s2, l2), l3)?;
         let out = metal::backward(
             self.name(),
             &self.0.surrogate,

@@ -71,6 +71,9 @@ fn segment_body(kind: Kind, out: &mut [f32], xs: &[f32], (s, aux): (f32, f32), l
         Kind::Binary { .. } => map(out, xs, lambda, |x| {
             Kind::Binary { scaled: true }.quantize(x, s, aux)
         }),
+        Kind::BinaryCentered => map(out, xs, lambda, |x| {
+            Kind::BinaryCentered.quantize(x, s, aux)
+        }),
         Kind::Absmean => map(out, xs, lambda, |x| Kind::Absmean.quantize(x, s, aux)),
         Kind::Threshold { .. } => map(out, xs, lambda, |x| {
             Kind::Threshold {
@@ -96,8 +99,9 @@ fn map(out: &mut [f32], xs: &[f32], lambda: f32, q: impl Fn(f32) -> f32) {
     }
 }
 
-/// `u * ((1 - lambda) + lambda * e'(x / n))` for every value: the gradient of the blended
-/// quantizer with the estimator standing in for `dq/dx`.
+/// `u * ((1 - lambda) + lambda * e'((x - c) / n))` for every value (`c` the kind's
+/// [`center`](Kind::center)): the gradient of the blended quantizer with the estimator standing
+/// in for `dq/dx`.
 pub(crate) fn backward(
     kind: Kind,
     est: EstKind,
@@ -109,11 +113,13 @@ pub(crate) fn backward(
 ) -> Vec<f32> {
     let mut out = vec![0f32; xs.len()];
     for_block_segments(&mut out, block, |b, start, seg| {
-        let inv_n = 1.0 / kind.normalizer(params[2 * b], params[2 * b + 1]);
+        let (s, aux) = (params[2 * b], params[2 * b + 1]);
+        let inv_n = 1.0 / kind.normalizer(s, aux);
+        let c = kind.center(aux);
         let xs = &xs[start..start + seg.len()];
         let us = &us[start..start + seg.len()];
         for ((o, &x), &u) in seg.iter_mut().zip(xs).zip(us) {
-            *o = u * ((1.0 - lambda) + lambda * est.derivative(x * inv_n));
+            *o = u * ((1.0 - lambda) + lambda * est.derivative((x - c) * inv_n));
         }
     });
     out
@@ -131,6 +137,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let kinds = [
             (Kind::Binary { scaled: true }, (0.7, 0.0)),
+            (Kind::BinaryCentered, (0.7, -0.75)),
             (Kind::Absmean, (0.5, 0.0)),
             (
                 Kind::Threshold {

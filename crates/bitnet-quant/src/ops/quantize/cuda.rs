@@ -22,8 +22,10 @@ extern "C" __global__ void bq_quantize_bwd(const float* x, const float* params, 
                                            u64 n, u64 block, unsigned kind, unsigned est, float p, float lambda) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 b = i / block;
-        float inv_n = 1.0f / bq_normalizer(kind, params[2 * b], params[2 * b + 1]);
-        out[i] = u[i] * ((1.0f - lambda) + lambda * bq_derivative(est, p, x[i] * inv_n));
+        float s = params[2 * b], aux = params[2 * b + 1];
+        float inv_n = 1.0f / bq_normalizer(kind, s, aux);
+        float r = (x[i] - bq_center(kind, aux)) * inv_n;
+        out[i] = u[i] * ((1.0f - lambda) + lambda * bq_derivative(est, p, r));
     }
 }
 "#;

@@ -41,8 +41,10 @@ kernel void bq_quantize_bwd(device const float* x [[buffer(0)]],
                             BQ_THREAD_IDS) {
     for (ulong i = ulong(bid) * bdim + tid; i < n; i += ulong(gdim) * bdim) {
         ulong b = bq_div(i, block);
-        float inv_n = 1.0f / bq_normalizer(kind, params[2 * b], params[2 * b + 1]);
-        out[i] = u[i] * ((1.0f - lambda) + lambda * bq_derivative(est, p, x[i] * inv_n));
+        float s = params[2 * b], aux = params[2 * b + 1];
+        float inv_n = 1.0f / bq_normalizer(kind, s, aux);
+        float r = (x[i] - bq_center(kind, aux)) * inv_n;
+        out[i] = u[i] * ((1.0f - lambda) + lambda * bq_derivative(est, p, r));
     }
 }
 "#;

@@ -117,6 +117,20 @@ fn above_stats(xs: &[f32], d: f32) -> (f64, usize) {
     (sum, count)
 }
 
+/// `sum x` (signed), added in f64 lanes like [`abs_stats`]: the center of
+/// [`Kind::BinaryCentered`]. A separate pass, so that the other kinds do not pay for it.
+fn signed_sum(xs: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for k in 0..8 {
+            acc[k] += c[k] as f64;
+        }
+    }
+    let sum: f64 = acc.iter().sum();
+    sum + it.remainder().iter().map(|&v| v as f64).sum::<f64>()
+}
+
 /// `NonFinite` (with the count) unless `finite`, which the caller's pass over `xs` found: a
 /// finite sum, or [`abs_max`]'s flag.
 fn check_finite(op: &'static str, finite: bool, xs: &[f32]) -> Result<(), QuantError> {
@@ -133,9 +147,19 @@ fn check_finite(op: &'static str, finite: bool, xs: &[f32]) -> Result<(), QuantE
 
 fn finish(kind: Kind, xs: &[f32], sum: f64, max: f32, par: bool) -> (f32, f32) {
     let n = xs.len() as f64;
-    let mean = (sum / n) as f32;
+    let mean_abs = (sum / n) as f32;
+    let mean = if kind.needs_mean() {
+        let s = if par {
+            xs.par_chunks(1 << 16).map(signed_sum).sum::<f64>()
+        } else {
+            signed_sum(xs)
+        };
+        (s / n) as f32
+    } else {
+        0.0
+    };
     let above_mean = if kind.needs_above_pass() {
-        let d = kind.threshold(mean);
+        let d = kind.threshold(mean_abs);
         let (s, c) = if par {
             xs.par_chunks(1 << 16)
                 .map(|c| above_stats(c, d))
@@ -151,7 +175,7 @@ fn finish(kind: Kind, xs: &[f32], sum: f64, max: f32, par: bool) -> (f32, f32) {
     } else {
         0.0
     };
-    kind.params(mean, max, above_mean)
+    kind.params_with_mean(mean_abs, max, above_mean, mean)
 }
 
 /// Block parameters, `(s, aux)` per block of `block` consecutive values, flattened.

@@ -1,9 +1,12 @@
-//! CUDA kernels of the block parameters: the same two passes as `cpu.rs` (`sum|x|`, `max|x|`, then
-//! for scaled threshold kinds the mean of `|x|` above the threshold), each a partial reduction
-//! per chunk of a block followed by a fixed-order reduction of the chunks, all on the GPU.
+//! CUDA kernels of the block parameters: the same two passes as `cpu.rs` (`sum|x|`, `max|x|` and,
+//! for the centered binary kind, the signed `sum x`; then for scaled threshold kinds the mean of
+//! `|x|` above the threshold), each a partial reduction per chunk of a block followed by a
+//! fixed-order reduction of the chunks, all on the GPU.
 //!
-//! Sums are accumulated in f64 (the CPU sums in f32 lanes of 1024 values, then f64), so a mean
-//! can differ from the CPU's in its last bits; maxima are exact.
+//! Sums are accumulated in f64, as on the CPU, in another order: the sums differ by about 1e-16
+//! relative, so the f32 means almost always round to the same value and otherwise differ by an
+//! ulp (the device tests allow 2e-6 relative); maxima are exact. f64 cannot overflow here: a
+//! block of `2^32` values of `f32::MAX` sums to about `1.5e48`.
 
 use crate::error::QuantError;
 use crate::ops::cuda_util::{cfg, f32_view, function, splits, wrap};
@@ -15,8 +18,10 @@ use std::sync::OnceLock;
 
 const SRC: &str = r#"
 // Partial |x| statistics of chunk (blockIdx.x % splits) of block (blockIdx.x / splits).
+// With `centered` set, also the signed sum of the chunk (the center of kind 8) into psigned.
 extern "C" __global__ void bq_abs_partial(const float* x, u64 block, unsigned splits, u64 chunk,
-                                          double* psum, float* pmax, unsigned* nonfinite) {
+                                          unsigned centered, double* psum, double* psigned,
+                                          float* pmax, unsigned* nonfinite) {
     __shared__ double shd[256];
     __shared__ float shf[256];
     __shared__ unsigned shu[256];
@@ -36,6 +41,17 @@ extern "C" __global__ void bq_abs_partial(const float* x, u64 block, unsigned sp
     acc = bq_block_sum<double>(acc, shd);
     mx = bq_block_max(mx, shf);
     bad = bq_block_sum<unsigned>(bad, shu);
+    // `centered` is the same for the whole CUDA block, so every thread reaches the barriers.
+    if (centered != 0u) {
+        double sacc = 0.0;
+        for (u64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            sacc += (double)xb[i];
+        }
+        sacc = bq_block_sum<double>(sacc, shd);
+        if (threadIdx.x == 0) {
+            psigned[blockIdx.x] = sacc;
+        }
+    }
     if (threadIdx.x == 0) {
         psum[blockIdx.x] = acc;
         pmax[blockIdx.x] = mx;
@@ -47,8 +63,9 @@ extern "C" __global__ void bq_abs_partial(const float* x, u64 block, unsigned sp
 
 // Kind::params from the partials, one thread per block. Scaled threshold kinds get their
 // threshold in aux here and their scale from bq_above_finish.
-extern "C" __global__ void bq_finish(const double* psum, const float* pmax, unsigned splits, u64 block,
-                                     u64 blocks, unsigned kind, float fixed, float qmax, float* params) {
+extern "C" __global__ void bq_finish(const double* psum, const double* psigned, const float* pmax,
+                                     unsigned splits, u64 block, u64 blocks, unsigned kind, float fixed,
+                                     float qmax, float* params) {
     u64 qb = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (qb >= blocks) {
         return;
@@ -68,6 +85,13 @@ extern "C" __global__ void bq_finish(const double* psum, const float* pmax, unsi
     } else if (kind <= 6u) {
         s = (kind == 3u || kind == 5u) ? 1.0f : 0.0f;
         aux = kind <= 4u ? fixed : 0.7f * mean;
+    } else if (kind == 8u) {
+        double ssum = 0.0;
+        for (unsigned k = 0; k < splits; ++k) {
+            ssum += psigned[qb * splits + k];
+        }
+        s = mean;
+        aux = (float)(ssum / (double)block);
     } else {
         float m = fmaxf(mx, BQ_EPS);
         s = m / qmax;
@@ -147,14 +171,24 @@ pub(crate) fn block_params(
 
     // SAFETY (all allocs below): every element is written by the kernels before it is read.
     let mut psum = unsafe { dev.alloc::<f64>(grid)? };
+    // Written and read only for the centered kind; one value otherwise.
+    let centered = kind.needs_mean() as u32;
+    let mut psigned = unsafe { dev.alloc::<f64>(if centered != 0 { grid } else { 1 })? };
     let mut pmax = unsafe { dev.alloc::<f32>(grid)? };
     let mut params = unsafe { dev.alloc::<f32>(2 * blocks)? };
     let mut nonfinite = dev.alloc_zeros::<u32>(1)?;
 
     let f = function(dev, &PTX, MODULE, SRC, "bq_abs_partial")?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&block_u).arg(&nsplit_u).arg(&chunk_u);
-    b.arg(&mut psum).arg(&mut pmax).arg(&mut nonfinite);
+    b.arg(&x)
+        .arg(&block_u)
+        .arg(&nsplit_u)
+        .arg(&chunk_u)
+        .arg(&centered);
+    b.arg(&mut psum)
+        .arg(&mut psigned)
+        .arg(&mut pmax)
+        .arg(&mut nonfinite);
     // SAFETY: the argument list matches the kernel's signature; the grid covers every chunk.
     unsafe { b.launch(cfg(grid, threads)) }.w()?;
 
@@ -162,6 +196,7 @@ pub(crate) fn block_params(
     let f = function(dev, &PTX, MODULE, SRC, "bq_finish")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&psum)
+        .arg(&psigned)
         .arg(&pmax)
         .arg(&nsplit_u)
         .arg(&block_u)

@@ -10,6 +10,8 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 #[cfg(feature = "metal")]
 pub(crate) mod metal;
+#[cfg(test)]
+mod metal_emulation;
 
 use crate::ops::cpu_util::{f32_values, last_dim, non_empty};
 use crate::ops::math::Kind;
