@@ -15,8 +15,19 @@ pub const EPS: f32 = 1e-5;
 pub enum Scheme {
     /// `s * sign(x)`, `s = mean|x|` if `scaled` (XNOR-Net / BitNet b1), else 1.
     Binary { scaled: bool },
-    /// BitNet b1.58: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
+    /// BitNet b1.58 as in the paper: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
     TernaryAbsmean,
+    /// BitNet b1.58 as Hugging Face transformers computes it (`WeightQuant` of `AutoBitLinear`,
+    /// the models saved as `BitNetForCausalLM`): with `g = max(mean|x|, 1e-5)` and `m = 1 / g`,
+    /// `clamp(round(x * m), -1, 1) / m`.
+    ///
+    /// It differs from [`Scheme::TernaryAbsmean`] in two ways: the epsilon is a floor under the
+    /// mean instead of an addend to it (so on weights whose mean is a few times `1e-5` the
+    /// thresholds `±g / 2` sit where transformers puts them), and values are multiplied by the
+    /// reciprocal scale, in f32, as transformers does, so that every level and every scale is
+    /// bit for bit transformers' (a model loaded from a Hugging Face checkpoint reproduces its
+    /// logits). The estimators normalise by `1 / m`.
+    TernaryAbsmeanHf,
     /// `s * (x > D) - s * (x < -D)` (strict, so `|x| == D` gives 0). `s` is the mean of `|x|` over the
     /// values above `D` when `scaled`, else 1.
     TernaryThreshold { threshold: Threshold, scaled: bool },
@@ -52,7 +63,7 @@ pub enum Granularity {
 
 /// The backward of a quantizer: the gradient it lets through, with `u` the upstream gradient and
 /// `r = x / n` the input normalised by its block's range `n` (`n = s` for binary and threshold
-/// schemes, `g + 1e-5` for absmean, `m` for multi-bit and int8; `n = 1` for unscaled binary, where
+/// schemes, `g + 1e-5` for absmean, `1 / m` for the Hugging Face absmean, `m` for multi-bit and int8; `n = 1` for unscaled binary, where
 /// `r = x` and the formulas are those of the papers).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Estimator {
@@ -109,7 +120,9 @@ impl Scheme {
     pub fn levels(&self) -> Vec<i32> {
         match *self {
             Scheme::Binary { .. } => vec![-1, 1],
-            Scheme::TernaryAbsmean | Scheme::TernaryThreshold { .. } => vec![-1, 0, 1],
+            Scheme::TernaryAbsmean | Scheme::TernaryAbsmeanHf | Scheme::TernaryThreshold { .. } => {
+                vec![-1, 0, 1]
+            }
             Scheme::MultiBit { bits } => {
                 let h = 1i32 << (bits - 1);
                 (-h..h).collect()

@@ -86,6 +86,7 @@ fn every_estimator_on_every_scheme_gives_the_formula() {
         (Scheme::Binary { scaled: false }, 1.0),
         (Scheme::Binary { scaled: true }, mean_abs),
         (Scheme::TernaryAbsmean, mean_abs + 1e-5),
+        (Scheme::TernaryAbsmeanHf, 1.0 / (1.0 / mean_abs)),
         (
             Scheme::TernaryThreshold {
                 threshold: bitnet_quant::Threshold::Fixed(0.4),

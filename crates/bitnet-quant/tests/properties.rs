@@ -9,6 +9,7 @@ fn schemes() -> impl Strategy<Value = Scheme> {
     prop_oneof![
         any::<bool>().prop_map(|scaled| Scheme::Binary { scaled }),
         Just(Scheme::TernaryAbsmean),
+        Just(Scheme::TernaryAbsmeanHf),
         (0.0f32..1.0, any::<bool>()).prop_map(|(d, scaled)| Scheme::TernaryThreshold {
             threshold: Threshold::Fixed(d),
             scaled

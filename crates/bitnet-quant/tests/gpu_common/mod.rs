@@ -57,6 +57,8 @@ fn schemes() -> Vec<Scheme> {
         Scheme::MultiBit { bits: 2 },
         Scheme::MultiBit { bits: 4 },
         Scheme::Int8PerToken,
+        // After the first seven: no learnable temperature for it.
+        Scheme::TernaryAbsmeanHf,
     ]
 }
 
@@ -161,6 +163,7 @@ fn mean_based(kind: Kind) -> bool {
         kind,
         Kind::Binary { scaled: true }
             | Kind::Absmean
+            | Kind::AbsmeanHf
             | Kind::Threshold { fixed: None, .. }
             | Kind::Threshold { scaled: true, .. }
     )

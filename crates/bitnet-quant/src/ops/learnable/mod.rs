@@ -34,6 +34,14 @@ pub struct Surrogate {
 impl Surrogate {
     /// Only sign-like schemes have a tanh surrogate.
     pub fn new(kind: Kind, hardness: f32) -> std::result::Result<Self, QuantError> {
+        if matches!(kind, Kind::AbsmeanHf) {
+            // Its reciprocal-scale form has no kernel in the learnable op's device code.
+            return Err(crate::error::invalid(
+                "scheme",
+                "TernaryAbsmeanHf",
+                "Binary, TernaryAbsmean or TernaryThreshold for a learnable temperature",
+            ));
+        }
         if matches!(kind, Kind::Int { .. }) {
             return Err(crate::error::invalid(
                 "scheme",
@@ -53,7 +61,7 @@ impl Surrogate {
         let n = self.kind.normalizer(s, aux);
         let d = match self.kind {
             Kind::Binary { .. } => None,
-            Kind::Absmean => Some(0.5),
+            Kind::Absmean | Kind::AbsmeanHf => Some(0.5),
             _ => Some(aux / n),
         };
         (x / n, d)

@@ -68,6 +68,9 @@ extern "C" __global__ void bq_finish(const double* psum, const float* pmax, unsi
     } else if (kind <= 6u) {
         s = (kind == 3u || kind == 5u) ? 1.0f : 0.0f;
         aux = kind <= 4u ? fixed : 0.7f * mean;
+    } else if (kind == 9u) {
+        aux = 1.0f / fmaxf(mean, BQ_EPS);
+        s = 1.0f / aux;
     } else {
         float m = fmaxf(mx, BQ_EPS);
         s = m / qmax;

@@ -95,6 +95,9 @@ kernel void bq_finish(device const bq_dd* psum [[buffer(0)]],
     } else if (kind <= 6u) {
         s = (kind == 3u || kind == 5u) ? 1.0f : 0.0f;
         aux = kind <= 4u ? fixed : 0.7f * mean;
+    } else if (kind == 9u) {
+        aux = 1.0f / bq_fmax(mean, BQ_EPS);
+        s = 1.0f / aux;
     } else {
         float m = bq_fmax(mx, BQ_EPS);
         s = m / qmax;
