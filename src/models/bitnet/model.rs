@@ -277,7 +277,9 @@ impl BitNetForCausalLM {
                 proj.push(Projection::inference(&w, quantized, dense)?);
             }
             let norms = layer_norms(cfg);
-            let mut n = norms.iter().map(|(name, dim)| norm(format!("{pre}.{name}"), *dim));
+            let mut n = norms
+                .iter()
+                .map(|(name, dim)| norm(format!("{pre}.{name}.weight"), *dim));
             let (input_layernorm, post_attention_layernorm, attn_sub, ffn_sub) = (
                 n.next().expect("four norms")?,
                 n.next().expect("four norms")?,
