@@ -22,7 +22,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The packed and f32 runtimes of one random model.
@@ -42,7 +45,9 @@ fn models() -> (BitNetForCausalLM, BitNetForCausalLM) {
 }
 
 fn ids(n: usize, vocab: usize) -> Tensor {
-    let v: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
+    let v: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7919 + 13) % vocab as u32)
+        .collect();
     Tensor::from_vec(v, (1, n), &Device::Cpu).unwrap()
 }
 
@@ -55,7 +60,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10).throughput(Throughput::Elements(1));
     for (name, m) in [("packed", &packed), ("f32", &dense)] {
         let mut prefilled = Cache::new(true, &cfg);
-        m.forward(&ids(64, cfg.vocab_size), 0, &mut prefilled).unwrap();
+        m.forward(&ids(64, cfg.vocab_size), 0, &mut prefilled)
+            .unwrap();
         let next = ids(1, cfg.vocab_size);
         g.bench_function(name, |b| {
             b.iter(|| {

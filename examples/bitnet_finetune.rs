@@ -129,8 +129,14 @@ fn tokens(args: &Args, ckpt: &HfCheckpoint) -> Result<(Vec<u32>, Vec<u32>)> {
 
 /// Inputs and next-token targets `[starts.len(), seq]` from windows of `text`.
 fn windows(text: &[u32], starts: &[usize], seq: usize) -> Result<(Tensor, Tensor)> {
-    let x: Vec<u32> = starts.iter().flat_map(|&s| text[s..s + seq].to_vec()).collect();
-    let y: Vec<u32> = starts.iter().flat_map(|&s| text[s + 1..s + seq + 1].to_vec()).collect();
+    let x: Vec<u32> = starts
+        .iter()
+        .flat_map(|&s| text[s..s + seq].to_vec())
+        .collect();
+    let y: Vec<u32> = starts
+        .iter()
+        .flat_map(|&s| text[s + 1..s + seq + 1].to_vec())
+        .collect();
     let shape = (starts.len(), seq);
     Ok((
         Tensor::from_vec(x, shape, &Device::Cpu)?,
@@ -157,7 +163,11 @@ fn main() -> Result<()> {
     let (train, valid) = tokens(&args, &ckpt)?;
     let seq = args.seq_len.min(ckpt.config().max_position_embeddings);
     if train.len() <= seq + 1 || valid.len() <= seq + 1 {
-        candle_core::bail!("--data: {} / {} tokens of training / validation text, too few for --seq-len {seq}", train.len(), valid.len());
+        candle_core::bail!(
+            "--data: {} / {} tokens of training / validation text, too few for --seq-len {seq}",
+            train.len(),
+            valid.len()
+        );
     }
     let (cfg, vm) = ckpt.load_varmap()?;
     let mut qat = match cfg.quantization_config {
@@ -168,13 +178,22 @@ fn main() -> Result<()> {
         let steps = args.warmup_steps.unwrap_or(args.steps / 3).max(1);
         qat.lambda = LambdaSchedule::Linear { steps };
     }
-    let model = BitNetForCausalLM::new(&cfg, qat, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let model = BitNetForCausalLM::new(
+        &cfg,
+        qat,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )?;
     let teacher = match args.distill {
         true => Some(ckpt.load_model(Runtime::Packed)?),
         false => None,
     };
     let val_before = validate(&model, &valid, &args, seq)?;
-    println!("{}: {} train / {} validation tokens; validation loss before {val_before:.4}", args.hf.display(), train.len(), valid.len());
+    println!(
+        "{}: {} train / {} validation tokens; validation loss before {val_before:.4}",
+        args.hf.display(),
+        train.len(),
+        valid.len()
+    );
     let mut opt = QatAdamW::new(
         sorted_vars(&vm),
         ParamsQatAdamW {
@@ -197,22 +216,39 @@ fn main() -> Result<()> {
             }
         };
         opt.set_learning_rate(lr);
-        let starts: Vec<usize> = (0..args.batch).map(|_| rng.random_range(0..train.len() - seq - 1)).collect();
+        let starts: Vec<usize> = (0..args.batch)
+            .map(|_| rng.random_range(0..train.len() - seq - 1))
+            .collect();
         let (x, y) = windows(&train, &starts, seq)?;
         let loss = match &teacher {
             None => model.loss(&x, &y)?,
             Some(t) => {
                 let v = cfg.vocab_size;
-                let s = model.forward_all(&x, 0, &mut Cache::new(false, &cfg))?.reshape(((), v))?;
-                let tl = t.forward_all(&x, 0, &mut Cache::new(false, &cfg))?.reshape(((), v))?;
-                kd_loss(&s, &tl, args.kd_temperature, args.kd_alpha, &y.flatten_all()?)?
+                let s = model
+                    .forward_all(&x, 0, &mut Cache::new(false, &cfg))?
+                    .reshape(((), v))?;
+                let tl = t
+                    .forward_all(&x, 0, &mut Cache::new(false, &cfg))?
+                    .reshape(((), v))?;
+                kd_loss(
+                    &s,
+                    &tl,
+                    args.kd_temperature,
+                    args.kd_alpha,
+                    &y.flatten_all()?,
+                )?
             }
         };
         opt.backward_step(&loss)?;
         secs += t0.elapsed().as_secs_f64();
         tokens_seen += args.batch * seq;
         if (step + 1) % 10 == 0 || step + 1 == args.steps {
-            println!("step {}: loss {:.4}, {:.0} tokens/s", step + 1, loss.to_scalar::<f32>()?, tokens_seen as f64 / secs);
+            println!(
+                "step {}: loss {:.4}, {:.0} tokens/s",
+                step + 1,
+                loss.to_scalar::<f32>()?,
+                tokens_seen as f64 / secs
+            );
         }
     }
     let val_after = validate(&model, &valid, &args, seq)?;

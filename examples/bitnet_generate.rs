@@ -32,7 +32,11 @@ struct Args {
     #[arg(long)]
     hf_repo: Option<String>,
     /// The prompt, tokenized with the checkpoint's tokenizer.json.
-    #[arg(long, required_unless_present = "token_ids", conflicts_with = "token_ids")]
+    #[arg(
+        long,
+        required_unless_present = "token_ids",
+        conflicts_with = "token_ids"
+    )]
     prompt: Option<String>,
     /// The prompt as token ids, e.g. `1,2,3`.
     #[arg(long, value_delimiter = ',')]
@@ -107,9 +111,16 @@ fn main() -> Result<()> {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
             let tok = tokenizer.as_ref().ok_or_else(|| {
-                candle_core::Error::msg(format!("--prompt: {} has no tokenizer.json; give --token-ids", dir.display()))
+                candle_core::Error::msg(format!(
+                    "--prompt: {} has no tokenizer.json; give --token-ids",
+                    dir.display()
+                ))
             })?;
-            let mut ids = tok.encode(text.as_str(), true).map_err(candle_core::Error::msg)?.get_ids().to_vec();
+            let mut ids = tok
+                .encode(text.as_str(), true)
+                .map_err(candle_core::Error::msg)?
+                .get_ids()
+                .to_vec();
             // Llama-3-style tokenizers add the beginning-of-text token themselves; others don't.
             if let Some(bos) = ckpt.config().bos_token_id {
                 if ids.first() != Some(&bos) && tok.id_to_token(bos).is_some() {
@@ -120,7 +131,11 @@ fn main() -> Result<()> {
         }
         (None, None) => candle_core::bail!("give --prompt TEXT or --token-ids 1,2,3"),
     };
-    let runtime = if args.f32 { Runtime::Dense } else { Runtime::Packed };
+    let runtime = if args.f32 {
+        Runtime::Dense
+    } else {
+        Runtime::Packed
+    };
     let model = ckpt.load_model(runtime)?;
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
@@ -140,7 +155,10 @@ fn main() -> Result<()> {
                 // Decode the whole continuation and print what is new: a token may complete a
                 // multi-byte character only together with the next one.
                 let text = tok.decode(&so_far, true).map_err(candle_core::Error::msg)?;
-                if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{fffd}') {
+                if text.len() > printed
+                    && text.is_char_boundary(printed)
+                    && !text.ends_with('\u{fffd}')
+                {
                     print!("{}", &text[printed..]);
                     printed = text.len();
                 }

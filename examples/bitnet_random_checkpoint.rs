@@ -21,7 +21,9 @@ use std::path::PathBuf;
 mod common;
 
 #[derive(Debug, Parser)]
-#[command(about = "Write a random BitNetForCausalLM checkpoint with bitnet-b1.58-2B-4T's layer shapes")]
+#[command(
+    about = "Write a random BitNetForCausalLM checkpoint with bitnet-b1.58-2B-4T's layer shapes"
+)]
 struct Args {
     /// Decoder layers (the real model has 30).
     #[arg(long, default_value_t = 4, value_parser = common::positive_usize)]
@@ -41,16 +43,25 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = Config::b158_2b_shapes(args.layers, args.vocab);
     let vm = VarMap::new();
-    let model = BitNetForCausalLM::new(&cfg, QATConfig::ternary_hf(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let model = BitNetForCausalLM::new(
+        &cfg,
+        QATConfig::ternary_hf(),
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )?;
     bitnet::training::init::reseed(&vm, args.seed)?;
     let mut sizes = serde_json::Map::new();
     for (form, name) in [(SaveForm::Online, "online"), (SaveForm::Offline, "offline")] {
         let dir = args.out.join(name);
         save(&model, &dir, form, DType::F32, None)?;
-        let bytes = std::fs::metadata(dir.join("model.safetensors")).map_err(candle_core::Error::wrap)?.len();
+        let bytes = std::fs::metadata(dir.join("model.safetensors"))
+            .map_err(candle_core::Error::wrap)?
+            .len();
         println!("{}: {bytes} bytes", dir.display());
         sizes.insert(name.into(), bytes.into());
     }
-    println!("{}", serde_json::json!({"layers": args.layers, "vocab": args.vocab, "file_bytes": sizes}));
+    println!(
+        "{}",
+        serde_json::json!({"layers": args.layers, "vocab": args.vocab, "file_bytes": sizes})
+    );
     Ok(())
 }

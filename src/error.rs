@@ -36,7 +36,11 @@ pub enum ModelError {
 
 impl ModelError {
     /// A [`ModelError::Config`] of `file`.
-    pub fn config(file: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn config(
+        file: impl Into<String>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         Self::Config {
             file: file.into(),
             field: field.into(),

@@ -37,10 +37,15 @@ struct Expected {
 }
 
 fn expected(model: &str, form: &str) -> Expected {
-    let t = candle_core::safetensors::load(fixture(model).join("expected.safetensors"), &Device::Cpu)
-        .unwrap();
+    let t =
+        candle_core::safetensors::load(fixture(model).join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
     let ids = |k: &str| -> Vec<u32> {
-        t[k].to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+        t[k].to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
     };
     Expected {
         ids: ids("input_ids"),
@@ -50,7 +55,10 @@ fn expected(model: &str, form: &str) -> Expected {
 }
 
 fn all_logits(model: &BitNetForCausalLM, ids: &[u32]) -> Tensor {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model
         .forward_all(&x, 0, &mut Cache::new(false, model.config()))
         .unwrap()
@@ -81,9 +89,17 @@ fn training_model(dir: &Path) -> BitNetForCausalLM {
     };
     // The VarMap holds every tensor already: `get` returns them, creating nothing.
     let n = vm.all_vars().len();
-    let m = BitNetForCausalLM::new(&cfg, qat, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
-        .unwrap();
-    assert_eq!(vm.all_vars().len(), n, "the model created variables the checkpoint lacks");
+    let m = BitNetForCausalLM::new(
+        &cfg,
+        qat,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(
+        vm.all_vars().len(),
+        n,
+        "the model created variables the checkpoint lacks"
+    );
     m
 }
 
@@ -109,10 +125,17 @@ fn logits_and_greedy_tokens_match_transformers_in_every_runtime() {
             let ours = all_logits(m, &e.ids);
             assert_eq!(ours.dims(), e.logits.dims(), "{model}/{form} {name}");
             let rel = rel_diff(&ours, &e.logits);
-            assert!(rel < TOLERANCE, "{model}/{form} {name}: logits differ by {rel:e} (relative)");
+            assert!(
+                rel < TOLERANCE,
+                "{model}/{form} {name}: logits differ by {rel:e} (relative)"
+            );
         }
         let (_, packed) = &runtimes[0];
-        assert_eq!(greedy(packed, &e.ids, e.greedy.len()), e.greedy, "{model}/{form} greedy");
+        assert_eq!(
+            greedy(packed, &e.ids, e.greedy.len()),
+            e.greedy,
+            "{model}/{form} greedy"
+        );
         // The KV cache gives the logits a full forward gives: prefill, then token by token.
         let mut cache = Cache::new(true, packed.config());
         let split = e.ids.len() - 3;
@@ -120,7 +143,13 @@ fn logits_and_greedy_tokens_match_transformers_in_every_runtime() {
         packed.forward(&x(&e.ids[..split]), 0, &mut cache).unwrap();
         let mut last = None;
         for (k, &t) in e.ids[split..].iter().enumerate() {
-            last = Some(packed.forward(&x(&[t]), split + k, &mut cache).unwrap().squeeze(0).unwrap());
+            last = Some(
+                packed
+                    .forward(&x(&[t]), split + k, &mut cache)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
         }
         let want = e.logits.get(e.ids.len() - 1).unwrap();
         let rel = rel_diff(&last.unwrap(), &want);
@@ -144,11 +173,21 @@ fn weights(m: &BitNetForCausalLM) -> Vec<(String, Vec<f32>, Vec<i8>)> {
     let mut out: Vec<(String, Vec<f32>, Vec<i8>)> = m
         .named_tensors()
         .into_iter()
-        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), Vec::new()))
+        .map(|(n, t)| {
+            (
+                n,
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                Vec::new(),
+            )
+        })
         .collect();
     for (name, p) in m.projections() {
         match p.weight().unwrap() {
-            ProjectionWeight::Latent(t) => out.push((name, t.flatten_all().unwrap().to_vec1().unwrap(), Vec::new())),
+            ProjectionWeight::Latent(t) => out.push((
+                name,
+                t.flatten_all().unwrap().to_vec1().unwrap(),
+                Vec::new(),
+            )),
             ProjectionWeight::Packed(p) => out.push((name, p.scales().to_vec(), p.levels())),
         }
     }
@@ -157,7 +196,13 @@ fn weights(m: &BitNetForCausalLM) -> Vec<(String, Vec<f32>, Vec<i8>)> {
 
 fn bits(w: &[(String, Vec<f32>, Vec<i8>)]) -> Vec<(String, Vec<u32>, Vec<i8>)> {
     w.iter()
-        .map(|(n, v, l)| (n.clone(), v.iter().map(|x| x.to_bits()).collect(), l.clone()))
+        .map(|(n, v, l)| {
+            (
+                n.clone(),
+                v.iter().map(|x| x.to_bits()).collect(),
+                l.clone(),
+            )
+        })
         .collect()
 }
 
@@ -169,15 +214,28 @@ fn load_save_load_gives_bit_identical_weights_in_both_forms() {
         // Online: the training runtime's latent weights; offline: the packed codes and scales.
         let (save_form, first) = match form {
             "online" => (SaveForm::Online, training_model(&src)),
-            _ => (SaveForm::Offline, HfCheckpoint::open(&src).unwrap().load_model(Runtime::Packed).unwrap()),
+            _ => (
+                SaveForm::Offline,
+                HfCheckpoint::open(&src)
+                    .unwrap()
+                    .load_model(Runtime::Packed)
+                    .unwrap(),
+            ),
         };
         let dir = out.join(format!("{model}-{form}"));
         save(&first, &dir, save_form, DType::F32, None).unwrap();
         let again = match form {
             "online" => training_model(&dir),
-            _ => HfCheckpoint::open(&dir).unwrap().load_model(Runtime::Packed).unwrap(),
+            _ => HfCheckpoint::open(&dir)
+                .unwrap()
+                .load_model(Runtime::Packed)
+                .unwrap(),
         };
-        assert_eq!(bits(&weights(&first)), bits(&weights(&again)), "{model}/{form}");
+        assert_eq!(
+            bits(&weights(&first)),
+            bits(&weights(&again)),
+            "{model}/{form}"
+        );
         // And the other form: its logits are transformers' for the source checkpoint.
         let other = out.join(format!("{model}-{form}-other"));
         let other_form = match form {
@@ -186,13 +244,22 @@ fn load_save_load_gives_bit_identical_weights_in_both_forms() {
         };
         save(&first, &other, other_form, DType::F32, None).unwrap();
         let e = expected(model, form);
-        for runtime in [Runtime::Packed] {
-            let m = HfCheckpoint::open(&other).unwrap().load_model(runtime).unwrap();
+        for runtime in [Runtime::Packed, Runtime::Dense] {
+            let m = HfCheckpoint::open(&other)
+                .unwrap()
+                .load_model(runtime)
+                .unwrap();
             let rel = rel_diff(&all_logits(&m, &e.ids), &e.logits);
-            assert!(rel < TOLERANCE, "{model}/{form} saved as {other_form:?}: {rel:e}");
+            assert!(
+                rel < TOLERANCE,
+                "{model}/{form} saved as {other_form:?}: {rel:e}"
+            );
         }
         let rel = rel_diff(&all_logits(&training_model(&other), &e.ids), &e.logits);
-        assert!(rel < TOLERANCE, "{model}/{form} saved as {other_form:?}, trained: {rel:e}");
+        assert!(
+            rel < TOLERANCE,
+            "{model}/{form} saved as {other_form:?}, trained: {rel:e}"
+        );
     }
     std::fs::remove_dir_all(&out).ok();
 }

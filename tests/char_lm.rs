@@ -233,7 +233,11 @@ fn the_trained_model_is_a_hugging_face_checkpoint() {
             .load_model(Runtime::Packed)
             .unwrap();
         let got = packed
-            .forward_all(&x, 0, &mut bitnet::models::bitnet::Cache::new(false, packed.config()))
+            .forward_all(
+                &x,
+                0,
+                &mut bitnet::models::bitnet::Cache::new(false, packed.config()),
+            )
             .unwrap();
         let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
         let scale = want.abs().unwrap().max_all().unwrap();

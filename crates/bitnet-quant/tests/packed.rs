@@ -209,7 +209,10 @@ fn hf_layout_matches_a_hand_made_example() -> Result<()> {
     ] {
         let back = PackedTernary::from_hf(codes, ws, 5, class)?;
         assert_eq!(back.levels(), p.levels());
-        assert!(max_abs_diff(&back.unpack()?, &p.unpack()?) < 1e-6, "{class:?}");
+        assert!(
+            max_abs_diff(&back.unpack()?, &p.unpack()?) < 1e-6,
+            "{class:?}"
+        );
     }
     // Reading one class's scale in the other's convention is off by a factor of mean|w|^2.
     let wrong = PackedTernary::from_hf(&packed, &scale, 5, HfLinearClass::AutoBitLinear)?;
@@ -253,10 +256,14 @@ fn hf_round_trip_on_random_weights_and_errors() -> Result<()> {
     assert!(text(&PackedTernary::from_hf(&ok, &one, 9, auto).unwrap_err()).contains("output rows"));
     let zero = Tensor::new(&[0f32], &Device::Cpu)?;
     // A zero scale is a valid all-zero layer when multiplied, a division by zero when divided.
-    assert!(text(&PackedTernary::from_hf(&ok, &zero, 8, legacy).unwrap_err()).contains("weight_scale"));
+    assert!(
+        text(&PackedTernary::from_hf(&ok, &zero, 8, legacy).unwrap_err()).contains("weight_scale")
+    );
     assert_eq!(PackedTernary::from_hf(&ok, &zero, 8, auto)?.scales(), [0.0]);
     let minus = Tensor::new(&[-1f32], &Device::Cpu)?;
-    assert!(text(&PackedTernary::from_hf(&ok, &minus, 8, auto).unwrap_err()).contains("weight_scale"));
+    assert!(
+        text(&PackedTernary::from_hf(&ok, &minus, 8, auto).unwrap_err()).contains("weight_scale")
+    );
     Ok(())
 }
 

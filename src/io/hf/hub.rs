@@ -11,7 +11,9 @@ use std::path::PathBuf;
 /// returns the snapshot folder: `config.json`, the safetensors (one file or the shards its index
 /// lists) and `tokenizer.json` when the repository has one.
 pub fn download(repo_id: &str) -> Result<PathBuf> {
-    let hub_err = |e: hf_hub::api::sync::ApiError| ModelError::checkpoint(repo_id, format!("Hugging Face Hub: {e}"));
+    let hub_err = |e: hf_hub::api::sync::ApiError| {
+        ModelError::checkpoint(repo_id, format!("Hugging Face Hub: {e}"))
+    };
     let api = hf_hub::api::sync::Api::new().map_err(hub_err)?;
     let repo = api.model(repo_id.to_string());
     let config = repo.get("config.json").map_err(hub_err)?;
@@ -35,6 +37,8 @@ pub fn download(repo_id: &str) -> Result<PathBuf> {
             repo.get("model.safetensors").map_err(hub_err)?;
         }
     }
-    let dir = config.parent().ok_or_else(|| ModelError::checkpoint(repo_id, "the Hub cache returned a file with no folder"))?;
+    let dir = config.parent().ok_or_else(|| {
+        ModelError::checkpoint(repo_id, "the Hub cache returned a file with no folder")
+    })?;
     Ok(dir.to_path_buf())
 }

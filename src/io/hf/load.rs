@@ -39,7 +39,10 @@ impl std::fmt::Debug for HfCheckpoint {
         f.debug_struct("HfCheckpoint")
             .field("dir", &self.dir)
             .field("config", &self.config)
-            .field("files", &self.files.iter().map(|f| &f.0).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            )
             .field("tokenizer", &self.tokenizer)
             .finish()
     }
@@ -49,9 +52,12 @@ fn name_of(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Tensor name -> shard file name, from `model.safetensors.index.json`.
+type ShardIndex = HashMap<String, String>;
+
 /// The safetensors files of `dir`: `model.safetensors`, or the shards named by
 /// `model.safetensors.index.json` (with the index's tensor -> file map).
-fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, String>>)> {
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>)> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
@@ -59,13 +65,19 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, Stri
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::checkpoint(name_of(&index), format!("not JSON: {e}")))?;
         let map = v["weight_map"].as_object().ok_or_else(|| {
-            ModelError::checkpoint(name_of(&index), "no `weight_map` object (tensor name -> file)")
+            ModelError::checkpoint(
+                name_of(&index),
+                "no `weight_map` object (tensor name -> file)",
+            )
         })?;
         let mut routes = HashMap::new();
         let mut files: Vec<String> = Vec::new();
         for (tensor, file) in map {
             let file = file.as_str().ok_or_else(|| {
-                ModelError::checkpoint(name_of(&index), format!("weight_map[{tensor:?}] is {file}, expected a file name"))
+                ModelError::checkpoint(
+                    name_of(&index),
+                    format!("weight_map[{tensor:?}] is {file}, expected a file name"),
+                )
             })?;
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                 return Err(ModelError::checkpoint(name_of(&index), format!("weight_map[{tensor:?}] = {file:?} is not a file in the checkpoint's folder")).into());
@@ -76,7 +88,10 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, Stri
             routes.insert(tensor.clone(), file.to_string());
         }
         files.sort();
-        return Ok((files.into_iter().map(|f| dir.join(f)).collect(), Some(routes)));
+        return Ok((
+            files.into_iter().map(|f| dir.join(f)).collect(),
+            Some(routes),
+        ));
     }
     if single.is_file() {
         return Ok((vec![single], None));
@@ -92,7 +107,10 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<HashMap<String, Stri
 fn expected(cfg: &Config) -> (BTreeMap<String, Expect>, Vec<String>) {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let mut e = BTreeMap::new();
-    e.insert("model.embed_tokens.weight".to_string(), Expect::Float(vec![v, h]));
+    e.insert(
+        "model.embed_tokens.weight".to_string(),
+        Expect::Float(vec![v, h]),
+    );
     e.insert("model.norm.weight".to_string(), Expect::Float(vec![h]));
     e.insert("lm_head.weight".to_string(), Expect::Float(vec![v, h]));
     // transformers drops a tied head when saving; some checkpoints keep it anyway (unused).
@@ -103,7 +121,10 @@ fn expected(cfg: &Config) -> (BTreeMap<String, Expect>, Vec<String>) {
     let form = cfg.weight_form();
     for l in 0..cfg.num_hidden_layers {
         for (name, dim) in layer_norms(cfg) {
-            e.insert(format!("model.layers.{l}.{name}.weight"), Expect::Float(vec![dim]));
+            e.insert(
+                format!("model.layers.{l}.{name}.weight"),
+                Expect::Float(vec![dim]),
+            );
         }
         for (name, out, inp) in projection_shapes(cfg) {
             let pre = format!("model.layers.{l}.{name}");
@@ -133,14 +154,24 @@ fn is_float(d: safetensors::Dtype) -> bool {
 }
 
 /// Checks one tensor's dtype and shape against `e`; the error names it.
-fn check_tensor(name: &str, dtype: safetensors::Dtype, shape: &[usize], e: &Expect) -> std::result::Result<(), String> {
+fn check_tensor(
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    e: &Expect,
+) -> std::result::Result<(), String> {
     match e {
         Expect::Float(want) => {
             if !is_float(dtype) {
-                return Err(format!("tensor `{name}` has dtype {}, expected a float (F32, F16 or BF16)", dtype_name(dtype)));
+                return Err(format!(
+                    "tensor `{name}` has dtype {}, expected a float (F32, F16 or BF16)",
+                    dtype_name(dtype)
+                ));
             }
             if shape != want.as_slice() {
-                return Err(format!("tensor `{name}` has shape {shape:?}, expected {want:?}"));
+                return Err(format!(
+                    "tensor `{name}` has shape {shape:?}, expected {want:?}"
+                ));
             }
         }
         Expect::Packed { out, inp } => {
@@ -156,10 +187,15 @@ fn check_tensor(name: &str, dtype: safetensors::Dtype, shape: &[usize], e: &Expe
         }
         Expect::Scalar => {
             if !is_float(dtype) {
-                return Err(format!("tensor `{name}` has dtype {}, expected a float", dtype_name(dtype)));
+                return Err(format!(
+                    "tensor `{name}` has dtype {}, expected a float",
+                    dtype_name(dtype)
+                ));
             }
             if shape.iter().product::<usize>() != 1 || shape.len() > 1 {
-                return Err(format!("tensor `{name}` has shape {shape:?}, expected one value ([1])"));
+                return Err(format!(
+                    "tensor `{name}` has shape {shape:?}, expected one value ([1])"
+                ));
             }
         }
     }
@@ -183,25 +219,39 @@ impl HfCheckpoint {
         let mut routing = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
             if !p.is_file() {
-                return Err(ModelError::checkpoint(name_of(p), "missing (listed by model.safetensors.index.json)").into());
+                return Err(ModelError::checkpoint(
+                    name_of(p),
+                    "missing (listed by model.safetensors.index.json)",
+                )
+                .into());
             }
             // SAFETY: the file is mapped read-only; like candle's own loaders (and every
             // safetensors reader), this relies on nobody truncating it while it is mapped.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| {
-                ModelError::checkpoint(name_of(p), format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+                ModelError::checkpoint(
+                    name_of(p),
+                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                )
             })?;
             for (name, _) in st.tensors() {
                 if routing.insert(name.clone(), i).is_some() {
-                    return Err(ModelError::checkpoint(name_of(&dir), format!("tensor `{name}` is in two shards")).into());
+                    return Err(ModelError::checkpoint(
+                        name_of(&dir),
+                        format!("tensor `{name}` is in two shards"),
+                    )
+                    .into());
                 }
             }
             files.push((p.clone(), st));
         }
         if let Some(index) = index {
             for (tensor, file) in &index {
-                let ok = routing
-                    .get(tensor)
-                    .is_some_and(|&i| files[i].0.file_name().is_some_and(|f| f.to_string_lossy() == *file));
+                let ok = routing.get(tensor).is_some_and(|&i| {
+                    files[i]
+                        .0
+                        .file_name()
+                        .is_some_and(|f| f.to_string_lossy() == *file)
+                });
                 if !ok {
                     return Err(ModelError::checkpoint(
                         name_of(&dir.join("model.safetensors.index.json")),
@@ -233,7 +283,9 @@ impl HfCheckpoint {
             .collect();
         unknown.sort();
         if let Some(first) = unknown.first() {
-            return Err(ModelError::checkpoint(file, format!(
+            return Err(ModelError::checkpoint(
+                file,
+                format!(
                 "unknown tensor `{first}`{} (not part of a {:?} BitNetForCausalLM with {} layers)",
                 match unknown.len() {
                     1 => String::new(),
@@ -241,7 +293,8 @@ impl HfCheckpoint {
                 },
                 self.config.weight_form(),
                 self.config.num_hidden_layers
-            ))
+            ),
+            )
             .into());
         }
         let missing: Vec<&String> = expect
@@ -249,21 +302,26 @@ impl HfCheckpoint {
             .filter(|n| !self.routing.contains_key(*n) && !optional.contains(n))
             .collect();
         if let Some(first) = missing.first() {
-            return Err(ModelError::checkpoint(file, format!(
-                "missing tensor `{first}`{} (a {:?} checkpoint of this config needs it)",
-                match missing.len() {
-                    1 => String::new(),
-                    n => format!(" and {} more", n - 1),
-                },
-                self.config.weight_form()
-            ))
+            return Err(ModelError::checkpoint(
+                file,
+                format!(
+                    "missing tensor `{first}`{} (a {:?} checkpoint of this config needs it)",
+                    match missing.len() {
+                        1 => String::new(),
+                        n => format!(" and {} more", n - 1),
+                    },
+                    self.config.weight_form()
+                ),
+            )
             .into());
         }
         // Rows that the packed layout cannot hold explain every later shape mismatch: first.
         let mut order: Vec<(&String, &Expect)> = expect.iter().collect();
         order.sort_by_key(|(_, e)| !matches!(e, Expect::Packed { out, .. } if out % 4 != 0));
         for (name, e) in order {
-            let Some(&i) = self.routing.get(name) else { continue };
+            let Some(&i) = self.routing.get(name) else {
+                continue;
+            };
             let view = self.files[i].1.get(name)?;
             check_tensor(name, view.dtype(), view.shape(), e)
                 .map_err(|what| ModelError::checkpoint(name_of(&self.files[i].0), what))?;
@@ -300,7 +358,8 @@ impl HfCheckpoint {
             ModelError::checkpoint(name_of(&self.dir), format!("missing tensor `{name}`"))
         })?;
         self.files[i].1.load(name, &Device::Cpu).map_err(|e| {
-            ModelError::checkpoint(name_of(&self.files[i].0), format!("tensor `{name}`: {e}")).into()
+            ModelError::checkpoint(name_of(&self.files[i].0), format!("tensor `{name}`: {e}"))
+                .into()
         })
     }
 
@@ -330,7 +389,9 @@ impl HfCheckpoint {
                         self.tensor(name, shape)?
                     }
                     Expect::Packed { out, inp } => {
-                        let module = name.strip_suffix(".weight").expect("projection weights end in .weight");
+                        let module = name
+                            .strip_suffix(".weight")
+                            .expect("projection weights end in .weight");
                         self.projection(module, *out, *inp)?.to_latent()?
                     }
                     Expect::Scalar => continue,
@@ -350,7 +411,14 @@ impl WeightSource for HfCheckpoint {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.raw(name)?;
         if t.dims() != shape {
-            return Err(ModelError::checkpoint(name_of(&self.dir), format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())).into());
+            return Err(ModelError::checkpoint(
+                name_of(&self.dir),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
+            )
+            .into());
         }
         t.to_dtype(DType::F32)
     }
@@ -365,7 +433,14 @@ impl WeightSource for HfCheckpoint {
                     ModelError::checkpoint(name_of(&self.dir), format!("tensor `{name}`: {e}"))
                 })?;
                 if packed.in_features() != inp {
-                    return Err(ModelError::checkpoint(name_of(&self.dir), format!("tensor `{name}` has {} inputs, expected {inp}", packed.in_features())).into());
+                    return Err(ModelError::checkpoint(
+                        name_of(&self.dir),
+                        format!(
+                            "tensor `{name}` has {} inputs, expected {inp}",
+                            packed.in_features()
+                        ),
+                    )
+                    .into());
                 }
                 Ok(ProjectionWeight::Packed(packed))
             }

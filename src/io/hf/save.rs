@@ -25,7 +25,8 @@ pub enum SaveForm {
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
-        path.extension().map_or(String::new(), |e| e.to_string_lossy().into_owned())
+        path.extension()
+            .map_or(String::new(), |e| e.to_string_lossy().into_owned())
     ));
     write(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e).into())
@@ -125,8 +126,13 @@ pub fn save(
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut config = serde_json::to_value(model.config().with_weight_form(weight_form))
         .map_err(|e| ModelError::config("save", "(json)", e.to_string()))?;
-    let obj = config.as_object_mut().expect("a struct serialises to an object");
-    obj.insert("architectures".into(), serde_json::json!(["BitNetForCausalLM"]));
+    let obj = config
+        .as_object_mut()
+        .expect("a struct serialises to an object");
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["BitNetForCausalLM"]),
+    );
     obj.insert("model_type".into(), serde_json::json!("bitnet"));
     obj.insert("dtype".into(), serde_json::json!(dtype_str));
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise") + "\n";
@@ -145,7 +151,9 @@ pub fn save(
         let dst = dir.join("tokenizer.json");
         if tok != dst {
             write_atomic(&dst, |tmp| {
-                std::fs::copy(tok, tmp).map(|_| ()).map_err(|e| ModelError::io(tok, e).into())
+                std::fs::copy(tok, tmp)
+                    .map(|_| ())
+                    .map_err(|e| ModelError::io(tok, e).into())
             })?;
         }
     }

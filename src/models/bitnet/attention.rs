@@ -121,7 +121,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let heads = |p: &Projection, n: usize| -> Result<Tensor> {
-            p.forward(x)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+            p.forward(x)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = rope.apply(&heads(&self.q_proj, h)?, index_pos, train)?;
         let k = rope.apply(&heads(&self.k_proj, kvh)?, index_pos, train)?;

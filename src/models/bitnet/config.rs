@@ -205,7 +205,11 @@ fn check_type(file: &str, path: &str, v: Option<&Value>, kind: Kind) -> Result<(
     };
     match ok {
         true => Ok(()),
-        false => Err(ModelError::config(file, path, format!("is {v}, expected {want}"))),
+        false => Err(ModelError::config(
+            file,
+            path,
+            format!("is {v}, expected {want}"),
+        )),
     }
 }
 
@@ -484,7 +488,11 @@ fn check_eos(file: &str, obj: &Map<String, Value>) -> Result<(), ModelError> {
 fn check_nested(file: &str, obj: &Map<String, Value>) -> Result<(), ModelError> {
     if let Some(r) = obj.get("rope_parameters").filter(|v| !v.is_null()) {
         let r = r.as_object().ok_or_else(|| {
-            ModelError::config(file, "rope_parameters", format!("is {r}, expected an object"))
+            ModelError::config(
+                file,
+                "rope_parameters",
+                format!("is {r}, expected an object"),
+            )
         })?;
         if r.get("rope_theta").is_none_or(Value::is_null) {
             return Err(ModelError::config(
@@ -493,8 +501,18 @@ fn check_nested(file: &str, obj: &Map<String, Value>) -> Result<(), ModelError> 
                 "missing (a required field)",
             ));
         }
-        check_type(file, "rope_parameters.rope_theta", r.get("rope_theta"), Kind::Number)?;
-        check_type(file, "rope_parameters.rope_type", r.get("rope_type"), Kind::Text)?;
+        check_type(
+            file,
+            "rope_parameters.rope_theta",
+            r.get("rope_theta"),
+            Kind::Number,
+        )?;
+        check_type(
+            file,
+            "rope_parameters.rope_type",
+            r.get("rope_type"),
+            Kind::Text,
+        )?;
     }
     if let Some(q) = obj.get("quantization_config").filter(|v| !v.is_null()) {
         let q = q.as_object().ok_or_else(|| {
@@ -517,7 +535,12 @@ fn check_nested(file: &str, obj: &Map<String, Value>) -> Result<(), ModelError> 
             ("quantization_mode", Kind::Text),
             ("use_rms_norm", Kind::Flag),
         ] {
-            check_type(file, &format!("quantization_config.{name}"), q.get(name), kind)?;
+            check_type(
+                file,
+                &format!("quantization_config.{name}"),
+                q.get(name),
+                kind,
+            )?;
         }
         if let Some(m) = q.get("modules_to_not_convert").filter(|v| !v.is_null()) {
             if !m.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {

@@ -42,9 +42,16 @@ impl Default for GenerateConfig {
 impl GenerateConfig {
     /// Rejects a negative or non-finite temperature, `top_k = 0` and `top_p` outside `(0, 1]`.
     pub fn validate(&self) -> std::result::Result<(), ModelError> {
-        let bad = |field: &str, reason: String| Err(ModelError::config("GenerateConfig", field, reason));
+        let bad =
+            |field: &str, reason: String| Err(ModelError::config("GenerateConfig", field, reason));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", format!("is {}, allowed: a finite number >= 0 (0 is greedy)", self.temperature));
+            return bad(
+                "temperature",
+                format!(
+                    "is {}, allowed: a finite number >= 0 (0 is greedy)",
+                    self.temperature
+                ),
+            );
         }
         if self.top_k == Some(0) {
             return bad("top_k", "is 0, allowed: an integer >= 1".into());
@@ -79,7 +86,10 @@ impl Sampler {
     /// `softmax(logits / T)` restricted to the top-k, then the top-p nucleus (ties in the sort
     /// broken by the lower id, so that the result does not depend on the sort's stability).
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
-        let l = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let l = logits
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
         if l.is_empty() {
             candle_core::bail!("Sampler: empty logits");
         }
@@ -176,7 +186,9 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
-        candle_core::bail!("generate: the prompt is empty (give at least a beginning-of-text token)");
+        candle_core::bail!(
+            "generate: the prompt is empty (give at least a beginning-of-text token)"
+        );
     }
     let max = model.config().max_position_embeddings;
     if prompt.len() + cfg.max_new_tokens > max {

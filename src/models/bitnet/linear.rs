@@ -2,7 +2,7 @@
 
 use super::weights::ProjectionWeight;
 use bitnet_quant::packed::PackedBitLinear;
-use bitnet_quant::{BitLinear, BitLinearConfig, Quantizer, Scheme, Estimator};
+use bitnet_quant::{BitLinear, BitLinearConfig, Estimator, Quantizer, Scheme};
 use bitnet_training::{QATConfig, QATLayer};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 #[derive(Debug)]
 pub enum Projection {
     /// Training: latent weights (a `Var`), the configured quantizers and their estimators.
-    Qat(QATLayer),
+    Qat(Box<QATLayer>),
     /// Inference: 2-bit codes, int8 activations, integer dot products.
     Packed(PackedBitLinear),
     /// The same inference with the weights unpacked to f32 (`scale * code`) and candle's GEMM:
@@ -34,7 +34,11 @@ impl Projection {
     /// A training projection `in -> out` under `qat`, latent weight `weight` under `vb` (created
     /// with candle's Linear initialisation when `vb` is a fresh `VarMap`).
     pub fn qat(inp: usize, out: usize, qat: QATConfig, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((out, inp), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let weight = vb.get_with_hints(
+            (out, inp),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let inner = BitLinear::from_parts(
             weight,
             None,
@@ -44,7 +48,7 @@ impl Projection {
                 ..BitLinearConfig::default()
             },
         );
-        Ok(Projection::Qat(QATLayer::new(inner, qat, vb)?))
+        Ok(Projection::Qat(Box::new(QATLayer::new(inner, qat, vb)?)))
     }
 
     /// An inference projection from a checkpoint's weight: packed, or (`dense`) unpacked to f32;
@@ -63,7 +67,9 @@ impl Projection {
                 act: Some(act_quantizer()),
             });
         }
-        Ok(Projection::Packed(PackedBitLinear::from_parts(packed, None, None)?))
+        Ok(Projection::Packed(PackedBitLinear::from_parts(
+            packed, None, None,
+        )?))
     }
 
     /// The weight in its stored form: latent for training and full-precision layers, packed
@@ -76,7 +82,9 @@ impl Projection {
             Projection::Dense { weight, act: None } => Ok(ProjectionWeight::Latent(weight.clone())),
             Projection::Dense { weight, .. } => {
                 let q = super::weights::hf_weight_quantizer();
-                Ok(ProjectionWeight::Packed(bitnet_quant::PackedTernary::pack(weight, &q)?))
+                Ok(ProjectionWeight::Packed(bitnet_quant::PackedTernary::pack(
+                    weight, &q,
+                )?))
             }
         }
     }
@@ -91,7 +99,9 @@ impl Projection {
             }),
             Projection::Qat(l) => Ok(Projection::Packed(l.to_packed()?)),
             Projection::Packed(p) => Ok(Projection::Packed(p.clone())),
-            Projection::Dense { .. } => Projection::inference(&self.weight()?, self.quantized(), false),
+            Projection::Dense { .. } => {
+                Projection::inference(&self.weight()?, self.quantized(), false)
+            }
         }
     }
 
@@ -127,8 +137,12 @@ impl Projection {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Projection::Packed(p) => p.weight().size_bytes(),
-            Projection::Qat(l) => l.inner().weight().elem_count() * l.inner().weight().dtype().size_in_bytes(),
-            Projection::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Projection::Qat(l) => {
+                l.inner().weight().elem_count() * l.inner().weight().dtype().size_in_bytes()
+            }
+            Projection::Dense { weight, .. } => {
+                weight.elem_count() * weight.dtype().size_in_bytes()
+            }
         }
     }
 }

@@ -53,7 +53,9 @@ impl DecoderLayer {
             train,
         )?;
         let h = (x + a)?;
-        let f = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
+        let f = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?;
         h + f
     }
 
@@ -213,7 +215,8 @@ impl BitNetForCausalLM {
             .map(|l| {
                 let vb = vb.pp(format!("model.layers.{l}"));
                 let shapes = projection_shapes(cfg);
-                let p = |k: usize| Projection::qat(shapes[k].2, shapes[k].1, qat, vb.pp(shapes[k].0));
+                let p =
+                    |k: usize| Projection::qat(shapes[k].2, shapes[k].1, qat, vb.pp(shapes[k].0));
                 let norm = |k: usize| -> Result<RmsNorm> {
                     let (name, dim) = layer_norms(cfg)[k];
                     RmsNorm::new(dim, eps, vb.pp(name))
@@ -267,7 +270,10 @@ impl BitNetForCausalLM {
         let norm = |name: String, dim: usize| -> Result<RmsNorm> {
             Ok(RmsNorm::from_weight(src.tensor(&name, &[dim])?, eps))
         };
-        let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed = src.tensor(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let pre = format!("model.layers.{l}");
@@ -316,11 +322,18 @@ impl BitNetForCausalLM {
         })
     }
 
-    fn map_projections(&self, runtime: Runtime, f: impl Fn(&Projection) -> Result<Projection>) -> Result<Self> {
+    fn map_projections(
+        &self,
+        runtime: Runtime,
+        f: impl Fn(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
         let detach = |n: &RmsNorm| RmsNorm::from_weight(n.weight().detach(), n.eps());
         Ok(Self {
             config: self.config.clone(),
-            embed_tokens: Embedding::new(self.embed_tokens.embeddings().detach(), self.config.hidden_size),
+            embed_tokens: Embedding::new(
+                self.embed_tokens.embeddings().detach(),
+                self.config.hidden_size,
+            ),
             layers: self
                 .layers
                 .iter()
@@ -396,7 +409,10 @@ impl BitNetForCausalLM {
                 &layer.mlp.ffn_sub_norm,
             ];
             for ((name, _), n) in layer_norms(&self.config).into_iter().zip(norms) {
-                out.push((format!("model.layers.{l}.{name}.weight"), n.weight().clone()));
+                out.push((
+                    format!("model.layers.{l}.{name}.weight"),
+                    n.weight().clone(),
+                ));
             }
         }
         out.push(("model.norm.weight".into(), self.norm.weight().clone()));
@@ -454,7 +470,9 @@ impl BitNetForCausalLM {
         let vocab = self.config.vocab_size as u32;
         let max_id = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id >= vocab {
-            candle_core::bail!("BitNetForCausalLM: token id {max_id} is outside the vocabulary of {vocab}");
+            candle_core::bail!(
+                "BitNetForCausalLM: token id {max_id} is outside the vocabulary of {vocab}"
+            );
         }
         let train = self.runtime == Runtime::Training;
         let mut h = self.embed_tokens.forward(input_ids)?;
@@ -466,7 +484,10 @@ impl BitNetForCausalLM {
     }
 
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let w = self.lm_head.as_ref().unwrap_or(self.embed_tokens.embeddings());
+        let w = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(self.embed_tokens.embeddings());
         h.broadcast_matmul(&w.t()?)
     }
 
@@ -474,14 +495,24 @@ impl BitNetForCausalLM {
     /// positions `index_pos..index_pos + t`; earlier positions come from `cache` (and these are
     /// added to it). As candle-transformers' llama: prefill with the prompt at 0, then one token
     /// at a time.
-    pub fn forward(&self, input_ids: &Tensor, index_pos: usize, cache: &mut Cache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        index_pos: usize,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
         let h = self.hidden(input_ids, index_pos, cache)?;
         let t = h.dim(1)?;
         self.head(&h.narrow(1, t - 1, 1)?)?.squeeze(1)
     }
 
     /// The logits `[b, t, vocab]` at every position (training, scoring).
-    pub fn forward_all(&self, input_ids: &Tensor, index_pos: usize, cache: &mut Cache) -> Result<Tensor> {
+    pub fn forward_all(
+        &self,
+        input_ids: &Tensor,
+        index_pos: usize,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
         let h = self.hidden(input_ids, index_pos, cache)?;
         self.head(&h)
     }
@@ -496,5 +527,8 @@ impl BitNetForCausalLM {
 
 /// The index of the largest logit of `logits` `[vocab]`.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
-    logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_scalar::<u32>()
+    logits
+        .to_dtype(DType::F32)?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()
 }
