@@ -543,6 +543,7 @@ fn main() -> Result<()> {
             "val_bpc_by_mode": modes,
             "plot": png.display().to_string(),
             "exported": exported,
+            "peak_rss_bytes": bitnet::core::host_memory::peak_resident_bytes(),
         })
     );
     Ok(())

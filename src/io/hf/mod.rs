@@ -15,7 +15,7 @@
 //!   is built, so that a bad file is an error naming the tensor, not a failure halfway through.
 //!   [`HfCheckpoint::load_model`] builds the packed (or f32) inference model one tensor at a
 //!   time; [`HfCheckpoint::load_varmap`] gives latent f32 weights for training.
-//! * [`hub::download`] (feature `hub`) fetches a repository from the Hugging Face Hub into its
+//! * `hub::download` (feature `hub`) fetches a repository from the Hugging Face Hub into its
 //!   local cache and returns the folder.
 //! * [`save`] writes either form (`config.json` and `model.safetensors` through a temporary file
 //!   and a rename each), which transformers' `from_pretrained` loads.
