@@ -4,14 +4,20 @@
 //! * [`core`]: devices and the `HybridMemoryPool`;
 //! * [`quant`]: quantizers as candle custom ops, `BitLinear`, metrics;
 //! * [`training`]: STE variants, `QATLayer`, schedules, state tracking;
-//! * [`models`]: the MNIST MLP the examples train and export.
+//! * [`models`]: the MNIST MLP, the byte LM, a BERT encoder and Hugging Face's
+//!   `BitNetForCausalLM` ([`models::bitnet`]);
+//! * [`io`]: Hugging Face checkpoint directories in and out ([`io::hf`]).
 
 pub use bitnet_core as core;
 pub use bitnet_quant as quant;
 pub use bitnet_training as training;
 
 pub mod datasets;
+pub mod error;
+pub mod io;
 pub mod models;
+
+pub use error::ModelError;
 
 /// The types most programs use: `use bitnet::prelude::*;`.
 pub mod prelude {

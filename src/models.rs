@@ -1,7 +1,9 @@
-//! Reference models the examples train, export and test: [`MnistMlp`], [`char_lm::CharLm`] and
-//! [`bert::BertEncoder`] (a pretrained sentence encoder converted for QAT).
+//! Reference models the examples train, export and test: [`MnistMlp`], [`char_lm::CharLm`],
+//! [`bert::BertEncoder`] (a pretrained sentence encoder converted for QAT) and
+//! [`bitnet::BitNetForCausalLM`] (Hugging Face's BitNet b1.58 decoder).
 
 pub mod bert;
+pub mod bitnet;
 pub mod char_lm;
 
 use bitnet_training::state::Tracked;

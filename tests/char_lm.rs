@@ -22,7 +22,7 @@ fn tiny_ternary_model_learns_shakespeare() {
         .train;
     let text = &text[..4000];
     let vm = VarMap::new();
-    let lm = model(&vm, QATConfig::ternary());
+    let lm = model(&vm, QATConfig::ternary_hf());
     let before: Vec<Tensor> = lm
         .qat_layers()
         .iter()
@@ -77,7 +77,7 @@ fn tiny_ternary_model_learns_shakespeare() {
 #[test]
 fn a_later_token_does_not_change_earlier_logits() {
     let vm = VarMap::new();
-    let lm = model(&vm, QATConfig::ternary());
+    let lm = model(&vm, QATConfig::ternary_hf());
     let a = Tensor::new(&[[10u32, 20, 30, 40, 50]], &Device::Cpu).unwrap();
     let b = Tensor::new(&[[10u32, 20, 30, 40, 99]], &Device::Cpu).unwrap();
     let (la, lb) = (lm.forward(&a).unwrap(), lm.forward(&b).unwrap());
@@ -146,4 +146,103 @@ fn bad_shapes_are_rejected_with_the_field_or_the_limit() {
         .unwrap_err()
         .to_string()
         .contains("1..=16"));
+}
+
+/// One training step on fixed windows of `text` (the same for every run).
+fn step(lm: &CharLm, opt: &mut QatAdamW, text: &[u8], step: usize) {
+    let (batch, seq) = (4, CharLmConfig::tiny().seq_len);
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for b in 0..batch {
+        let s = (step * 97 + b * 311) % (text.len() - seq - 1);
+        x.extend(text[s..s + seq].iter().map(|&c| c as u32));
+        y.extend(text[s + 1..s + seq + 1].iter().map(|&c| c as u32));
+    }
+    let x = Tensor::from_vec(x, (batch, seq), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(y, batch * seq, &Device::Cpu).unwrap();
+    lm.set_step(step);
+    let logits = lm.forward(&x).unwrap().reshape(((), VOCAB)).unwrap();
+    opt.backward_step(&loss::cross_entropy(&logits, &y).unwrap())
+        .unwrap();
+}
+
+fn all_weights(vm: &VarMap) -> Vec<(String, Vec<u32>)> {
+    let mut w: Vec<(String, Vec<u32>)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| {
+            let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (n.clone(), bits.into_iter().map(f32::to_bits).collect())
+        })
+        .collect();
+    w.sort();
+    w
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_bit_identical_to_a_straight_run() {
+    use bitnet::training::checkpoint::{resume, save_with_optimizer, sorted_vars, TrainingState};
+    let text = shakespeare::load(shakespeare::default_path(), 1000)
+        .unwrap()
+        .train;
+    let text = &text[..3000];
+    let params = ParamsQatAdamW {
+        lr: 3e-3,
+        ..Default::default()
+    };
+    let run = |vm: &VarMap| {
+        let lm = model(vm, QATConfig::ternary_hf());
+        let opt = QatAdamW::new(sorted_vars(vm), params.clone()).unwrap();
+        (lm, opt)
+    };
+    let straight = VarMap::new();
+    let (lm, mut opt) = run(&straight);
+    (0..6).for_each(|s| step(&lm, &mut opt, text, s));
+    let dir = std::env::temp_dir().join(format!("char-lm-resume-{}", std::process::id()));
+    let first = VarMap::new();
+    let (lm, mut opt) = run(&first);
+    (0..3).for_each(|s| step(&lm, &mut opt, text, s));
+    let state = TrainingState {
+        step: 3,
+        ..Default::default()
+    };
+    save_with_optimizer(&dir, &first, &opt, &state).unwrap();
+    let second = VarMap::new();
+    let (lm, mut opt) = run(&second);
+    assert_eq!(resume(&dir, &second, &mut opt).unwrap().step, 3);
+    (3..6).for_each(|s| step(&lm, &mut opt, text, s));
+    assert_eq!(all_weights(&second), all_weights(&straight));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_trained_model_is_a_hugging_face_checkpoint() {
+    use bitnet::io::hf::{save, HfCheckpoint, SaveForm};
+    use bitnet::models::bitnet::Runtime;
+    let vm = VarMap::new();
+    let lm = model(&vm, QATConfig::ternary_hf());
+    let x = Tensor::new(&[[72u32, 101, 108, 108, 111, 33]], &Device::Cpu).unwrap();
+    let want = lm.forward(&x).unwrap();
+    let dir = std::env::temp_dir().join(format!("char-lm-hf-{}", std::process::id()));
+    for form in [SaveForm::Online, SaveForm::Offline] {
+        save(lm.model(), &dir, form, DType::F32, None).unwrap();
+        let packed = HfCheckpoint::open(&dir)
+            .unwrap()
+            .load_model(Runtime::Packed)
+            .unwrap();
+        let got = packed
+            .forward_all(
+                &x,
+                0,
+                &mut bitnet::models::bitnet::Cache::new(false, packed.config()),
+            )
+            .unwrap();
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap();
+        let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+        assert!(rel < 1e-4, "{form:?}: {rel}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,4 +1,6 @@
 //! A BitNet b1.58 character (byte) language model on Shakespeare: train, distil, compare, plot.
+//! The model is Hugging Face's `BitNetForCausalLM` with a byte vocabulary (`--export` saves it
+//! in that form).
 //!
 //! ```sh
 //! cargo run --release --example char_lm -- --mode fp --save runs/lm-fp
@@ -24,6 +26,8 @@
 //! * `--schedule constant|lambda-warmup`: the progressive blend, lambda 0 -> 1 over
 //!   `--warmup-steps N` (default: a third of the steps);
 //! * `--sample N`: bytes of text to generate at the end (300; 0 for none);
+//! * `--export DIR`: at the end, the model as Hugging Face `BitNetForCausalLM` checkpoints that
+//!   transformers loads: `DIR/online` (latent weights) and, quantized, `DIR/offline` (packed);
 //! * `--shards N`: each batch's sequences split into N blocks that run forward and backward side
 //!   by side (`bitnet_training::data_parallel`); default one per rayon thread. With more than one,
 //!   candle's elementwise ops run on each shard's own thread (`elementwise_on_caller`), which is
@@ -32,6 +36,7 @@
 mod plot;
 
 use bitnet::datasets::shakespeare::{self, Corpus};
+use bitnet::io::hf::{save, SaveForm};
 use bitnet::models::char_lm::{CharLm, CharLmConfig, VOCAB};
 use bitnet::training::checkpoint::{self, RngState, TrainingState};
 use bitnet::training::data_parallel::sharded_backward;
@@ -51,7 +56,8 @@ use std::time::Instant;
 const USAGE: &str = "usage: char_lm [--mode fp|ternary|binary] [--steps N] [--batch N] [--lr X] \
 [--seed N] [--data FILE] [--config small|tiny] [--eval-every N] [--eval-batches N] [--log FILE] \
 [--save DIR] [--resume DIR] [--distill] [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
-[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N] [--stop-after N]";
+[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N] [--stop-after N] \
+[--export DIR]";
 
 #[derive(Clone)]
 struct Args {
@@ -76,6 +82,7 @@ struct Args {
     sample: usize,
     stop_after: Option<usize>,
     shards: usize,
+    export: Option<PathBuf>,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -101,6 +108,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         sample: 300,
         stop_after: None,
         shards: rayon::current_num_threads(),
+        export: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -135,6 +143,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--sample" => a.sample = count(val()?)?,
             "--stop-after" => a.stop_after = Some(count(val()?)?),
             "--shards" => a.shards = count(val()?)?,
+            "--export" => a.export = Some(val()?.into()),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -191,7 +200,9 @@ impl Args {
         let mut cfg = match self.mode.as_str() {
             "fp" => QATConfig::full_precision(),
             "binary" => QATConfig::binary(),
-            _ => QATConfig::ternary(),
+            // transformers' ternary quantizer, so that the exported model computes in
+            // transformers what it computed here.
+            _ => QATConfig::ternary_hf(),
         };
         if self.schedule == "lambda-warmup" {
             let steps = self.warmup_steps.unwrap_or(self.steps / 3).max(1);
@@ -490,6 +501,20 @@ fn main() -> Result<()> {
         &series,
     )
     .map_err(candle_core::Error::msg)?;
+    let mut exported = Vec::new();
+    if let Some(dir) = &args.export {
+        if args.mode == "binary" {
+            candle_core::bail!("--export: a binary model has no Hugging Face BitNet form");
+        }
+        let forms: &[(SaveForm, &str)] = match args.mode.as_str() {
+            "fp" => &[(SaveForm::Online, "online")],
+            _ => &[(SaveForm::Online, "online"), (SaveForm::Offline, "offline")],
+        };
+        for (form, name) in forms {
+            save(model.model(), dir.join(name), *form, DType::F32, None)?;
+            exported.push(dir.join(name).display().to_string());
+        }
+    }
     if args.sample > 0 {
         println!(
             "--- sample ---\n{}\n---",
@@ -517,6 +542,8 @@ fn main() -> Result<()> {
             "tokens_per_s": out.tokens_per_s.round(),
             "val_bpc_by_mode": modes,
             "plot": png.display().to_string(),
+            "exported": exported,
+            "peak_rss_bytes": bitnet::core::host_memory::peak_resident_bytes(),
         })
     );
     Ok(())

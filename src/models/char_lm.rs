@@ -1,16 +1,14 @@
-//! A small decoder-only transformer over bytes in the BitNet b1.58 style, for
-//! `examples/char_lm`: every linear layer of every block is a `QATLayer<BitLinear>` (its own RMSNorm
-//! before the int8 activations, ternary weights, no bias), attention with rotary position
-//! embeddings, a ReLU² feed-forward; the byte embedding, the final RMSNorm and the output head
-//! stay in full precision.
-//!
-//! Block: `h = h + o(attn(qkv(h)))`, `h = h + down(relu(up(h))^2)`, where `qkv`, `o`, `up`, `down`
-//! are the quantized layers (their inner norms play the role of the pre-norms).
+//! A small byte-level language model for `examples/char_lm`: Hugging Face's `BitNetForCausalLM`
+//! ([`crate::models::bitnet`]) with a vocabulary of the 256 byte values, so that what it trains
+//! is a checkpoint transformers loads ([`crate::io::hf::save`]). Every projection of every layer
+//! is a `QATLayer<BitLinear>` (no inner norm: the layers' `attn_sub_norm` / `ffn_sub_norm` and
+//! pre-norms surround them), attention with rotary position embeddings, the gated ReLU²
+//! feed-forward; the byte embedding, the norms and the output head stay in full precision.
 
-use bitnet_quant::RmsNorm;
+use crate::models::bitnet::{self, BitNetForCausalLM, Cache, RopeParameters, WeightForm};
 use bitnet_training::{QATConfig, QATLayer, TrainingError};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// The model's shape. Byte-level: the vocabulary is the 256 byte values.
@@ -18,13 +16,13 @@ use serde::{Deserialize, Serialize};
 pub struct CharLmConfig {
     /// Width of the residual stream.
     pub d_model: usize,
-    /// Number of blocks.
+    /// Number of decoder layers.
     pub n_layers: usize,
     /// Attention heads; must divide `d_model`, and the head size must be even (rotary pairs).
     pub n_heads: usize,
-    /// Hidden width of the feed-forward.
+    /// Width of the feed-forward's gate and up projections.
     pub ffn_hidden: usize,
-    /// Context length the rotary tables and the causal mask are built for.
+    /// Context length the rotary tables are built for.
     pub seq_len: usize,
 }
 
@@ -32,13 +30,14 @@ pub struct CharLmConfig {
 pub const VOCAB: usize = 256;
 
 impl CharLmConfig {
-    /// About 1.4 M parameters (3 blocks of width 192): minutes per mode on 2 cores.
+    /// About 1.4 M parameters (3 layers of width 192, a gated feed-forward of 512): minutes per
+    /// mode on 2 cores.
     pub fn small() -> Self {
         Self {
             d_model: 192,
             n_layers: 3,
             n_heads: 6,
-            ffn_hidden: 768,
+            ffn_hidden: 512,
             seq_len: 128,
         }
     }
@@ -86,20 +85,43 @@ impl CharLmConfig {
 
     /// The number of parameters (latent weights, norms, embedding and head).
     pub fn parameters(&self) -> usize {
-        let d = self.d_model;
-        // qkv + o + up + down weights, and the four inner norms.
-        let block = 4 * d * d + 2 * d * self.ffn_hidden + 3 * d + self.ffn_hidden;
-        self.n_layers * block + 2 * VOCAB * d + d
+        let (d, f) = (self.d_model, self.ffn_hidden);
+        // q, k, v, o + gate, up, down; input, post-attention and attention sub-norms of width d,
+        // the feed-forward sub-norm of width f.
+        let layer = 4 * d * d + 3 * d * f + 3 * d + f;
+        self.n_layers * layer + 2 * VOCAB * d + d
     }
-}
 
-/// One block's four quantized layers.
-#[derive(Debug)]
-struct Block {
-    qkv: QATLayer,
-    o: QATLayer,
-    up: QATLayer,
-    down: QATLayer,
+    /// The `BitNetForCausalLM` configuration this model is (`quantized`: with an online
+    /// `quantization_config`, as transformers needs to ternarize it; otherwise a plain model).
+    pub fn to_bitnet(&self, quantized: bool) -> bitnet::Config {
+        let cfg = bitnet::Config {
+            vocab_size: VOCAB,
+            hidden_size: self.d_model,
+            intermediate_size: self.ffn_hidden,
+            num_hidden_layers: self.n_layers,
+            num_attention_heads: self.n_heads,
+            num_key_value_heads: self.n_heads,
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            hidden_act: "relu2".into(),
+            max_position_embeddings: self.seq_len,
+            rope_theta: None,
+            rope_parameters: Some(RopeParameters {
+                rope_type: "default".into(),
+                rope_theta: 10_000.0,
+            }),
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            attention_bias: false,
+            quantization_config: None,
+        };
+        match quantized {
+            true => cfg.with_weight_form(WeightForm::Online),
+            false => cfg,
+        }
+    }
 }
 
 /// The model; see the module docs.
@@ -112,7 +134,7 @@ struct Block {
 /// # fn main() -> candle_core::Result<()> {
 /// let vm = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-/// let lm = CharLm::new(CharLmConfig::tiny(), QATConfig::ternary(), vb)?;
+/// let lm = CharLm::new(CharLmConfig::tiny(), QATConfig::ternary_hf(), vb)?;
 /// let tokens = Tensor::new(&[[72u32, 105, 33]], &Device::Cpu)?; // "Hi!"
 /// assert_eq!(lm.forward(&tokens)?.dims(), &[1, 3, 256]);
 /// # Ok(()) }
@@ -120,44 +142,17 @@ struct Block {
 #[derive(Debug)]
 pub struct CharLm {
     config: CharLmConfig,
-    embed: Embedding,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    model: BitNetForCausalLM,
 }
 
 impl CharLm {
-    /// A model under `qat` (e.g. `QATConfig::ternary()`, or `full_precision()` for the baseline),
-    /// variables under `vb`: `embed`, `blocks.{i}.{qkv,o,up,down}`, `norm`, `head`.
+    /// A model under `qat` (`QATConfig::ternary_hf()` for transformers' BitNet numerics,
+    /// `full_precision()` for the baseline), variables under `vb` with transformers' names
+    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...).
     pub fn new(config: CharLmConfig, qat: QATConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let d = config.d_model;
-        let embed = candle_nn::embedding(VOCAB, d, vb.pp("embed"))?;
-        let blocks = (0..config.n_layers)
-            .map(|i| {
-                let vb = vb.pp(format!("blocks.{i}"));
-                Ok(Block {
-                    qkv: QATLayer::bitlinear(d, 3 * d, qat, vb.pp("qkv"))?,
-                    o: QATLayer::bitlinear(d, d, qat, vb.pp("o"))?,
-                    up: QATLayer::bitlinear(d, config.ffn_hidden, qat, vb.pp("up"))?,
-                    down: QATLayer::bitlinear(config.ffn_hidden, d, qat, vb.pp("down"))?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let norm = RmsNorm::new(d, 1e-6, vb.pp("norm"))?;
-        let head = candle_nn::linear_no_bias(d, VOCAB, vb.pp("head"))?;
-        let (cos, sin) = rope_tables(config.seq_len, d / config.n_heads, vb.device())?;
-        Ok(Self {
-            config,
-            embed,
-            blocks,
-            norm,
-            head,
-            cos,
-            sin,
-        })
+        let model = BitNetForCausalLM::new(&config.to_bitnet(qat.weight.is_some()), qat, vb)?;
+        Ok(Self { config, model })
     }
 
     /// The shape it was built with.
@@ -165,92 +160,32 @@ impl CharLm {
         &self.config
     }
 
-    /// Every quantized layer, block by block (for `set_step`, state tracking, sensitivity).
+    /// The `BitNetForCausalLM` it is (for saving with [`crate::io::hf::save`], packing,
+    /// generation).
+    pub fn model(&self) -> &BitNetForCausalLM {
+        &self.model
+    }
+
+    /// Every quantized layer, layer by layer (for `set_step`, state tracking, sensitivity).
     pub fn qat_layers(&self) -> Vec<&QATLayer> {
-        self.blocks
-            .iter()
-            .flat_map(|b| [&b.qkv, &b.o, &b.up, &b.down])
-            .collect()
+        self.model.qat_layers()
     }
 
     /// Tells every quantized layer's schedules the training step.
     pub fn set_step(&self, step: usize) {
-        self.qat_layers().iter().for_each(|l| l.set_step(step));
+        self.model.set_step(step)
     }
 
     /// Logits `[batch, time, 256]` for byte tokens `[batch, time]` (u32), `time <= seq_len`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
+        let (_, t) = tokens.dims2()?;
         if t == 0 || t > self.config.seq_len {
             candle_core::bail!(
                 "CharLm::forward: {t} tokens, the model takes 1..={}",
                 self.config.seq_len
             );
         }
-        let mask = causal_mask(t, tokens.device())?;
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        let mut h = self.embed.forward(tokens)?;
-        for block in &self.blocks {
-            let a = self.attention(block, &h, &mask, &cos, &sin, (b, t))?;
-            h = (h + block.o.forward(&a)?)?;
-            let f = block.up.forward(&h)?.relu()?.sqr()?;
-            h = (h + block.down.forward(&f)?)?;
-        }
-        self.head.forward(&self.norm.forward(&h)?)
+        self.model
+            .forward_all(tokens, 0, &mut Cache::new(false, self.model.config()))
     }
-
-    /// Causal multi-head attention of one block; returns `[b, t, d]` before the output layer.
-    fn attention(
-        &self,
-        block: &Block,
-        h: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        (b, t): (usize, usize),
-    ) -> Result<Tensor> {
-        let (d, nh) = (self.config.d_model, self.config.n_heads);
-        let hd = d / nh;
-        let qkv = block.qkv.forward(h)?;
-        let heads = |i: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, i * d, d)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = candle_nn::rotary_emb::rope_slow(&heads(0)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&heads(1)?, cos, sin)?;
-        let v = heads(2)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
-    }
-}
-
-/// `0` on and below the diagonal, `-inf` above: position `i` attends to `0..=i`.
-fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t)
-        .map(|k| {
-            if k % t > k / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(m, (t, t), dev)
-}
-
-/// Rotary tables `[seq_len, head_dim / 2]` with the LLaMA base 10000.
-fn rope_tables(seq_len: usize, head_dim: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / head_dim as f32))
-        .collect();
-    let inv = Tensor::from_vec(inv, (1, half), dev)?;
-    let pos = Tensor::arange(0u32, seq_len as u32, dev)?
-        .to_dtype(DType::F32)?
-        .reshape((seq_len, 1))?;
-    let angles = pos.broadcast_mul(&inv)?;
-    Ok((angles.cos()?, angles.sin()?))
 }

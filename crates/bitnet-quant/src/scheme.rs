@@ -27,8 +27,19 @@ pub enum Scheme {
     /// * Reference: Wang et al. 2023, section 2.1 (arXiv 2310.11453): `W~ = Sign(W - alpha)`,
     ///   `alpha = sum W_ij / (n m)`, `beta = ||W||_1 / (n m)`.
     BinaryCentered,
-    /// BitNet b1.58: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
+    /// BitNet b1.58 as in the paper: `g * clamp(round(x / (g + 1e-5)), -1, 1)` with `g = mean|x|`.
     TernaryAbsmean,
+    /// BitNet b1.58 as Hugging Face transformers computes it (`WeightQuant` of `AutoBitLinear`,
+    /// the models saved as `BitNetForCausalLM`): with `g = max(mean|x|, 1e-5)` and `m = 1 / g`,
+    /// `clamp(round(x * m), -1, 1) / m`.
+    ///
+    /// It differs from [`Scheme::TernaryAbsmean`] in two ways: the epsilon is a floor under the
+    /// mean instead of an addend to it (so on weights whose mean is a few times `1e-5` the
+    /// thresholds `±g / 2` sit where transformers puts them), and values are multiplied by the
+    /// reciprocal scale, in f32, as transformers does, so that every level and every scale is
+    /// bit for bit transformers' (a model loaded from a Hugging Face checkpoint reproduces its
+    /// logits). The estimators normalise by `1 / m`.
+    TernaryAbsmeanHf,
     /// `s * (x > D) - s * (x < -D)` (strict, so `|x| == D` gives 0). `s` is the mean of `|x|` over the
     /// values above `D` when `scaled`, else 1.
     TernaryThreshold { threshold: Threshold, scaled: bool },
@@ -64,9 +75,9 @@ pub enum Granularity {
 
 /// The backward of a quantizer: the gradient it lets through, with `u` the upstream gradient and
 /// `r = x / n` the input normalised by its block's range `n` (`n = s` for binary and threshold
-/// schemes, `g + 1e-5` for absmean, `m` for multi-bit and int8; `n = 1` for unscaled binary, where
-/// `r = x` and the formulas are those of the papers). For [`Scheme::BinaryCentered`],
-/// `r = (x - mean(x)) / n`: the distance to its threshold.
+/// schemes, `g + 1e-5` for absmean, `1 / m` for the Hugging Face absmean, `m` for multi-bit and
+/// int8; `n = 1` for unscaled binary, where `r = x` and the formulas are those of the papers).
+/// For [`Scheme::BinaryCentered`], `r = (x - mean(x)) / n`: the distance to its threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Estimator {
     /// Straight-through: `u`.
@@ -127,7 +138,9 @@ impl Scheme {
     pub fn levels(&self) -> Vec<i32> {
         match *self {
             Scheme::Binary { .. } | Scheme::BinaryCentered => vec![-1, 1],
-            Scheme::TernaryAbsmean | Scheme::TernaryThreshold { .. } => vec![-1, 0, 1],
+            Scheme::TernaryAbsmean | Scheme::TernaryAbsmeanHf | Scheme::TernaryThreshold { .. } => {
+                vec![-1, 0, 1]
+            }
             Scheme::MultiBit { bits } => {
                 let h = 1i32 << (bits - 1);
                 (-h..h).collect()

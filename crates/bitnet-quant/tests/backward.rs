@@ -95,6 +95,7 @@ fn every_estimator_on_every_scheme_gives_the_formula() {
         // BitNet b1: measured from the mean, its threshold.
         (Scheme::BinaryCentered, mean_abs, mean),
         (Scheme::TernaryAbsmean, mean_abs + 1e-5, 0.0),
+        (Scheme::TernaryAbsmeanHf, 1.0 / (1.0 / mean_abs), 0.0),
         (
             Scheme::TernaryThreshold {
                 threshold: bitnet_quant::Threshold::Fixed(0.4),

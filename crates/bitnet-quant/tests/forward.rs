@@ -59,6 +59,15 @@ fn forward_table() {
         ("absmean", Scheme::TernaryAbsmean, PerTensor, vec![0.5, -0.5, 1.5, 0.0], (1, 4), vec![g, -g, g, 0.0]),
         // All zero: g = 0, the eps keeps it finite and every level is 0.
         ("absmean zeros", Scheme::TernaryAbsmean, PerTensor, vec![0.0; 4], (2, 2), vec![0.0; 4]),
+        // Hugging Face: 1 / (1 / 0.625) is 0.625 in f32, the same levels as above.
+        ("absmean hf", Scheme::TernaryAbsmeanHf, PerTensor, vec![0.5, -0.5, 1.5, 0.0], (1, 4), vec![g, -g, g, 0.0]),
+        ("absmean hf zeros", Scheme::TernaryAbsmeanHf, PerTensor, vec![0.0; 4], (2, 2), vec![0.0; 4]),
+        // Where the conventions part: g = 1e-4, so g + eps is 10 % above g. x / g = 0.54 and
+        // 1.46 round to 1 and 1 (HF), x / (g + eps) = 0.49 and 1.33 to 0 and 1 (the paper's).
+        ("absmean hf small", Scheme::TernaryAbsmeanHf, PerTensor, vec![0.54e-4, -1.46e-4], (1, 2), vec![1e-4, -1e-4]),
+        ("absmean paper small", Scheme::TernaryAbsmean, PerTensor, vec![0.54e-4, -1.46e-4], (1, 2), vec![0.0, -1e-4]),
+        // Below the floor: g = 2e-6 < eps, so the scale is 1e-5 and x * 1e5 = 0.1, 0.7 -> 0, 1.
+        ("absmean hf floor", Scheme::TernaryAbsmeanHf, PerTensor, vec![1e-6, 7e-6, 0.0, 0.0], (1, 4), vec![0.0, 1e-5, 0.0, 0.0]),
         // Strict threshold: |x| == D gives 0.
         ("threshold fixed", thr(0.5, false), PerTensor, vec![0.5, -0.5, 0.51, -0.51, 0.0, 7.0], (1, 6), vec![0., 0., 1., -1., 0., 1.]),
         // s = mean of |x| above D = (1 + 2) / 2.

@@ -2,7 +2,8 @@
 //! forward, the file format and its loader's errors.
 
 use bitnet_quant::packed::{
-    self, load_packed, load_packed_bytes, save_packed, Kernel, PackedBitLinear, PackedTernary,
+    self, load_packed, load_packed_bytes, save_packed, HfLinearClass, Kernel, PackedBitLinear,
+    PackedTernary,
 };
 use bitnet_quant::{
     BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme, Threshold,
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 fn weight_quantizers() -> Vec<Quantizer> {
     let schemes = [
         Scheme::TernaryAbsmean,
+        Scheme::TernaryAbsmeanHf,
         Scheme::TernaryThreshold {
             threshold: Threshold::Twn,
             scaled: true,
@@ -230,7 +232,7 @@ fn hf_layout_matches_a_hand_made_example() -> Result<()> {
     )?;
     let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
     let p = PackedTernary::pack(&w, &q)?;
-    let (packed, scale) = p.to_hf()?;
+    let (packed, scale) = p.to_hf(HfLinearClass::BitLinear)?;
     // ceil(5 / 4) = 2 packed rows. Packed row 0 holds original rows 0, 2, 4 (slots 0, 1, 2);
     // row 1 holds rows 1 and 3. Codes: r0 [2, 0], r1 [1, 2], r2 [0, 1], r3 [2, 2], r4 [1, 0].
     // The zero shifts spell out the slot each code lands in.
@@ -241,11 +243,28 @@ fn hf_layout_matches_a_hand_made_example() -> Result<()> {
     ];
     assert_eq!(packed.to_vec2::<u8>()?, expect.map(|r| r.to_vec()).to_vec());
     assert_eq!(expect, [[18, 4], [9, 10]]);
+    // The legacy class divides by its weight_scale, so it stores 1 / mean|w|; AutoBitLinear
+    // multiplies, so it stores mean|w| itself. Same codes either way.
     let ws = scale.to_vec1::<f32>()?;
     assert!((ws[0] - 1.0 / 0.7).abs() < 1e-5, "{ws:?}");
-    let back = PackedTernary::from_hf(&packed, &scale, 5)?;
-    assert_eq!(back.levels(), p.levels());
-    assert!(max_abs_diff(&back.unpack()?, &p.unpack()?) < 1e-6);
+    let (packed_auto, scale_auto) = p.to_hf(HfLinearClass::AutoBitLinear)?;
+    assert_eq!(packed_auto.to_vec2::<u8>()?, packed.to_vec2::<u8>()?);
+    assert_eq!(scale_auto.to_vec1::<f32>()?, [p.scales()[0]]);
+    assert!((p.scales()[0] - 0.7).abs() < 1e-6);
+    for (class, codes, ws) in [
+        (HfLinearClass::BitLinear, &packed, &scale),
+        (HfLinearClass::AutoBitLinear, &packed_auto, &scale_auto),
+    ] {
+        let back = PackedTernary::from_hf(codes, ws, 5, class)?;
+        assert_eq!(back.levels(), p.levels());
+        assert!(
+            max_abs_diff(&back.unpack()?, &p.unpack()?) < 1e-6,
+            "{class:?}"
+        );
+    }
+    // Reading one class's scale in the other's convention is off by a factor of mean|w|^2.
+    let wrong = PackedTernary::from_hf(&packed, &scale, 5, HfLinearClass::AutoBitLinear)?;
+    assert!((wrong.scales()[0] - 1.0 / 0.7).abs() < 1e-5);
     Ok(())
 }
 
@@ -254,27 +273,45 @@ fn hf_round_trip_on_random_weights_and_errors() -> Result<()> {
     let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
     for (out, inp) in [(1, 3), (4, 5), (7, 130), (33, 64)] {
         let p = PackedTernary::pack(&randn((out, inp), 3), &q)?;
-        let (packed, scale) = p.to_hf()?;
-        assert_eq!(packed.dims(), &[out.div_ceil(4), inp]);
-        let back = PackedTernary::from_hf(
-            &packed,
-            &scale.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
-            out,
-        )?;
-        assert_eq!(back.levels(), p.levels());
+        for class in [HfLinearClass::BitLinear, HfLinearClass::AutoBitLinear] {
+            let (packed, scale) = p.to_hf(class)?;
+            assert_eq!(packed.dims(), &[out.div_ceil(4), inp]);
+            let back = PackedTernary::from_hf(
+                &packed,
+                &scale.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                out,
+                class,
+            )?;
+            assert_eq!(back.levels(), p.levels());
+            // An f32 scale in the multiplying convention comes back bit for bit.
+            if class == HfLinearClass::AutoBitLinear {
+                let exact = PackedTernary::from_hf(&packed, &scale, out, class)?;
+                assert_eq!(exact.scales(), p.scales());
+            }
+        }
     }
     let p = PackedTernary::pack(
         &randn((8, 8), 1),
         &q.with_granularity(Granularity::PerChannel)?,
     )?;
-    assert!(text(&p.to_hf().unwrap_err()).contains("unsupported"));
+    assert!(text(&p.to_hf(HfLinearClass::AutoBitLinear).unwrap_err()).contains("unsupported"));
+    let auto = HfLinearClass::AutoBitLinear;
+    let legacy = HfLinearClass::BitLinear;
     let bad = Tensor::from_vec(vec![3u8; 8], (2, 4), &Device::Cpu)?;
     let one = Tensor::new(&[1f32], &Device::Cpu)?;
-    assert!(text(&PackedTernary::from_hf(&bad, &one, 8).unwrap_err()).contains("code 3"));
+    assert!(text(&PackedTernary::from_hf(&bad, &one, 8, auto).unwrap_err()).contains("code 3"));
     let ok = Tensor::zeros((2, 4), DType::U8, &Device::Cpu)?;
-    assert!(text(&PackedTernary::from_hf(&ok, &one, 9).unwrap_err()).contains("output rows"));
+    assert!(text(&PackedTernary::from_hf(&ok, &one, 9, auto).unwrap_err()).contains("output rows"));
     let zero = Tensor::new(&[0f32], &Device::Cpu)?;
-    assert!(text(&PackedTernary::from_hf(&ok, &zero, 8).unwrap_err()).contains("weight_scale"));
+    // A zero scale is a valid all-zero layer when multiplied, a division by zero when divided.
+    assert!(
+        text(&PackedTernary::from_hf(&ok, &zero, 8, legacy).unwrap_err()).contains("weight_scale")
+    );
+    assert_eq!(PackedTernary::from_hf(&ok, &zero, 8, auto)?.scales(), [0.0]);
+    let minus = Tensor::new(&[-1f32], &Device::Cpu)?;
+    assert!(
+        text(&PackedTernary::from_hf(&ok, &minus, 8, auto).unwrap_err()).contains("weight_scale")
+    );
     Ok(())
 }
 

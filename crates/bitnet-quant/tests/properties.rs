@@ -10,6 +10,7 @@ fn schemes() -> impl Strategy<Value = Scheme> {
         any::<bool>().prop_map(|scaled| Scheme::Binary { scaled }),
         Just(Scheme::BinaryCentered),
         Just(Scheme::TernaryAbsmean),
+        Just(Scheme::TernaryAbsmeanHf),
         (0.0f32..1.0, any::<bool>()).prop_map(|(d, scaled)| Scheme::TernaryThreshold {
             threshold: Threshold::Fixed(d),
             scaled

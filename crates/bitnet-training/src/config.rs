@@ -69,6 +69,17 @@ impl QATConfig {
         }
     }
 
+    /// BitNet b1.58 as Hugging Face transformers computes it ([`Scheme::TernaryAbsmeanHf`]:
+    /// scale `1 / max(mean|w|, 1e-5)`, multiplied), int8 per-token activations: what a model
+    /// loaded from a transformers `BitNetForCausalLM` checkpoint trains with, so that its forward
+    /// is transformers' `AutoBitLinear` bit for bit.
+    pub fn ternary_hf() -> Self {
+        Self {
+            weight: Some(Scheme::TernaryAbsmeanHf),
+            ..Self::ternary()
+        }
+    }
+
     /// BitNet b1: `mean|w| * sign(w - mean(w))` weights ([`Scheme::BinaryCentered`]), int8
     /// per-token activations, identity STE. The uncentered XNOR-Net form is
     /// `weight: Some(Scheme::Binary { scaled: true })`.

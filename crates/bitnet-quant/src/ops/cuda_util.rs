@@ -25,7 +25,8 @@ __device__ __forceinline__ float clampf(float v, float lo, float hi) {
 }
 
 // Kind codes: 0 binary, 1 binary scaled, 2 absmean, 3..=6 threshold (fixed, fixed scaled, twn,
-// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux).
+// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux), 9 Hugging Face
+// absmean (aux = 1 / max(mean, eps)).
 __device__ __forceinline__ float bq_quantize(unsigned kind, float qmax, float x, float s, float aux) {
     if (kind == 8u) {
         return x >= aux ? s : -s;
@@ -35,6 +36,9 @@ __device__ __forceinline__ float bq_quantize(unsigned kind, float qmax, float x,
     }
     if (kind == 2u) {
         return s * clampf(rintf(x / (s + BQ_EPS)), -1.0f, 1.0f);
+    }
+    if (kind == 9u) {
+        return s * clampf(rintf(x * aux), -1.0f, 1.0f);
     }
     if (kind <= 6u) {
         return x > aux ? s : (x < -aux ? -s : 0.0f);

@@ -12,6 +12,9 @@ pub enum Kind {
     BinaryCentered,
     /// `g * clamp(round(x / (g + eps)), -1, 1)`.
     Absmean,
+    /// Hugging Face's absmean: `s * clamp(round(x * m), -1, 1)` with `m = 1 / max(g, eps)` and
+    /// `s = 1 / m` (transformers' `round(x * m).clamp(-1, 1) / m`, bit for bit).
+    AbsmeanHf,
     /// `s * (x > D) - s * (x < -D)`; `fixed = None` means TWN's `D = 0.7 mean|x|`.
     Threshold { fixed: Option<f32>, scaled: bool },
     /// Symmetric integer grid `-(qmax + 1)..=qmax` with absmax scale (multi-bit and int8).
@@ -25,6 +28,7 @@ impl Kind {
             Scheme::Binary { scaled } => Kind::Binary { scaled },
             Scheme::BinaryCentered => Kind::BinaryCentered,
             Scheme::TernaryAbsmean => Kind::Absmean,
+            Scheme::TernaryAbsmeanHf => Kind::AbsmeanHf,
             Scheme::TernaryThreshold { threshold, scaled } => Kind::Threshold {
                 fixed: match threshold {
                     Threshold::Fixed(d) => Some(d),
@@ -60,9 +64,10 @@ impl Kind {
 
     /// Block parameters `(s, aux)` from the block's `mean|x|`, `max|x|` and, for scaled
     /// threshold kinds, the mean of `|x|` over values above the threshold (`above_mean`, 0 when
-    /// none is above). `aux` is the threshold `D` for threshold kinds and the clamped absmax `m`
-    /// for integer kinds, 0 otherwise. [`Kind::BinaryCentered`] needs the signed mean too: use
-    /// [`Kind::params_with_mean`] (here its center is 0).
+    /// none is above). `aux` is the threshold `D` for threshold kinds, the clamped absmax `m`
+    /// for integer kinds, the reciprocal scale `m` for [`Kind::AbsmeanHf`], 0 otherwise.
+    /// [`Kind::BinaryCentered`] needs the signed mean too: use [`Kind::params_with_mean`] (here
+    /// its center is 0).
     pub fn params(&self, mean_abs: f32, max_abs: f32, above_mean: f32) -> (f32, f32) {
         self.params_with_mean(mean_abs, max_abs, above_mean, 0.0)
     }
@@ -81,6 +86,10 @@ impl Kind {
             Kind::BinaryCentered => (mean_abs, mean),
             Kind::Binary { scaled: false } => (1.0, 0.0),
             Kind::Absmean => (mean_abs, 0.0),
+            Kind::AbsmeanHf => {
+                let m = 1.0 / mean_abs.max(EPS);
+                (1.0 / m, m)
+            }
             Kind::Threshold { scaled, .. } => {
                 let s = if scaled { above_mean } else { 1.0 };
                 (s, self.threshold(mean_abs))
@@ -113,6 +122,8 @@ impl Kind {
                 }
             }
             Kind::Absmean => s * round_clamped(x / (s + EPS), -1.0, 1.0),
+            // A level of +-1 times s is exactly transformers' +-1 / m: s = 1 / m.
+            Kind::AbsmeanHf => s * round_clamped(x * aux, -1.0, 1.0),
             Kind::Threshold { .. } => {
                 if x > aux {
                     s
@@ -148,6 +159,7 @@ impl Kind {
                 }
             }
             Kind::Absmean => round_clamped(x / (s + EPS), -1.0, 1.0) as i32,
+            Kind::AbsmeanHf => round_clamped(x * aux, -1.0, 1.0) as i32,
             Kind::Threshold { .. } => {
                 if x > aux {
                     1
@@ -165,7 +177,10 @@ impl Kind {
     #[inline(always)]
     pub fn normalizer(&self, s: f32, aux: f32) -> f32 {
         let n = match *self {
-            Kind::Binary { .. } | Kind::BinaryCentered | Kind::Threshold { .. } => s,
+            Kind::Binary { .. }
+            | Kind::BinaryCentered
+            | Kind::Threshold { .. }
+            | Kind::AbsmeanHf => s,
             Kind::Absmean => s + EPS,
             Kind::Int { .. } => aux,
         };
@@ -199,6 +214,7 @@ impl Kind {
             ),
             Kind::Int { qmax } => (7, 0.0, qmax),
             Kind::BinaryCentered => (8, 0.0, 0.0),
+            Kind::AbsmeanHf => (9, 0.0, 0.0),
         }
     }
 }

@@ -59,7 +59,8 @@ BQ_FN ulong bq_div(ulong i, ulong d) {
 }
 
 // Kind codes: 0 binary, 1 binary scaled, 2 absmean, 3..=6 threshold (fixed, fixed scaled, twn,
-// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux).
+// twn scaled), 7 integer grid with qmax, 8 centered binary (center in aux), 9 Hugging Face
+// absmean (aux = 1 / max(mean, eps)).
 BQ_FN float bq_quantize(uint kind, float qmax, float x, float s, float aux) {
     if (kind == 8u) {
         return x >= aux ? s : -s;
@@ -69,6 +70,9 @@ BQ_FN float bq_quantize(uint kind, float qmax, float x, float s, float aux) {
     }
     if (kind == 2u) {
         return s * clampf(rint(x / (s + BQ_EPS)), -1.0f, 1.0f);
+    }
+    if (kind == 9u) {
+        return s * clampf(rint(x * aux), -1.0f, 1.0f);
     }
     if (kind <= 6u) {
         return x > aux ? s : (x < -aux ? -s : 0.0f);

@@ -7,6 +7,7 @@ use crate::quantizer::Quantizer;
 use crate::scheme::Granularity;
 use bitnet_core::{current_pool, Category, PoolBuffer};
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Weights per kernel block. 128 codes are 32 bytes, one 256-bit AVX2 register: a block is one
@@ -447,18 +448,31 @@ impl PackedTernary {
     /// The Hugging Face transformers layout (`integrations/bitnet.py`, `pack_weights`): a `u8`
     /// tensor `[ceil(out / 4), in]` where bits `2j..2j+2` of row `i` hold the code (`level + 1`)
     /// of original row `j * ceil(out / 4) + i` (unused slots of the last rows are 0 bits, as
-    /// `pack_weights` leaves them), and the `weight_scale` tensor `[1]`, f32.
+    /// `pack_weights` leaves them), and the `weight_scale` tensor `[1]`, f32, in the convention
+    /// of `class` (see [`HfLinearClass`]). transformers itself reads back only weights whose
+    /// `out` is a multiple of 4. Per-tensor scales only: the HF layer has one scale.
     ///
-    /// transformers' `BitLinear` *divides* by `weight_scale` (`post_quant_process`), so
-    /// `weight_scale = 1 / s` (infinite for an all-zero weight, where `s = 0`). Per-tensor scales
-    /// only: the HF layer has one scale.
-    pub fn to_hf(&self) -> Result<(Tensor, Tensor)> {
-        if self.granularity != Granularity::PerTensor {
+    /// ```
+    /// use bitnet_quant::packed::{HfLinearClass, PackedTernary};
+    /// use bitnet_quant::{Estimator, Quantizer, Scheme};
+    /// use candle_core::{Device, Tensor};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let q = Quantizer::new(Scheme::TernaryAbsmeanHf, Estimator::Identity)?;
+    /// let p = PackedTernary::pack(&Tensor::randn(0f32, 1.0, (8, 16), &Device::Cpu)?, &q)?;
+    /// let (codes, scale) = p.to_hf(HfLinearClass::AutoBitLinear)?;
+    /// assert_eq!(codes.dims(), &[2, 16]);
+    /// assert_eq!(scale.to_vec1::<f32>()?, [p.scales()[0]]); // multiplied: the scale itself
+    /// let back = PackedTernary::from_hf(&codes, &scale, 8, HfLinearClass::AutoBitLinear)?;
+    /// assert_eq!((back.levels(), back.scales()), (p.levels(), p.scales()));
+    /// # Ok(()) }
+    /// ```
+    pub fn to_hf(&self, class: HfLinearClass) -> Result<(Tensor, Tensor)> {
+        if self.granularity != Granularity::PerTensor || self.bits != 2 {
             return Err(QuantError::Unsupported {
                 op: "PackedTernary::to_hf",
                 what: format!(
-                    "{:?} scales (the transformers layout has one scale per tensor)",
-                    self.granularity
+                    "{:?} scales at {} bits (the transformers layout has 2-bit codes and one scale per tensor)",
+                    self.granularity, self.bits
                 ),
             }
             .into());
@@ -474,14 +488,25 @@ impl PackedTernary {
             }
         }
         let packed = Tensor::from_vec(bytes, (rows, inp), &Device::Cpu)?;
-        let scale = Tensor::from_vec(vec![1.0 / self.scales[0]], 1, &Device::Cpu)?;
+        let ws = match class {
+            HfLinearClass::AutoBitLinear => self.scales[0],
+            HfLinearClass::BitLinear => 1.0 / self.scales[0],
+        };
+        let scale = Tensor::from_vec(vec![ws], 1, &Device::Cpu)?;
         Ok((packed, scale))
     }
 
     /// Reads the Hugging Face transformers layout (see [`Self::to_hf`]): `packed` is `u8`
-    /// `[ceil(out_features / 4), in]`, `weight_scale` one finite positive value (any float
-    /// dtype; HF checkpoints often store bf16). Codes 3 are rejected.
-    pub fn from_hf(packed: &Tensor, weight_scale: &Tensor, out_features: usize) -> Result<Self> {
+    /// `[ceil(out_features / 4), in]`, `weight_scale` one finite value (any float dtype; HF
+    /// checkpoints often store bf16) read in the convention of `class`: the scale itself for
+    /// [`HfLinearClass::AutoBitLinear`] (>= 0), its reciprocal for [`HfLinearClass::BitLinear`]
+    /// (> 0). Codes 3 are rejected.
+    pub fn from_hf(
+        packed: &Tensor,
+        weight_scale: &Tensor,
+        out_features: usize,
+        class: HfLinearClass,
+    ) -> Result<Self> {
         const OP: &str = "PackedTernary::from_hf";
         if packed.dtype() != DType::U8 {
             return Err(shape_err(
@@ -515,9 +540,16 @@ impl PackedTernary {
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?[0];
-        if !(ws.is_finite() && ws > 0.0) {
-            return Err(invalid("weight_scale", ws, "a finite number > 0").into());
-        }
+        let scale = match class {
+            HfLinearClass::AutoBitLinear if ws.is_finite() && ws >= 0.0 => ws,
+            HfLinearClass::BitLinear if ws.is_finite() && ws > 0.0 => 1.0 / ws,
+            HfLinearClass::AutoBitLinear => {
+                return Err(invalid("weight_scale", ws, "a finite number >= 0").into())
+            }
+            HfLinearClass::BitLinear => {
+                return Err(invalid("weight_scale", ws, "a finite number > 0").into())
+            }
+        };
         let bytes = packed
             .to_device(&Device::Cpu)?
             .flatten_all()?
@@ -530,27 +562,41 @@ impl PackedTernary {
             seg_len,
             seg_padded,
             2,
-            vec![1.0 / ws],
+            vec![scale],
         )?;
         let row_bytes = out.row_bytes();
         let data = out.codes_mut()?;
-        for r in 0..out_features {
-            let (j, hr) = (r / rows, r % rows);
-            for i in 0..inp {
-                let code = (bytes[hr * inp + i] >> (2 * j)) & 3;
-                if code == 3 {
-                    return Err(QuantError::BadData {
-                        what: format!("{OP}: invalid 2-bit code 3 for weight ({r}, {i})"),
+        // Row by row in parallel: a 2B-parameter checkpoint has 2 G codes to move.
+        data.par_chunks_mut(row_bytes)
+            .enumerate()
+            .try_for_each(|(r, dst)| {
+                let (j, hr) = (r / rows, r % rows);
+                for (i, &b) in bytes[hr * inp..(hr + 1) * inp].iter().enumerate() {
+                    let code = (b >> (2 * j)) & 3;
+                    if code == 3 {
+                        return Err(QuantError::BadData {
+                            what: format!("{OP}: invalid 2-bit code 3 for weight ({r}, {i})"),
+                        });
                     }
-                    .into());
+                    let (byte, shift) = position(i, seg_len, seg_padded, 2);
+                    dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
                 }
-                let (byte, shift) = position(i, seg_len, seg_padded, 2);
-                let b = &mut data[r * row_bytes + byte];
-                *b = (*b & !(3 << shift)) | (code << shift);
-            }
-        }
+                Ok(())
+            })?;
         Ok(out)
     }
+}
+
+/// How a Hugging Face checkpoint's `weight_scale` is applied: transformers' two BitNet linear
+/// classes (`quantization_config.linear_class`) store reciprocal conventions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HfLinearClass {
+    /// `linear_class = "autobitlinear"`: the output is *multiplied* by `weight_scale`, which is
+    /// the scale itself (`mean|W|` as the quantizer saw it).
+    AutoBitLinear,
+    /// The legacy `BitLinear` (`linear_class = "bitlinear"`, the default when the field is
+    /// absent): the output is *divided* by `weight_scale`, which is `1 / mean|W|`.
+    BitLinear,
 }
 
 /// Byte offset within a row and bit shift of input `i` at `bits` per weight.

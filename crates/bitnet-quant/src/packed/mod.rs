@@ -21,5 +21,5 @@ pub mod linear;
 
 pub use io::{load_packed, load_packed_bytes, save_packed, FORMAT, LAYOUT, VERSION};
 pub use kernels::Kernel;
-pub use layout::{PackedTernary, BLOCK, BLOCK_BYTES_1BIT};
+pub use layout::{HfLinearClass, PackedTernary, BLOCK, BLOCK_BYTES_1BIT};
 pub use linear::PackedBitLinear;

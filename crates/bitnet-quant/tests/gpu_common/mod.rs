@@ -60,6 +60,8 @@ fn schemes() -> Vec<Scheme> {
         Scheme::MultiBit { bits: 2 },
         Scheme::MultiBit { bits: 4 },
         Scheme::Int8PerToken,
+        // After the first seven: no learnable temperature for it.
+        Scheme::TernaryAbsmeanHf,
     ]
 }
 
@@ -165,6 +167,7 @@ fn mean_based(kind: Kind) -> bool {
         Kind::Binary { scaled: true }
             | Kind::BinaryCentered
             | Kind::Absmean
+            | Kind::AbsmeanHf
             | Kind::Threshold { fixed: None, .. }
             | Kind::Threshold { scaled: true, .. }
     )

@@ -193,7 +193,11 @@ fn integer_scales(
     };
     let ternary_levels = matches!(
         weight.kind,
-        Kind::Binary { .. } | Kind::BinaryCentered | Kind::Absmean | Kind::Threshold { .. }
+        Kind::Binary { .. }
+            | Kind::BinaryCentered
+            | Kind::Absmean
+            | Kind::AbsmeanHf
+            | Kind::Threshold { .. }
     );
     let per_row = x_block % k == 0;
     let w_ok = w_block == n * k || w_block == k;

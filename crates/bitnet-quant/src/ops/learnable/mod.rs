@@ -43,6 +43,14 @@ impl Surrogate {
     /// Only sign-like schemes have a tanh surrogate. The hard part's estimator is the identity;
     /// see [`Surrogate::with_estimator`].
     pub fn new(kind: Kind, hardness: f32) -> std::result::Result<Self, QuantError> {
+        if matches!(kind, Kind::AbsmeanHf) {
+            // Its reciprocal-scale form has no kernel in the learnable op's device code.
+            return Err(crate::error::invalid(
+                "scheme",
+                "TernaryAbsmeanHf",
+                "Binary, TernaryAbsmean or TernaryThreshold for a learnable temperature",
+            ));
+        }
         if matches!(kind, Kind::Int { .. }) {
             return Err(crate::error::invalid(
                 "scheme",
@@ -71,7 +79,7 @@ impl Surrogate {
         let n = self.kind.normalizer(s, aux);
         let d = match self.kind {
             Kind::Binary { .. } | Kind::BinaryCentered => None,
-            Kind::Absmean => Some(0.5),
+            Kind::Absmean | Kind::AbsmeanHf => Some(0.5),
             _ => Some(aux / n),
         };
         ((x - self.kind.center(aux)) / n, d)

@@ -75,6 +75,7 @@ fn segment_body(kind: Kind, out: &mut [f32], xs: &[f32], (s, aux): (f32, f32), l
             Kind::BinaryCentered.quantize(x, s, aux)
         }),
         Kind::Absmean => map(out, xs, lambda, |x| Kind::Absmean.quantize(x, s, aux)),
+        Kind::AbsmeanHf => map(out, xs, lambda, |x| Kind::AbsmeanHf.quantize(x, s, aux)),
         Kind::Threshold { .. } => map(out, xs, lambda, |x| {
             Kind::Threshold {
                 fixed: None,

@@ -92,6 +92,9 @@ extern "C" __global__ void bq_finish(const double* psum, const double* psigned, 
         }
         s = mean;
         aux = (float)(ssum / (double)block);
+    } else if (kind == 9u) {
+        aux = 1.0f / fmaxf(mean, BQ_EPS);
+        s = 1.0f / aux;
     } else {
         float m = fmaxf(mx, BQ_EPS);
         s = m / qmax;

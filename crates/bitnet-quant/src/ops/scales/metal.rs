@@ -166,6 +166,9 @@ kernel void bq_finish(device const bq_dd* psum [[buffer(0)]],
     } else if (kind == 8u) {
         s = mean;
         aux = bq_scaled_mean(bq_block_total(psigned, pexp, qb, splits, e), e, block);
+    } else if (kind == 9u) {
+        aux = 1.0f / bq_fmax(mean, BQ_EPS);
+        s = 1.0f / aux;
     } else {
         float m = bq_fmax(mx, BQ_EPS);
         s = m / qmax;

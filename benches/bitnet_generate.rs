@@ -1,0 +1,87 @@
+//! Generation speed of a `BitNetForCausalLM` with microsoft/bitnet-b1.58-2B-4T's layer shapes
+//! (hidden 2560, intermediate 6912, 20 heads over 5 key/value heads of 128; random weights,
+//! ternarized by transformers' quantizer), packed 2-bit kernels against the same model with f32
+//! weights and candle's GEMM, in the same run.
+//!
+//! * `decode/{packed,f32}`: one new token at position 64 (the KV cache holds a 64-token prompt);
+//!   throughput in tokens/s.
+//! * `prefill/{packed,f32}`: a 128-token prompt in one forward; throughput in tokens/s.
+//!
+//! `BITNET_BENCH_LAYERS` layers (default 2; the real model has 30: time per layer is the
+//! measured time over the layers, the embedding and head aside) and a vocabulary of
+//! `BITNET_BENCH_VOCAB` (default 32000; the real 128256 adds an output head of 1.3 GB in f32 to
+//! every token, the same in both runtimes). Threads: run once per count,
+//! `RAYON_NUM_THREADS=1 cargo bench --bench bitnet_generate` and `RAYON_NUM_THREADS=2 ...`
+//! (candle's GEMM and our kernels both read it); the bench names carry the count.
+
+use bitnet::models::bitnet::{BitNetForCausalLM, Cache, Config};
+use bitnet::training::QATConfig;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The packed and f32 runtimes of one random model.
+fn models() -> (BitNetForCausalLM, BitNetForCausalLM) {
+    let cfg = Config::b158_2b_shapes(
+        env_usize("BITNET_BENCH_LAYERS", 2),
+        env_usize("BITNET_BENCH_VOCAB", 32000),
+    );
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let trained = BitNetForCausalLM::new(&cfg, QATConfig::ternary_hf(), vb).unwrap();
+    let packed = trained.to_packed().unwrap();
+    drop(trained);
+    drop(vm);
+    let dense = packed.to_dense().unwrap();
+    (packed, dense)
+}
+
+fn ids(n: usize, vocab: usize) -> Tensor {
+    let v: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7919 + 13) % vocab as u32)
+        .collect();
+    Tensor::from_vec(v, (1, n), &Device::Cpu).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let (packed, dense) = models();
+    let cfg = packed.config().clone();
+    let threads = rayon::current_num_threads();
+    let tag = format!("{}layers_{}threads", cfg.num_hidden_layers, threads);
+    let mut g = c.benchmark_group(format!("bitnet_2b_shapes/decode_{tag}"));
+    g.sample_size(10).throughput(Throughput::Elements(1));
+    for (name, m) in [("packed", &packed), ("f32", &dense)] {
+        let mut prefilled = Cache::new(true, &cfg);
+        m.forward(&ids(64, cfg.vocab_size), 0, &mut prefilled)
+            .unwrap();
+        let next = ids(1, cfg.vocab_size);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                // Clones share the cache's buffers; every iteration writes the same slot 64.
+                let mut cache = prefilled.clone();
+                black_box(m.forward(&next, 64, &mut cache).unwrap())
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group(format!("bitnet_2b_shapes/prefill128_{tag}"));
+    g.sample_size(10).throughput(Throughput::Elements(128));
+    let prompt = ids(128, cfg.vocab_size);
+    for (name, m) in [("packed", &packed), ("f32", &dense)] {
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(m.forward(&prompt, 0, &mut Cache::new(true, &cfg)).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
