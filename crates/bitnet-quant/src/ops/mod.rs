@@ -28,6 +28,7 @@ pub mod quantize;
 pub mod relu;
 pub mod rms_norm;
 pub mod scales;
+pub(crate) mod slot;
 pub mod sparse;
 
 pub use math::{EstKind, Kind};
