@@ -14,6 +14,8 @@
 //! * [`relu`]: ReLU with a one-pass backward, for the activations between BitLinear layers.
 //! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
 
+#[doc(hidden)]
+pub mod bench_support;
 pub mod bitlinear;
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
