@@ -53,3 +53,34 @@ pub fn transpose(
     sparse::transpose_into(src, rows, cols, &mut out);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both buffers receive the kernel's values (checked against the definitions), and a wrong
+    /// shape is an error, not a panic.
+    #[test]
+    fn fresh_and_zeroed_buffers_hold_the_same_values() {
+        let xs: Vec<f32> = (0..6 * 70).map(|i| (i as f32 * 0.37).sin()).collect();
+        // Two blocks of 210 values: ternary absmean with scale 0.5 and 0.25.
+        let params = [0.5, 0.0, 0.25, 0.0];
+        let want: Vec<f32> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let s = params[2 * (i / 210)];
+                s * (x / (s + crate::EPS)).round_ties_even().clamp(-1.0, 1.0)
+            })
+            .collect();
+        let t_want: Vec<f32> = (0..xs.len()).map(|i| xs[(i % 6) * 70 + i / 6]).collect();
+        for zeroed in [false, true] {
+            let q = quantize_forward(Kind::Absmean, &xs, &params, 210, 1.0, zeroed).unwrap();
+            assert_eq!(q, want, "quantize, zeroed {zeroed}");
+            assert_eq!(transpose(&xs, 6, 70, zeroed).unwrap(), t_want);
+            assert!(quantize_forward(Kind::Absmean, &xs, &params, 200, 1.0, zeroed).is_err());
+            assert!(quantize_forward(Kind::Absmean, &xs, &params[..2], 210, 1.0, zeroed).is_err());
+            assert!(transpose(&xs, 7, 70, zeroed).is_err());
+        }
+    }
+}
