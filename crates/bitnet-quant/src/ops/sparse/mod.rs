@@ -985,7 +985,8 @@ mod tests {
     }
 
     // Widths around the kernel's 64- and 8-wide steps, and a batch of rows with empty ones.
-    const SHAPES: [(usize, usize, usize); 6] = [
+    #[cfg(not(miri))]
+    const SHAPES: &[(usize, usize, usize)] = &[
         (1, 1, 1),
         (3, 17, 7),
         (9, 33, 64),
@@ -993,6 +994,10 @@ mod tests {
         (31, 100, 136),
         (128, 784, 256),
     ];
+    // Miri interprets every load: it checks that the kernels write every output slot (and
+    // touch nothing else) on the small shapes, which still have the blocks' tails.
+    #[cfg(miri)]
+    const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (3, 17, 7), (9, 33, 64), (16, 70, 71)];
 
     #[test]
     fn matmul_equals_the_dense_product() {
@@ -1319,7 +1324,9 @@ mod tests {
 
     #[test]
     fn transpose_is_its_own_inverse_and_moves_every_entry() {
-        for &(r, c) in &[(1, 1), (3, 5), (17, 33), (256, 784)] {
+        let shapes = [(1, 1), (3, 5), (17, 33), (256, 784)];
+        // Miri (which interprets every load) checks the small shapes only.
+        for &(r, c) in &shapes[..if cfg!(miri) { 3 } else { 4 }] {
             let a: Vec<f32> = (0..r * c).map(|t| t as f32).collect();
             let t = transpose(&a, r, c).unwrap();
             for i in 0..r {

@@ -145,7 +145,9 @@ mod tests {
     fn equals_transpose_and_signs_of_the_filled_matrix() {
         // Shapes with and without 8-row and 8-column tails; values with zeros, -0, NaN and
         // infinities so that the signs see every case.
-        for &(rows, cols) in &[(1, 1), (3, 5), (8, 8), (17, 33), (256, 784), (256, 256)] {
+        let shapes = [(1, 1), (3, 5), (8, 8), (17, 33), (256, 784), (256, 256)];
+        // Miri (which interprets every load) checks the small shapes only.
+        for &(rows, cols) in &shapes[..if cfg!(miri) { 4 } else { 6 }] {
             let a: Vec<f32> = (0..rows * cols)
                 .map(|t| match t % 11 {
                     0 => 0.0,
