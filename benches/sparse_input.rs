@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let w = values(N * K, 1.0, &mut rng);
-    let wt = transpose(&w, N, K);
+    let wt = transpose(&w, N, K).unwrap();
     let dy = values(M * N, 1.0, &mut rng);
     let w_t = Tensor::from_vec(w.clone(), (N, K), &dev).unwrap();
     let dy_t = Tensor::from_vec(dy.clone(), (M, N), &dev).unwrap();
@@ -61,8 +61,12 @@ fn bench(c: &mut Criterion) {
     }
     // The two transposes a sparse step makes (W -> W^T in the forward, dW^T -> dW after the
     // weight gradient), against a plain copy of as many values.
-    group.bench_function("transpose_256x784", |b| b.iter(|| transpose(&w, N, K)));
-    group.bench_function("transpose_784x256", |b| b.iter(|| transpose(&wt, K, N)));
+    group.bench_function("transpose_256x784", |b| {
+        b.iter(|| transpose(&w, N, K).unwrap())
+    });
+    group.bench_function("transpose_784x256", |b| {
+        b.iter(|| transpose(&wt, K, N).unwrap())
+    });
     group.bench_function("copy_200704", |b| b.iter(|| w.clone()));
     // The first layer's backward on 128 real MNIST images (their pattern: empty borders,
     // dense centres), as the training step sees it.
@@ -77,12 +81,13 @@ fn bench(c: &mut Criterion) {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
-        let second = s.gather_scaled(&x, &vec![1.0; M]);
+        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap().unwrap();
+        let second = s.gather_scaled(&x, &vec![1.0; M]).unwrap();
         group.bench_function("mnist/weight_and_norm_grad", |b| {
             b.iter(|| {
-                let (st, second_t) = s.transposed_with(&second);
+                let (st, second_t) = s.transposed_with(&second).unwrap();
                 st.matmul_t_with_dots(&second_t, &dy, N, WeightT::Values(&wt))
+                    .unwrap()
             })
         });
         // The same as the training step runs it for a first layer: the second values gathered
@@ -91,12 +96,12 @@ fn bench(c: &mut Criterion) {
         let (levels, scale, ones) = (signs(&wt), vec![0.5f32; N], vec![1f32; M]);
         group.bench_function("mnist/weight_and_norm_grad_signs", |b| {
             b.iter(|| {
-                let (st, second_t) = s.transposed_gathered(&x, &ones);
+                let (st, second_t) = s.transposed_gathered(&x, &ones).unwrap();
                 let w = WeightT::Signs {
                     signs: &levels,
                     scale: &scale,
                 };
-                st.matmul_t_with_dots(&second_t, &dy, N, w)
+                st.matmul_t_with_dots(&second_t, &dy, N, w).unwrap()
             })
         });
     }
@@ -105,8 +110,8 @@ fn bench(c: &mut Criterion) {
         let name = format!("sparse_{}pct", (density * 100.0) as u32);
         group.bench_function(format!("{name}/forward"), |b| {
             b.iter(|| {
-                let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
-                s.matmul(&wt, N)
+                let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap().unwrap();
+                s.matmul(&wt, N).unwrap()
             })
         });
         // The integer kernel the op takes for int8 activations x ternary weights: levels of
@@ -119,38 +124,40 @@ fn bench(c: &mut Criterion) {
         let (inv, col_scale) = (vec![127f32; M], vec![1f32; N]);
         group.bench_function(format!("{name}/forward_levels"), |b| {
             b.iter(|| {
-                let s = SparseRows::from_dense(&xl, K, 1.0, None).unwrap();
-                s.matmul_levels(&signs, N, &inv, &col_scale)
+                let s = SparseRows::from_dense(&xl, K, 1.0, None).unwrap().unwrap();
+                s.matmul_levels(&signs, N, &inv, &col_scale).unwrap()
             })
         });
         group.bench_function(format!("{name}/index"), |b| {
-            b.iter(|| SparseRows::from_dense(&x, K, 1.0, None).unwrap())
+            b.iter(|| SparseRows::from_dense(&x, K, 1.0, None).unwrap().unwrap())
         });
-        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap();
+        let s = SparseRows::from_dense(&x, K, 1.0, None).unwrap().unwrap();
         group.bench_function(format!("{name}/forward_no_index"), |b| {
-            b.iter(|| s.matmul(&wt, N))
+            b.iter(|| s.matmul(&wt, N).unwrap())
         });
         let st = s.transposed();
         group.bench_function(format!("{name}/weight_grad_no_transposes"), |b| {
-            b.iter(|| st.matmul(&dy, N))
+            b.iter(|| st.matmul(&dy, N).unwrap())
         });
         group.bench_function(format!("{name}/weight_grad"), |b| {
-            b.iter(|| transpose(&s.transposed().matmul(&dy, N), K, N))
+            b.iter(|| transpose(&s.transposed().matmul(&dy, N).unwrap(), K, N).unwrap())
         });
         // The first layer's backward: weight gradient and norm-weight gradient in one sweep
         // (index transpose with the second values, product, dots); against the two GEMMs
         // `dense/weight_grad` + `dense/input_grad` it replaces.
-        let second = s.gather_scaled(&x, &vec![1.0; M]);
+        let second = s.gather_scaled(&x, &vec![1.0; M]).unwrap();
         group.bench_function(format!("{name}/weight_and_norm_grad"), |b| {
             b.iter(|| {
-                let (st, second_t) = s.transposed_with(&second);
+                let (st, second_t) = s.transposed_with(&second).unwrap();
                 st.matmul_t_with_dots(&second_t, &dy, N, WeightT::Values(&wt))
+                    .unwrap()
             })
         });
         group.bench_function(format!("{name}/input_grad_sampled"), |b| {
             b.iter(|| {
                 let st = s.transposed();
-                st.scatter_transposed(&st.sampled_dots(&dy, &wt, N))
+                st.scatter_transposed(&st.sampled_dots(&dy, &wt, N).unwrap())
+                    .unwrap()
             })
         });
     }

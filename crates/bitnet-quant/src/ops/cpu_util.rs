@@ -136,12 +136,14 @@ pub(crate) const CHUNK: usize = 1 << 14;
 
 /// Calls `f(block, start, out_segment)` for every piece of `out` that lies inside one block of
 /// `block` consecutive values, where `start` is the segment's first index. Runs in parallel chunks
-/// when [`parallel`](super::parallel) says so, on the calling thread otherwise.
-pub(crate) fn for_block_segments<F>(out: &mut [f32], block: usize, f: F)
+/// when [`parallel`](super::parallel) says so, on the calling thread otherwise. `out` holds
+/// fresh slots or initialised values ([`Slot`](super::slot::Slot)).
+pub(crate) fn for_block_segments<S, F>(out: &mut [S], block: usize, f: F)
 where
-    F: Fn(usize, usize, &mut [f32]) + Sync,
+    S: Send,
+    F: Fn(usize, usize, &mut [S]) + Sync,
 {
-    let work = |start: usize, chunk: &mut [f32]| block_segments_from(start, chunk, block, &f);
+    let work = |start: usize, chunk: &mut [S]| block_segments_from(start, chunk, block, &f);
     if super::parallel(out.len()) {
         use rayon::prelude::*;
         out.par_chunks_mut(CHUNK)
@@ -154,9 +156,9 @@ where
 
 /// [`for_block_segments`] over `out` holding the values from index `start` on (a piece of a
 /// longer run), on the calling thread.
-pub(crate) fn block_segments_from<F>(start: usize, out: &mut [f32], block: usize, f: &F)
+pub(crate) fn block_segments_from<S, F>(start: usize, out: &mut [S], block: usize, f: &F)
 where
-    F: Fn(usize, usize, &mut [f32]),
+    F: Fn(usize, usize, &mut [S]),
 {
     let mut pos = 0;
     while pos < out.len() {
@@ -183,22 +185,6 @@ pub(crate) fn non_empty(op: &'static str, l: &Layout) -> Result<()> {
 /// The last dimension, 1 for a scalar.
 pub(crate) fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
-}
-
-/// `len` values (f32, or the `u32` indices of a sparse pattern) that the caller's kernel
-/// writes, every one, before anything reads them:
-/// skips the memset of `vec![0.0; len]`, which for outputs that are overwritten anyway was 7 % of
-/// a 1-thread MNIST training step. candle's own CPU kernels allocate their outputs this way.
-///
-/// # Safety
-/// Every value must be written before any is read (the contents start uninitialised).
-// clippy's `uninit_vec` guards against reading such values; the contract above forbids it.
-#[allow(clippy::uninit_vec)]
-pub(crate) unsafe fn output_vec<T: Copy>(len: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`; the caller writes every value before reading it.
-    unsafe { v.set_len(len) };
-    v
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //! * [`relu`]: ReLU with a one-pass backward, for the activations between BitLinear layers.
 //! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
 
+#[doc(hidden)]
+pub mod bench_support;
 pub mod bitlinear;
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
@@ -28,6 +30,7 @@ pub mod quantize;
 pub mod relu;
 pub mod rms_norm;
 pub mod scales;
+pub(crate) mod slot;
 pub mod sparse;
 
 pub use math::{EstKind, Kind};

@@ -23,7 +23,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::ops::cpu_util::{f32_values, output_vec};
+use crate::ops::cpu_util::f32_values;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `max(x, 0)` with a one-pass backward (see the module docs).
@@ -43,11 +43,9 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let xs = f32_values(self.name(), s, l)?;
-        // SAFETY: the loop writes every value.
-        let mut out = unsafe { output_vec(xs.len()) };
-        for (o, &x) in out.iter_mut().zip(xs.iter()) {
-            *o = x.max(0.0);
-        }
+        // A slice's exact length lets `collect` write the values straight into one allocation,
+        // with no zeroing first.
+        let out: Vec<f32> = xs.iter().map(|&x| x.max(0.0)).collect();
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -73,11 +71,11 @@ impl CustomOp2 for ReluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let xs = f32_values(self.name(), sx, lx)?;
         let gs = f32_values(self.name(), sg, lg)?;
-        // SAFETY: the loop writes every value.
-        let mut out = unsafe { output_vec(xs.len()) };
-        for ((o, &x), &g) in out.iter_mut().zip(xs.iter()).zip(gs.iter()) {
-            *o = if x >= 0.0 { g } else { 0.0 };
-        }
+        let out: Vec<f32> = xs
+            .iter()
+            .zip(gs.iter())
+            .map(|(&x, &g)| if x >= 0.0 { g } else { 0.0 })
+            .collect();
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 }

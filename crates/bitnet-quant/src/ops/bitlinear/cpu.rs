@@ -82,7 +82,7 @@ pub(crate) fn forward(
         Some(_) => sparse::MAX_DENSITY_LEVELS,
         None => sparse::MAX_DENSITY,
     };
-    let sparse = SparseRows::from_dense(&lhs, k, limit, Some(xs));
+    let sparse = SparseRows::from_dense(&lhs, k, limit, Some(xs))?;
     let (y, lhs, wq, sparse) = match sparse {
         Some(sp) => {
             // The sparse kernels read the weight transposed (its signs, for the integer ones),
@@ -100,7 +100,7 @@ pub(crate) fn forward(
                     let values = !(levels && signs_suffice);
                     (
                         None,
-                        sparse::transpose_rows(n, k, values, levels, quantize_rows),
+                        sparse::transpose_rows(n, k, values, levels, quantize_rows)?,
                     )
                 }
                 false => {
@@ -108,15 +108,15 @@ pub(crate) fn forward(
                     let copy_rows = |r0: usize, strip: &mut [f32]| {
                         strip.copy_from_slice(&wq[r0 * k..r0 * k + strip.len()])
                     };
-                    let wt = sparse::transpose_rows(n, k, !levels, levels, copy_rows);
+                    let wt = sparse::transpose_rows(n, k, !levels, levels, copy_rows)?;
                     (Some(wq), wt)
                 }
             };
             let (y, col_scale) = match int_scales {
                 Some((inv, col_scale)) => {
-                    (sp.matmul_levels(&wt.signs, n, &inv, &col_scale), col_scale)
+                    (sp.matmul_levels(&wt.signs, n, &inv, &col_scale)?, col_scale)
                 }
-                None => (sp.matmul(&wt.values, n), Vec::new()),
+                None => (sp.matmul(&wt.values, n)?, Vec::new()),
             };
             match (rows, wt.values.is_empty()) {
                 (Some(wq), _) => (y, lhs, WeightKept::Rows(wq), None),

@@ -256,11 +256,14 @@ impl CustomOp3 for BitLinearOp {
     }
 }
 
-/// Runs `f` on the values of a contiguous f32 CPU tensor.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Runs the fallible `f` on the values of a contiguous f32 CPU tensor.
+fn with_values<R, E: Into<candle_core::Error>>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> std::result::Result<R, E>,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => f(&v[a..b]).map_err(Into::into),
         _ => candle_core::bail!("bitnet-bitlinear: expected a contiguous f32 CPU tensor"),
     }
 }
@@ -307,12 +310,12 @@ impl BitLinearOp {
                 SavedWeight::Signs(ls) => {
                     let (signs, scale) = (&ls.0, &ls.1);
                     let w = sparse::WeightT::Signs { signs, scale };
-                    Ok(st.matmul_t_with_dots(&second_t, gv, n, w))
+                    Ok(st.matmul_t_with_dots(&second_t, gv, n, w)?)
                 }
                 SavedWeight::Values(wt) => with_values(wt, |wt| {
                     st.matmul_t_with_dots(&second_t, gv, n, sparse::WeightT::Values(wt))
                 }),
-            })??;
+            })?;
             let dnorm = Tensor::from_vec(dnorm, norm.shape(), &dev)?;
             return Ok((None, Some(weight_grad(dw)?), Some(dnorm)));
         }
@@ -320,7 +323,7 @@ impl BitLinearOp {
         let dw = match (w.track_op(), &by_column) {
             (true, Some(st)) => {
                 let dwt = with_values(&g2, |gv| st.matmul(gv, n))?;
-                Some(weight_grad(sparse::transpose(&dwt, k, n))?)
+                Some(weight_grad(sparse::transpose(&dwt, k, n)?)?)
             }
             _ => None,
         };
@@ -331,8 +334,8 @@ impl BitLinearOp {
             (false, Some(st)) => {
                 let wt = s.wq.values()?;
                 let vals =
-                    with_values(&g2, |gv| with_values(&wt, |wt| st.sampled_dots(gv, wt, n)))??;
-                Tensor::from_vec(st.scatter_transposed(&vals), (m, k), &dev)?
+                    with_values(&g2, |gv| with_values(&wt, |wt| st.sampled_dots(gv, wt, n)))?;
+                Tensor::from_vec(st.scatter_transposed(&vals)?, (m, k), &dev)?
             }
             _ => g2.matmul(&s.wq.values()?.t()?)?,
         };

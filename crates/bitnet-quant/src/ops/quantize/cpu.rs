@@ -2,6 +2,7 @@
 
 use crate::ops::cpu_util::{block_segments_from, for_block_segments};
 use crate::ops::math::{blend, EstKind, Kind};
+use crate::ops::slot::Slot;
 
 /// `blend(x, q(x), lambda)` for every value, `params` holding `(s, aux)` per block.
 pub(crate) fn forward(
@@ -11,20 +12,20 @@ pub(crate) fn forward(
     block: usize,
     lambda: f32,
 ) -> Vec<f32> {
-    // SAFETY: the segments cover `out` and `map` writes every value of each.
-    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
+    let mut out = Box::<[f32]>::new_uninit_slice(xs.len());
     for_block_segments(&mut out, block, block_segment(kind, xs, params, lambda));
-    out
+    // SAFETY: the segments cover `out` and `map` writes every value of each.
+    unsafe { out.assume_init() }.into_vec()
 }
 
 /// The per-segment work of [`forward`] and [`forward_range`]: segment `seg` of block `b`,
 /// from index `start` of `xs`.
-fn block_segment<'a>(
+fn block_segment<'a, S: Slot<f32>>(
     kind: Kind,
     xs: &'a [f32],
     params: &'a [f32],
     lambda: f32,
-) -> impl Fn(usize, usize, &mut [f32]) + Sync + 'a {
+) -> impl Fn(usize, usize, &mut [S]) + Sync + 'a {
     move |b, start, seg| {
         let (s, aux) = (params[2 * b], params[2 * b + 1]);
         segment(kind, seg, &xs[start..start + seg.len()], (s, aux), lambda);
@@ -33,20 +34,20 @@ fn block_segment<'a>(
 
 /// [`forward`]'s values `start..start + out.len()` into `out`, on the calling thread (the same
 /// bits: the same segment kernel on the same blocks).
-pub(crate) fn forward_range(
+pub(crate) fn forward_range<S: Slot<f32>>(
     kind: Kind,
     xs: &[f32],
     params: &[f32],
     block: usize,
     lambda: f32,
     start: usize,
-    out: &mut [f32],
+    out: &mut [S],
 ) {
     block_segments_from(start, out, block, &block_segment(kind, xs, params, lambda));
 }
 
 /// One segment of a block: `out[i] = blend(xs[i], q(xs[i]), lambda)`.
-fn segment(kind: Kind, out: &mut [f32], xs: &[f32], params: (f32, f32), lambda: f32) {
+fn segment<S: Slot<f32>>(kind: Kind, out: &mut [S], xs: &[f32], params: (f32, f32), lambda: f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is available (checked above).
@@ -60,12 +61,24 @@ fn segment(kind: Kind, out: &mut [f32], xs: &[f32], params: (f32, f32), lambda: 
 /// four. The default x86-64 target is SSE2; the weights are quantized every step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn segment_avx2(kind: Kind, out: &mut [f32], xs: &[f32], params: (f32, f32), lambda: f32) {
+unsafe fn segment_avx2<S: Slot<f32>>(
+    kind: Kind,
+    out: &mut [S],
+    xs: &[f32],
+    params: (f32, f32),
+    lambda: f32,
+) {
     segment_body(kind, out, xs, params, lambda);
 }
 
 #[inline(always)]
-fn segment_body(kind: Kind, out: &mut [f32], xs: &[f32], (s, aux): (f32, f32), lambda: f32) {
+fn segment_body<S: Slot<f32>>(
+    kind: Kind,
+    out: &mut [S],
+    xs: &[f32],
+    (s, aux): (f32, f32),
+    lambda: f32,
+) {
     // One arm per kind so that each inner loop is branch-free and vectorises.
     match kind {
         Kind::Binary { .. } => map(out, xs, lambda, |x| {
@@ -88,14 +101,14 @@ fn segment_body(kind: Kind, out: &mut [f32], xs: &[f32], (s, aux): (f32, f32), l
 }
 
 #[inline(always)]
-fn map(out: &mut [f32], xs: &[f32], lambda: f32, q: impl Fn(f32) -> f32) {
+fn map<S: Slot<f32>>(out: &mut [S], xs: &[f32], lambda: f32, q: impl Fn(f32) -> f32) {
     if lambda == 1.0 {
         for (o, &x) in out.iter_mut().zip(xs) {
-            *o = q(x);
+            o.put(q(x));
         }
     } else {
         for (o, &x) in out.iter_mut().zip(xs) {
-            *o = blend(x, q(x), lambda);
+            o.put(blend(x, q(x), lambda));
         }
     }
 }

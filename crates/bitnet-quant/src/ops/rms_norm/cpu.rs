@@ -1,5 +1,6 @@
 //! CPU kernels of the fused RMSNorm: forward, and the two gradients of the backward.
 
+use crate::ops::slot::Slot;
 use rayon::prelude::*;
 
 /// Rows per parallel work item: about [`CHUNK`](crate::ops::cpu_util::CHUNK) values.
@@ -10,7 +11,7 @@ fn rows_per_task(dim: usize) -> usize {
 /// Calls `f(row_index, out_row)` for every row of `dim` values of `out`, in parallel when
 /// [`parallel`](crate::ops::parallel) says so. Rows are independent, so the result does not
 /// depend on the split.
-fn for_rows(out: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn for_rows<S: Send>(out: &mut [S], dim: usize, f: impl Fn(usize, &mut [S]) + Sync) {
     if crate::ops::parallel(out.len()) {
         let per = rows_per_task(dim);
         out.par_chunks_mut(per * dim)
@@ -70,8 +71,7 @@ pub(crate) fn rms(x: &[f32], eps: f32) -> f32 {
 /// `y = x / rms(x) * w` row by row; `w` has one value per column.
 pub(crate) fn forward(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    // SAFETY: `for_rows` visits every row and the loop writes every value of it.
-    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
+    let mut out = Box::<[f32]>::new_uninit_slice(xs.len());
     for_rows(&mut out, dim, |r, o| {
         let x = &xs[r * dim..(r + 1) * dim];
         #[cfg(target_arch = "x86_64")]
@@ -81,15 +81,16 @@ pub(crate) fn forward(xs: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         }
         forward_row(x, w, eps, o);
     });
-    out
+    // SAFETY: `for_rows` visits every row and `forward_row` writes every value of it.
+    unsafe { out.assume_init() }.into_vec()
 }
 
 /// One row of [`forward`].
 #[inline(always)]
-fn forward_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+fn forward_row<S: Slot<f32>>(x: &[f32], w: &[f32], eps: f32, out: &mut [S]) {
     let denom = rms(x, eps);
     for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-        *o = x / denom * w;
+        o.put(x / denom * w);
     }
 }
 
@@ -98,7 +99,7 @@ fn forward_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// x86-64 target is SSE2). The same holds for [`grad_input_row_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn forward_row_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+unsafe fn forward_row_avx2<S: Slot<f32>>(x: &[f32], w: &[f32], eps: f32, out: &mut [S]) {
     forward_row(x, w, eps, out);
 }
 
@@ -107,8 +108,7 @@ unsafe fn forward_row_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// value of its row, hence the second term).
 pub(crate) fn grad_input(xs: &[f32], w: &[f32], us: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    // SAFETY: `for_rows` visits every row and the loop writes every value of it.
-    let mut out = unsafe { crate::ops::cpu_util::output_vec(xs.len()) };
+    let mut out = Box::<[f32]>::new_uninit_slice(xs.len());
     for_rows(&mut out, dim, |r, o| {
         let x = &xs[r * dim..(r + 1) * dim];
         let u = &us[r * dim..(r + 1) * dim];
@@ -119,24 +119,31 @@ pub(crate) fn grad_input(xs: &[f32], w: &[f32], us: &[f32], eps: f32) -> Vec<f32
         }
         grad_input_row(x, u, w, eps, o);
     });
-    out
+    // SAFETY: `for_rows` visits every row and `grad_input_row` writes every value of it.
+    unsafe { out.assume_init() }.into_vec()
 }
 
 /// One row of [`grad_input`].
 #[inline(always)]
-fn grad_input_row(x: &[f32], u: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+fn grad_input_row<S: Slot<f32>>(x: &[f32], u: &[f32], w: &[f32], eps: f32, out: &mut [S]) {
     let s = 1.0 / rms(x, eps);
     let dot = dot3(x, u, w);
     let k = dot * s * s * s / x.len() as f32;
     for (((o, &x), &u), &w) in out.iter_mut().zip(x).zip(u).zip(w) {
-        *o = s * u * w - x * k;
+        o.put(s * u * w - x * k);
     }
 }
 
 /// [`grad_input_row`] compiled for AVX2 (see [`forward_row_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn grad_input_row_avx2(x: &[f32], u: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+unsafe fn grad_input_row_avx2<S: Slot<f32>>(
+    x: &[f32],
+    u: &[f32],
+    w: &[f32],
+    eps: f32,
+    out: &mut [S],
+) {
     grad_input_row(x, u, w, eps, out);
 }
 

@@ -2,6 +2,7 @@
 //! fresh row segment of `b`, so they keep as many independent accumulators in registers as the
 //! loads can feed (eight for `axpys`, 4 entries x 2 for `dots`).
 
+use crate::ops::slot::Slot;
 use std::arch::x86_64::*;
 
 /// Whether the CPU runs these kernels (cached by the std macro).
@@ -10,14 +11,14 @@ pub(super) fn available() -> bool {
 }
 
 /// `out[t] = sum_e vs[e] * b[cs[e] * n + c0 + t]` for `t < out.len() <= 64` (`out` is only
-/// written).
+/// written, so it may be fresh slots).
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `cs.len() == vs.len()`, `c0 + out.len() <= n` and every
 /// `(cs[e] + 1) * n <= b.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn axpys(
-    out: &mut [f32],
+pub(super) unsafe fn axpys<S: Slot<f32>>(
+    out: &mut [S],
     cs: &[u32],
     vs: &[f32],
     b: &[f32],
@@ -28,7 +29,7 @@ pub(super) unsafe fn axpys(
     debug_assert!(w <= 64 && c0 + w <= n);
     debug_assert!(cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
     let bp = b.as_ptr().add(c0);
-    let op = out.as_mut_ptr();
+    let op = S::first_ptr(out);
     if w == 64 {
         let mut acc = [_mm256_setzero_ps(); 8];
         for (&c, &v) in cs.iter().zip(vs) {
@@ -58,7 +59,7 @@ pub(super) unsafe fn axpys(
         for (&c, &v) in cs.iter().zip(vs) {
             acc = v.mul_add(*bp.add(c as usize * n + t), acc);
         }
-        *op.add(t) = acc;
+        op.add(t).write(acc);
     }
 }
 
@@ -304,10 +305,10 @@ pub(super) unsafe fn signs(values: &[f32]) -> Vec<i8> {
 /// # Safety
 /// AVX2 must be available; `src.len() == dst.len() == rows * cols`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+pub(super) unsafe fn transpose<S: Slot<f32>>(src: &[f32], rows: usize, cols: usize, dst: &mut [S]) {
     debug_assert!(src.len() == rows * cols && dst.len() == rows * cols);
     let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
-    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let (sp, dp) = (src.as_ptr(), S::first_ptr(dst));
     // 64-row strips keep the destination lines being filled in L1.
     for r0 in (0..rb).step_by(64) {
         for c in (0..cb).step_by(8) {
@@ -319,7 +320,7 @@ pub(super) unsafe fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut 
     for r in 0..rows {
         let from = if r < rb { cb } else { 0 };
         for c in from..cols {
-            dst[c * rows + r] = src[r * cols + c];
+            dst[c * rows + r].put(src[r * cols + c]);
         }
     }
 }
@@ -435,7 +436,7 @@ unsafe fn dot1(u: *const f32, row: *const f32, n: usize) -> f32 {
 /// AVX2 and FMA must be available; `u.len() == n`, `out.len() == cs.len()` and every
 /// `(cs[e] + 1) * n <= b.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
+pub(super) unsafe fn dots<S: Slot<f32>>(out: &mut [S], cs: &[u32], u: &[f32], b: &[f32], n: usize) {
     debug_assert_eq!(u.len(), n);
     debug_assert!(out.len() == cs.len() && cs.iter().all(|&c| (c as usize + 1) * n <= b.len()));
     let (up, bp) = (u.as_ptr(), b.as_ptr());
@@ -470,11 +471,11 @@ pub(super) unsafe fn dots(out: &mut [f32], cs: &[u32], u: &[f32], b: &[f32], n: 
             for i in t..n {
                 s = (*up.add(i)).mul_add(*r.add(i), s);
             }
-            out[4 * qi + e] = s;
+            out[4 * qi + e].put(s);
         }
     }
     let done = cs.len() / 4 * 4;
     for (o, &c) in out[done..].iter_mut().zip(quads.remainder()) {
-        *o = dot1(up, bp.add(c as usize * n), n);
+        o.put(dot1(up, bp.add(c as usize * n), n));
     }
 }
