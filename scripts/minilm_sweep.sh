@@ -10,7 +10,8 @@
 # (wall seconds; the mean load average and number of rustc processes, sampled every 30 s,
 # since timings on a shared machine depend on them). Points already finished in OUT_DIR are
 # skipped. Environment: STEPS (default 800: about 15 minutes a point on an idle 2-core
-# machine), EXTRA (flags appended to every point, e.g. "--train-embeddings").
+# machine), EXTRA (flags appended to every point, e.g. "--train-embeddings"), BIN (a built
+# ternarize_minilm to run instead of building target/release/examples/ternarize_minilm).
 # Then: python3 scripts/minilm_tradeoff.py OUT_DIR
 set -euo pipefail
 out=${1:?usage: scripts/minilm_sweep.sh OUT_DIR [POINT...]}
@@ -35,7 +36,10 @@ points=("$@")
 [ ${#points[@]} -eq 0 ] && points=("${order[@]}")
 
 mkdir -p "$out"
-cargo build --release --example ternarize_minilm
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --example ternarize_minilm
+  BIN=target/release/examples/ternarize_minilm
+fi
 for p in "${points[@]}"; do
   [ -v "flags[$p]" ] || { echo "unknown point $p (known: ${order[*]})" >&2; exit 2; }
   if [ -s "$out/$p.out" ] && tail -n 1 "$out/$p.out" | grep -q '"command"'; then
@@ -49,7 +53,7 @@ for p in "${points[@]}"; do
   sampler=$!
   t0=$(date +%s)
   # shellcheck disable=SC2086 # the flag strings are meant to split
-  nice -n 19 target/release/examples/ternarize_minilm $recipe ${flags[$p]} \
+  nice -n 19 "$BIN" $recipe ${flags[$p]} \
     --log "$out/$p.jsonl" --out "$out/$p.safetensors" > "$out/$p.out" 2>&1 || status=$?
   t1=$(date +%s)
   kill "$sampler" 2>/dev/null || true

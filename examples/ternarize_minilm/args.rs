@@ -200,7 +200,10 @@ impl Args {
             found.sort();
             candidates.extend(found);
         }
-        if let Some(dir) = candidates.iter().find(|d| d.join("model.safetensors").is_file()) {
+        if let Some(dir) = candidates
+            .iter()
+            .find(|d| d.join("model.safetensors").is_file())
+        {
             return Ok(dir.clone());
         }
         let mut looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();

@@ -267,11 +267,17 @@ fn export(
     // Linears: weights and biases of the encoder layers; LayerNorms are the rank-1 rest there.
     let linear_bytes: usize = precision::linear_sizes(tensors)
         .iter()
-        .map(|(name, n)| 4 * (n + tensors.get(&format!("{name}.bias")).map_or(0, |b| b.elem_count())))
+        .map(|(name, n)| {
+            4 * (n + tensors
+                .get(&format!("{name}.bias"))
+                .map_or(0, |b| b.elem_count()))
+        })
         .sum();
     let mut bits_histogram = serde_json::Map::new();
     for p in &packed {
-        let e = bits_histogram.entry(p.bits().to_string()).or_insert(0.into());
+        let e = bits_histogram
+            .entry(p.bits().to_string())
+            .or_insert(0.into());
         *e = (e.as_u64().unwrap_or(0) + 1).into();
     }
     println!(
@@ -283,7 +289,10 @@ fn export(
     m.insert("packed_bytes".into(), packed_bytes.into());
     m.insert("packed_layers_by_bits".into(), bits_histogram.into());
     m.insert("f32_linear_bytes".into(), linear_bytes.into());
-    m.insert("f32_embedding_bytes".into(), f32_bytes("embeddings.").into());
+    m.insert(
+        "f32_embedding_bytes".into(),
+        f32_bytes("embeddings.").into(),
+    );
     m.insert(
         "f32_layernorm_bytes".into(),
         (f32_bytes("encoder.layer.") - linear_bytes).into(),
@@ -423,7 +432,11 @@ fn main() -> Result<()> {
     }
     summary.insert(
         "command".into(),
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ").into(),
+        std::env::args()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .into(),
     );
     println!("{}", serde_json::Value::Object(summary));
     Ok(())

@@ -17,7 +17,10 @@ pub struct Fidelity {
 impl Fidelity {
     /// Compares L2-normalised embeddings `[n, hidden]` of the same lines (n > 5).
     pub fn measure(student: &Tensor, teacher: &Tensor) -> Result<Self> {
-        let cosine = (student * teacher)?.sum(1)?.mean_all()?.to_scalar::<f32>()? as f64;
+        let cosine = (student * teacher)?
+            .sum(1)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
         Ok(Self {
             cosine,
             top1: neighbour_agreement(student, teacher, 1)?,

@@ -48,7 +48,11 @@ pub fn linear_sizes(tensors: &HashMap<String, Tensor>) -> Vec<(String, usize)> {
         .collect();
     // Layer index numerically, then name: encoder.layer.10 after encoder.layer.9.
     v.sort_by_key(|(k, _)| {
-        let idx: usize = k.split('.').nth(2).and_then(|i| i.parse().ok()).unwrap_or(0);
+        let idx: usize = k
+            .split('.')
+            .nth(2)
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0);
         (idx, k.clone())
     });
     v
@@ -69,13 +73,25 @@ pub fn choose(inp: &Inputs) -> Result<Choice> {
         if a.per_channel {
             policy.default.weight_granularity = Granularity::PerChannel;
         }
-        return Ok(Choice { policy, source: "file", report: None });
+        return Ok(Choice {
+            policy,
+            source: "file",
+            report: None,
+        });
     }
     if a.auto_policy.is_none() && a.keep_sensitive.is_none() && a.keep_random.is_none() {
-        return Ok(Choice { policy: PrecisionPolicy::new(base), source: "default", report: None });
+        return Ok(Choice {
+            policy: PrecisionPolicy::new(base),
+            source: "default",
+            report: None,
+        });
     }
     let report = analyze(inp, base)?;
-    println!("sensitivity (1 - cos on {} training lines, one layer ternary at a time):\n{}", a.sensitivity_lines, report.table());
+    println!(
+        "sensitivity (1 - cos on {} training lines, one layer ternary at a time):\n{}",
+        a.sensitivity_lines,
+        report.table()
+    );
     let (policy, source) = if let Some(bits) = a.auto_policy {
         (report.propose_within_bits(base, wide, bits)?, "auto")
     } else if let Some(k) = a.keep_sensitive {
@@ -84,7 +100,11 @@ pub fn choose(inp: &Inputs) -> Result<Choice> {
         let k = a.keep_random.expect("one of the precision flags is set");
         (random_like(&report, base, k, wide, a.seed), "random")
     };
-    Ok(Choice { policy, source, report: Some(report) })
+    Ok(Choice {
+        policy,
+        source,
+        report: Some(report),
+    })
 }
 
 /// Each layer's sensitivity: `1 - mean cos` to the teacher's embeddings of
@@ -126,13 +146,21 @@ fn random_like(
             .find(|l| l.name == name)
             .map_or(0, |l| l.weights)
     };
-    let mut sizes: Vec<usize> = sensitive.rules.iter().map(|r| size_of(&r.pattern)).collect();
+    let mut sizes: Vec<usize> = sensitive
+        .rules
+        .iter()
+        .map(|r| size_of(&r.pattern))
+        .collect();
     sizes.sort_unstable();
     sizes.dedup();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut policy = PrecisionPolicy::new(base);
     for size in sizes {
-        let want = sensitive.rules.iter().filter(|r| size_of(&r.pattern) == size).count();
+        let want = sensitive
+            .rules
+            .iter()
+            .filter(|r| size_of(&r.pattern) == size)
+            .count();
         let mut pool: Vec<&str> = report
             .layers
             .iter()

@@ -9,7 +9,13 @@ use bitnet_quant::{BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer
 use candle_core::{Device, Module, Result, Tensor};
 use std::collections::HashMap;
 
-fn layer(scheme: Scheme, g: Granularity, inp: usize, out: usize, bias: bool) -> Result<PackedLayer> {
+fn layer(
+    scheme: Scheme,
+    g: Granularity,
+    inp: usize,
+    out: usize,
+    bias: bool,
+) -> Result<PackedLayer> {
     let dev = Device::Cpu;
     let config = BitLinearConfig {
         weight: Quantizer::new(scheme, Estimator::Identity)?.with_granularity(g)?,
@@ -17,8 +23,11 @@ fn layer(scheme: Scheme, g: Granularity, inp: usize, out: usize, bias: bool) -> 
         ..Default::default()
     };
     let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
-    let b = bias.then(|| Tensor::randn(0f32, 1.0, out, &dev)).transpose()?;
-    let norm = bitnet_quant::RmsNorm::from_weight(Tensor::ones(inp, candle_core::DType::F32, &dev)?, 1e-6);
+    let b = bias
+        .then(|| Tensor::randn(0f32, 1.0, out, &dev))
+        .transpose()?;
+    let norm =
+        bitnet_quant::RmsNorm::from_weight(Tensor::ones(inp, candle_core::DType::F32, &dev)?, 1e-6);
     PackedLayer::from_trained(&BitLinear::from_parts(w, b, Some(norm), config))
 }
 
@@ -26,10 +35,34 @@ fn layers() -> Result<Vec<(String, PackedLayer)>> {
     let four = Scheme::MultiBit { bits: 4 };
     let eight = Scheme::MultiBit { bits: 8 };
     Ok(vec![
-        ("t".into(), layer(Scheme::TernaryAbsmean, Granularity::PerChannel, 130, 6, true)?),
-        ("b".into(), layer(Scheme::Binary { scaled: true }, Granularity::PerTensor, 64, 3, false)?),
-        ("q4".into(), layer(four, Granularity::PerGroup(7), 301, 5, true)?),
-        ("q8".into(), layer(eight, Granularity::PerChannel, 96, 4, false)?),
+        (
+            "t".into(),
+            layer(
+                Scheme::TernaryAbsmean,
+                Granularity::PerChannel,
+                130,
+                6,
+                true,
+            )?,
+        ),
+        (
+            "b".into(),
+            layer(
+                Scheme::Binary { scaled: true },
+                Granularity::PerTensor,
+                64,
+                3,
+                false,
+            )?,
+        ),
+        (
+            "q4".into(),
+            layer(four, Granularity::PerGroup(7), 301, 5, true)?,
+        ),
+        (
+            "q8".into(),
+            layer(eight, Granularity::PerChannel, 96, 4, false)?,
+        ),
     ])
 }
 
@@ -40,22 +73,35 @@ fn refs(layers: &[(String, PackedLayer)]) -> Vec<(&str, &PackedLayer)> {
 #[test]
 fn every_precision_round_trips_bit_for_bit() -> Result<()> {
     let layers = layers()?;
-    assert_eq!(layers.iter().map(|(_, l)| l.bits()).collect::<Vec<_>>(), [2, 1, 4, 8]);
-    let path = std::env::temp_dir().join(format!("bitnet-mixed-{}.safetensors", std::process::id()));
+    assert_eq!(
+        layers.iter().map(|(_, l)| l.bits()).collect::<Vec<_>>(),
+        [2, 1, 4, 8]
+    );
+    let path =
+        std::env::temp_dir().join(format!("bitnet-mixed-{}.safetensors", std::process::id()));
     save_packed_layers(&path, &refs(&layers))?;
     let loaded = load_packed_layers(&path)?;
     // A file with multi-bit layers is not for the ternary-only reader.
     let e = load_packed(&path).unwrap_err().to_string();
-    assert!(e.contains("4-bit") && e.contains("load_packed_layers"), "{e}");
+    assert!(
+        e.contains("4-bit") && e.contains("load_packed_layers"),
+        "{e}"
+    );
     std::fs::remove_file(&path).ok();
     let mut want: Vec<_> = layers.iter().collect();
     want.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(loaded.len(), want.len());
     for ((n, l), (m, k)) in want.into_iter().zip(&loaded) {
         assert_eq!(n, m);
-        assert_eq!((l.bits(), l.dims(), l.weight_bytes()), (k.bits(), k.dims(), k.weight_bytes()));
+        assert_eq!(
+            (l.bits(), l.dims(), l.weight_bytes()),
+            (k.bits(), k.dims(), k.weight_bytes())
+        );
         let x = Tensor::randn(0f32, 1.0, (3, l.dims().0), &Device::Cpu)?;
-        let (a, b) = (l.forward(&x)?.to_vec2::<f32>()?, k.forward(&x)?.to_vec2::<f32>()?);
+        let (a, b) = (
+            l.forward(&x)?.to_vec2::<f32>()?,
+            k.forward(&x)?.to_vec2::<f32>()?,
+        );
         assert_eq!(a, b, "{n}: the loaded layer computes the same bits");
     }
     Ok(())
@@ -77,7 +123,10 @@ fn sizes_are_the_bits_the_layers_claim() -> Result<()> {
 
 #[test]
 fn ternary_only_files_are_what_save_packed_writes() -> Result<()> {
-    let layers: Vec<(String, PackedLayer)> = layers()?.into_iter().filter(|(_, l)| l.bits() <= 2).collect();
+    let layers: Vec<(String, PackedLayer)> = layers()?
+        .into_iter()
+        .filter(|(_, l)| l.bits() <= 2)
+        .collect();
     let plain: Vec<(&str, &PackedBitLinear)> = layers
         .iter()
         .map(|(n, l)| match l {
@@ -108,7 +157,12 @@ fn ternary_only_files_are_what_save_packed_writes() -> Result<()> {
 }
 
 /// The bytes of the mixed sample file after `edit` on its metadata and tensors.
-fn crafted(edit: impl FnOnce(&mut HashMap<String, String>, &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> Vec<u8> {
+fn crafted(
+    edit: impl FnOnce(
+        &mut HashMap<String, String>,
+        &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ),
+) -> Vec<u8> {
     let layers = layers().unwrap();
     let good = packed::io::layers_to_bytes(&refs(&layers)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&good).unwrap();
@@ -122,16 +176,28 @@ fn crafted(edit: impl FnOnce(&mut HashMap<String, String>, &mut Vec<(String, saf
     edit(&mut meta, &mut tensors);
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, Some(meta)).unwrap()
 }
 
 #[test]
 fn loader_names_what_is_wrong_with_multibit_layers() {
-    assert_eq!(load_packed_layers_bytes(&crafted(|_, _| {})).unwrap().len(), 4);
-    let packed_row = |t: &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, name: &str| {
-        let i = t.iter().position(|x| x.0 == format!("{name}.weight_packed")).unwrap();
+    assert_eq!(
+        load_packed_layers_bytes(&crafted(|_, _| {})).unwrap().len(),
+        4
+    );
+    let packed_row = |t: &mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+                      name: &str| {
+        let i = t
+            .iter()
+            .position(|x| x.0 == format!("{name}.weight_packed"))
+            .unwrap();
         t[i].3.len()
     };
     let cases: Vec<(Vec<u8>, &str)> = vec![

@@ -181,7 +181,12 @@ pub fn neighbour_agreement(student: &Tensor, teacher: &Tensor, k: usize) -> Resu
         });
     }
     let n = student.dim(0)?;
-    check("k", k as f64, k >= 1 && k < n, "1..n (n rows, each has n - 1 others)")?;
+    check(
+        "k",
+        k as f64,
+        k >= 1 && k < n,
+        "1..n (n rows, each has n - 1 others)",
+    )?;
     let sims = |e: &Tensor| -> Result<Vec<Vec<f32>>> {
         e.to_dtype(candle_core::DType::F32)?
             .matmul(&e.to_dtype(candle_core::DType::F32)?.t()?)?

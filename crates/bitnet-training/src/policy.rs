@@ -317,7 +317,10 @@ mod tests {
             // One wide layer of 3 weights beside a ternary one of 1 weight.
             let p = PrecisionPolicy::new(QATConfig::ternary()).rule("wide", scheme, None);
             let avg = p.average_bits([("wide", 3), ("rest", 1)]);
-            assert!((avg - (3.0 * bits + ternary) / 4.0).abs() < 1e-12, "{scheme:?}");
+            assert!(
+                (avg - (3.0 * bits + ternary) / 4.0).abs() < 1e-12,
+                "{scheme:?}"
+            );
         }
         assert_eq!(PrecisionPolicy::default().average_bits([]), 0.0);
     }

@@ -326,9 +326,18 @@ mod tests {
             let packed = layer.to_packed_layer().unwrap();
             assert_eq!(packed.bits(), bits, "{scheme:?}");
             let want = layer.forward(&x).unwrap();
-            let diff = (packed.forward(&x).unwrap() - &want).unwrap().abs().unwrap();
+            let diff = (packed.forward(&x).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap();
             let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff <= 1e-5 * scale, "{scheme:?}: {diff} vs {scale}");
         }
     }

@@ -195,7 +195,13 @@ impl SensitivityReport {
     /// A plain-text table: one line per layer, most sensitive first.
     pub fn table(&self) -> String {
         // As wide as the longest name (at least 16), so that the numbers line up.
-        let w = self.layers.iter().map(|l| l.name.len()).max().unwrap_or(0).max(16);
+        let w = self
+            .layers
+            .iter()
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         let mut s = format!(
             "full-precision loss {:.4}, all quantized {:.4}\n{:<w$} {:>10} {:>10}\n",
             self.base_loss, self.quantized_loss, "layer", "loss", "delta"

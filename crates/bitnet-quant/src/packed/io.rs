@@ -190,7 +190,11 @@ impl<'a> Parts<'a> {
             PackedLayer::MultiBit(l) => {
                 let w = l.weight();
                 let (i, o, g, b) = (w.in_features(), w.out_features(), w.granularity(), w.bits());
-                Self::new((i, o, g, b, w.row_bytes(), w.data(), w.scales()), l.norm(), l.bias())
+                Self::new(
+                    (i, o, g, b, w.row_bytes(), w.data(), w.scales()),
+                    l.norm(),
+                    l.bias(),
+                )
             }
         }
     }
@@ -198,7 +202,11 @@ impl<'a> Parts<'a> {
     fn ternary(l: &'a PackedBitLinear) -> Self {
         let w = l.weight();
         let (i, o, g, b) = (w.in_features(), w.out_features(), w.granularity(), w.bits());
-        Self::new((i, o, g, b, w.row_bytes(), w.data(), w.scales()), l.norm(), l.bias())
+        Self::new(
+            (i, o, g, b, w.row_bytes(), w.data(), w.scales()),
+            l.norm(),
+            l.bias(),
+        )
     }
 }
 

@@ -37,7 +37,9 @@ impl PackedLayer {
     /// [`PackedBitLinear::from_trained`] (each names what it rejects).
     pub fn from_trained(layer: &BitLinear) -> Result<Self> {
         match layer.config().weight.scheme() {
-            Scheme::MultiBit { .. } => Ok(Self::MultiBit(PackedMultiBitLinear::from_trained(layer)?)),
+            Scheme::MultiBit { .. } => {
+                Ok(Self::MultiBit(PackedMultiBitLinear::from_trained(layer)?))
+            }
             Scheme::Int8PerToken => Err(invalid(
                 "weight.scheme",
                 "Int8PerToken",

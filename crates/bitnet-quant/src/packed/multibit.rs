@@ -97,9 +97,12 @@ impl PackedMultiBit {
     /// [`Scheme::MultiBit`] with 4 or 8 bits and `lambda = 1`; any granularity is kept.
     pub fn pack(w: &Tensor, q: &Quantizer) -> Result<Self> {
         const OP: &str = "PackedMultiBit::pack";
-        let (out, inp) = w
-            .dims2()
-            .map_err(|_| shape_err(OP, format!("expected a [out, in] weight, got {:?}", w.dims())))?;
+        let (out, inp) = w.dims2().map_err(|_| {
+            shape_err(
+                OP,
+                format!("expected a [out, in] weight, got {:?}", w.dims()),
+            )
+        })?;
         if out == 0 || inp == 0 {
             return Err(QuantError::Empty {
                 op: OP,
@@ -110,11 +113,21 @@ impl PackedMultiBit {
         let bits = match q.scheme() {
             Scheme::MultiBit { bits: b @ (4 | 8) } => b,
             other => {
-                return Err(invalid("weight.scheme", format!("{other:?}"), "MultiBit { bits: 4 or 8 }").into())
+                return Err(invalid(
+                    "weight.scheme",
+                    format!("{other:?}"),
+                    "MultiBit { bits: 4 or 8 }",
+                )
+                .into())
             }
         };
         if q.lambda() != 1.0 {
-            return Err(invalid("weight.lambda", q.lambda(), "1.0 (only fully quantized weights pack)").into());
+            return Err(invalid(
+                "weight.lambda",
+                q.lambda(),
+                "1.0 (only fully quantized weights pack)",
+            )
+            .into());
         }
         let (levels, params) = q.levels(w)?;
         let scales: Vec<f32> = params.chunks_exact(2).map(|p| p[0]).collect();
@@ -181,15 +194,26 @@ impl PackedMultiBit {
             return Err(invalid("bits", bits, "4 or 8").into());
         }
         if out_features == 0 || in_features == 0 {
-            return Err(shape_err(OP, format!("empty weight [{out_features}, {in_features}]")));
+            return Err(shape_err(
+                OP,
+                format!("empty weight [{out_features}, {in_features}]"),
+            ));
         }
         granularity.validate()?;
         let n_scales = super::layout::scale_count(out_features, in_features, granularity)
-            .ok_or_else(|| shape_err(OP, format!("{granularity:?} does not divide {in_features} inputs")))?;
+            .ok_or_else(|| {
+                shape_err(
+                    OP,
+                    format!("{granularity:?} does not divide {in_features} inputs"),
+                )
+            })?;
         if scales.len() != n_scales {
             return Err(shape_err(
                 OP,
-                format!("{} scales, expected {n_scales} for {granularity:?}", scales.len()),
+                format!(
+                    "{} scales, expected {n_scales} for {granularity:?}",
+                    scales.len()
+                ),
             ));
         }
         if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
@@ -202,7 +226,10 @@ impl PackedMultiBit {
         if data.len() != expected {
             return Err(shape_err(
                 OP,
-                format!("{} packed bytes, expected {expected} ({out_features} rows of {rb})", data.len()),
+                format!(
+                    "{} packed bytes, expected {expected} ({out_features} rows of {rb})",
+                    data.len()
+                ),
             ));
         }
         if bits == 4 && in_features % 2 == 1 {
@@ -210,7 +237,13 @@ impl PackedMultiBit {
                 return Err(bad(format!("{OP}: the padding nibble of row {r} is not 0")));
             }
         }
-        let mut packed = Self::zeroed(out_features, in_features, granularity, bits, scales.to_vec())?;
+        let mut packed = Self::zeroed(
+            out_features,
+            in_features,
+            granularity,
+            bits,
+            scales.to_vec(),
+        )?;
         packed.data.as_mut_slice_of::<u8>().copy_from_slice(data);
         Ok(packed)
     }
@@ -415,9 +448,16 @@ impl PackedMultiBitLinear {
         let (inp, out) = (weight.in_features(), weight.out_features());
         let bias = match bias {
             Some(b) if b.dims() != [out] => {
-                return Err(shape_err(OP, format!("bias {:?}, expected [{out}]", b.dims())))
+                return Err(shape_err(
+                    OP,
+                    format!("bias {:?}, expected [{out}]", b.dims()),
+                ))
             }
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?),
+            Some(b) => Some(
+                b.to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .to_vec1::<f32>()?,
+            ),
             None => None,
         };
         let norm = match norm {
@@ -481,7 +521,10 @@ impl Module for PackedMultiBitLinear {
         let (inp, out) = self.dims();
         let dims = x.dims().to_vec();
         if dims.last() != Some(&inp) {
-            return Err(shape_err(OP, format!("input {dims:?}, expected last dimension {inp}")));
+            return Err(shape_err(
+                OP,
+                format!("input {dims:?}, expected last dimension {inp}"),
+            ));
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("checked above") = out;

@@ -399,6 +399,8 @@ fn neighbour_agreement_counts_rows_whose_teacher_neighbour_the_student_ranks_wit
         assert!(e.contains("`k`"), "{e}");
     }
     let short = teacher.narrow(0, 0, 4).unwrap();
-    let e = neighbour_agreement(&short, &teacher, 1).unwrap_err().to_string();
+    let e = neighbour_agreement(&short, &teacher, 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("neighbour_agreement"), "{e}");
 }

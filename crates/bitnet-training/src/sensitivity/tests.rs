@@ -79,7 +79,10 @@ fn ranks_the_outlier_layer_first_and_keeps_it_at_8_bits() {
     let (da, db) = (report.layers[0].loss_delta, report.layers[1].loss_delta);
     assert!(da > 0.0 && db > 10.0 * da, "a {da}, b {db}");
     assert_eq!(report.ranked()[0].name, "b");
-    assert_eq!((report.layers[0].weights, report.layers[1].weights), (64, 32));
+    assert_eq!(
+        (report.layers[0].weights, report.layers[1].weights),
+        (64, 32)
+    );
     assert!(report.quantized_loss >= db * 0.5);
     assert!(a.quantization_enabled() && b.quantization_enabled());
 
@@ -187,7 +190,12 @@ fn budgets_keep_the_most_sensitive_layers_that_fit() {
 fn propose_policy_at_keeps_the_k_most_sensitive_at_the_given_bits() {
     let report = sized_report();
     let b4 = Scheme::MultiBit { bits: 4 };
-    for (keep, want) in [(0, vec![]), (1, vec!["a"]), (2, vec!["a", "b"]), (9, vec!["a", "b", "c"])] {
+    for (keep, want) in [
+        (0, vec![]),
+        (1, vec!["a"]),
+        (2, vec!["a", "b"]),
+        (9, vec!["a", "b", "c"]),
+    ] {
         let p = report.propose_policy_at(QATConfig::ternary(), keep, b4);
         let kept: Vec<&str> = p.rules.iter().map(|r| r.pattern.as_str()).collect();
         assert_eq!(kept, want, "keep {keep}");

@@ -10,7 +10,12 @@ fn quantizer(bits: u8, g: Granularity) -> Quantizer {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Weights with a spread of row norms and one outlier per row, so that levels use the whole
@@ -59,7 +64,10 @@ fn packing_keeps_the_quantizers_levels_and_scales() {
         assert_eq!(p.size_bytes(), 9 * p.row_bytes() + 4 * scales.len());
         let want = q.quantize(&w).unwrap();
         let diff = max_abs(&(p.unpack().unwrap() - &want).unwrap());
-        assert!(diff <= 1e-6 * max_abs(&want), "{bits} {g:?}: unpack differs by {diff}");
+        assert!(
+            diff <= 1e-6 * max_abs(&want),
+            "{bits} {g:?}: unpack differs by {diff}"
+        );
         // The raw parts rebuild the same weight.
         let back = PackedMultiBit::from_raw(9, inp, g, bits, p.data(), p.scales()).unwrap();
         assert_eq!(back.data(), p.data());
@@ -101,7 +109,17 @@ fn forward_equals_the_training_forward() {
             // 1 token, 5 tokens, and a [2, 3, in] batch; some tokens with an outlier.
             for shape in [vec![1, inp], vec![5, inp], vec![2, 3, inp]] {
                 let x = Tensor::randn(0f32, 1.0, shape.clone(), &dev).unwrap();
-                let x = x.broadcast_mul(&weight(1, inp).affine(3.0, 0.0).unwrap().squeeze(0).unwrap().exp().unwrap()).unwrap();
+                let x = x
+                    .broadcast_mul(
+                        &weight(1, inp)
+                            .affine(3.0, 0.0)
+                            .unwrap()
+                            .squeeze(0)
+                            .unwrap()
+                            .exp()
+                            .unwrap(),
+                    )
+                    .unwrap();
                 let want = layer.forward(&x).unwrap();
                 let got = packed.forward(&x).unwrap();
                 assert_eq!(got.dims(), want.dims());
@@ -132,7 +150,10 @@ fn kernel_matches_levels_times_scales_for_every_value() {
         let scales: Vec<f32> = (0..n).map(|k| 0.01 + 0.003 * k as f32).collect();
         let w = PackedMultiBit::from_raw(out, inp, g, bits, &data, &scales).unwrap();
         let lo = if bits == 4 { -8 } else { -128 };
-        assert!(w.levels().contains(&lo), "{bits}: the lowest level is exercised");
+        assert!(
+            w.levels().contains(&lo),
+            "{bits}: the lowest level is exercised"
+        );
         let layer = PackedMultiBitLinear::from_parts(w.clone(), None, None).unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, inp), &dev).unwrap();
         let got = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
@@ -142,9 +163,17 @@ fn kernel_matches_levels_times_scales_for_every_value() {
         let wf = w.unpack().unwrap().to_vec2::<f32>().unwrap();
         for (t, xrow) in xq.iter().enumerate() {
             for (r, wrow) in wf.iter().enumerate() {
-                let want: f64 = xrow.iter().zip(wrow).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let want: f64 = xrow
+                    .iter()
+                    .zip(wrow)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
                 let tol = 1e-5 * (1.0 + want.abs());
-                assert!((got[t][r] as f64 - want).abs() <= tol, "{bits} {g:?} [{t}, {r}]: {} vs {want}", got[t][r]);
+                assert!(
+                    (got[t][r] as f64 - want).abs() <= tol,
+                    "{bits} {g:?} [{t}, {r}]: {} vs {want}",
+                    got[t][r]
+                );
             }
         }
     }
@@ -155,18 +184,60 @@ fn bad_configs_and_inputs_are_errors_naming_what_is_wrong() {
     let dev = Device::Cpu;
     let w = weight(4, 64);
     let ternary = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity).unwrap();
-    let blended = quantizer(4, Granularity::PerTensor).with_lambda(0.5).unwrap();
+    let blended = quantizer(4, Granularity::PerTensor)
+        .with_lambda(0.5)
+        .unwrap();
     let errs = [
-        (PackedMultiBit::pack(&w, &ternary).unwrap_err(), "weight.scheme"),
-        (PackedMultiBit::pack(&w, &quantizer(2, Granularity::PerTensor)).unwrap_err(), "weight.scheme"),
-        (PackedMultiBit::pack(&w, &blended).unwrap_err(), "weight.lambda"),
-        (PackedMultiBit::pack(&w.flatten_all().unwrap(), &quantizer(4, Granularity::PerTensor)).unwrap_err(), "[out, in]"),
-        (PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 3, &[0; 128], &[1.0]).unwrap_err(), "bits"),
-        (PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 4, &[0; 127], &[1.0]).unwrap_err(), "127 packed bytes"),
-        (PackedMultiBit::from_raw(4, 64, Granularity::PerChannel, 4, &[0; 128], &[1.0]).unwrap_err(), "1 scales, expected 4"),
-        (PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 8, &[0; 256], &[f32::NAN]).unwrap_err(), "scale 0 is NaN"),
-        (PackedMultiBit::from_raw(1, 3, Granularity::PerTensor, 4, &[0, 0x10], &[1.0]).unwrap_err(), "padding nibble of row 0"),
-        (PackedMultiBit::from_raw(2, 64, Granularity::PerGroup(48), 8, &[0; 128], &[1.0; 2]).unwrap_err(), "PerGroup"),
+        (
+            PackedMultiBit::pack(&w, &ternary).unwrap_err(),
+            "weight.scheme",
+        ),
+        (
+            PackedMultiBit::pack(&w, &quantizer(2, Granularity::PerTensor)).unwrap_err(),
+            "weight.scheme",
+        ),
+        (
+            PackedMultiBit::pack(&w, &blended).unwrap_err(),
+            "weight.lambda",
+        ),
+        (
+            PackedMultiBit::pack(
+                &w.flatten_all().unwrap(),
+                &quantizer(4, Granularity::PerTensor),
+            )
+            .unwrap_err(),
+            "[out, in]",
+        ),
+        (
+            PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 3, &[0; 128], &[1.0])
+                .unwrap_err(),
+            "bits",
+        ),
+        (
+            PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 4, &[0; 127], &[1.0])
+                .unwrap_err(),
+            "127 packed bytes",
+        ),
+        (
+            PackedMultiBit::from_raw(4, 64, Granularity::PerChannel, 4, &[0; 128], &[1.0])
+                .unwrap_err(),
+            "1 scales, expected 4",
+        ),
+        (
+            PackedMultiBit::from_raw(4, 64, Granularity::PerTensor, 8, &[0; 256], &[f32::NAN])
+                .unwrap_err(),
+            "scale 0 is NaN",
+        ),
+        (
+            PackedMultiBit::from_raw(1, 3, Granularity::PerTensor, 4, &[0, 0x10], &[1.0])
+                .unwrap_err(),
+            "padding nibble of row 0",
+        ),
+        (
+            PackedMultiBit::from_raw(2, 64, Granularity::PerGroup(48), 8, &[0; 128], &[1.0; 2])
+                .unwrap_err(),
+            "PerGroup",
+        ),
     ];
     for (e, want) in errs {
         assert!(e.to_string().contains(want), "{e} should name {want}");
@@ -174,15 +245,31 @@ fn bad_configs_and_inputs_are_errors_naming_what_is_wrong() {
     let mut layer = trained(4, Granularity::PerChannel, 64, false);
     let packed = PackedMultiBitLinear::from_trained(&layer).unwrap();
     let forward_errs = [
-        (packed.forward(&Tensor::zeros((2, 63), DType::F32, &dev).unwrap()).unwrap_err(), "expected last dimension 64"),
-        (packed.forward(&Tensor::zeros((2, 64), DType::U32, &dev).unwrap()).unwrap_err(), "dtype"),
-        (packed.forward(&Tensor::full(f32::NAN, (2, 64), &dev).unwrap()).unwrap_err(), "NaN"),
+        (
+            packed
+                .forward(&Tensor::zeros((2, 63), DType::F32, &dev).unwrap())
+                .unwrap_err(),
+            "expected last dimension 64",
+        ),
+        (
+            packed
+                .forward(&Tensor::zeros((2, 64), DType::U32, &dev).unwrap())
+                .unwrap_err(),
+            "dtype",
+        ),
+        (
+            packed
+                .forward(&Tensor::full(f32::NAN, (2, 64), &dev).unwrap())
+                .unwrap_err(),
+            "NaN",
+        ),
     ];
     for (e, want) in forward_errs {
         assert!(e.to_string().contains(want), "{e} should name {want}");
     }
     let bias = Tensor::zeros(5, DType::F32, &dev).unwrap();
-    let e = PackedMultiBitLinear::from_parts(packed.weight().clone(), Some(&bias), None).unwrap_err();
+    let e =
+        PackedMultiBitLinear::from_parts(packed.weight().clone(), Some(&bias), None).unwrap_err();
     assert!(e.to_string().contains("bias [5], expected [11]"), "{e}");
     let mut cfg = *layer.config();
     cfg.activation = None;
@@ -190,6 +277,8 @@ fn bad_configs_and_inputs_are_errors_naming_what_is_wrong() {
     let e = PackedMultiBitLinear::from_trained(&layer).unwrap_err();
     assert!(e.to_string().contains("activation"), "{e}");
     // An empty batch is an empty output, not an error.
-    let y = packed.forward(&Tensor::zeros((0, 64), DType::F32, &dev).unwrap()).unwrap();
+    let y = packed
+        .forward(&Tensor::zeros((0, 64), DType::F32, &dev).unwrap())
+        .unwrap();
     assert_eq!(y.dims(), &[0, 11]);
 }
