@@ -52,7 +52,7 @@ pub fn hf_cache_snapshots(repo_id: &str) -> Vec<PathBuf> {
         .flatten()
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    snaps.sort_by(|a, b| b.0.cmp(&a.0));
+    snaps.sort_by_key(|s| std::cmp::Reverse(s.0));
     snaps.into_iter().map(|(_, p)| p).collect()
 }
 
