@@ -160,7 +160,7 @@ impl PrecisionPolicy {
     /// use bitnet_quant::Scheme;
     /// let p = PrecisionPolicy::new(QATConfig::ternary()).rule("big", Some(Scheme::MultiBit { bits: 4 }), None);
     /// // 300 weights at 4 bits and 100 at log2(3) bits.
-    /// let avg = p.average_bits(&[("big", 300), ("small", 100)]);
+    /// let avg = p.average_bits([("big", 300), ("small", 100)]);
     /// assert!((avg - (300.0 * 4.0 + 100.0 * 3f64.log2()) / 400.0).abs() < 1e-12);
     /// ```
     pub fn average_bits<'a>(&self, layers: impl IntoIterator<Item = (&'a str, usize)>) -> f64 {
