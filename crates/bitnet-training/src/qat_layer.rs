@@ -271,6 +271,15 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn packs_with_its_own_quantizers_not_the_inner_defaults() {
         // The inner BitLinear defaults to ternary; the QAT config says binary. The packed layer
@@ -285,18 +294,8 @@ mod tests {
         );
         let x = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap();
         let want = layer.forward(&x).unwrap();
-        let diff = (packed.forward(&x).unwrap() - &want)
-            .unwrap()
-            .abs()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-5 * scale);
+        let diff = max_abs(&(packed.forward(&x).unwrap() - &want).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&want));
 
         let fp = QATLayer::bitlinear(64, 8, QATConfig::full_precision(), vb.pp("fp")).unwrap();
         assert!(fp.to_packed().unwrap_err().to_string().contains("`weight`"));
@@ -326,18 +325,8 @@ mod tests {
             let packed = layer.to_packed_layer().unwrap();
             assert_eq!(packed.bits(), bits, "{scheme:?}");
             let want = layer.forward(&x).unwrap();
-            let diff = (packed.forward(&x).unwrap() - &want)
-                .unwrap()
-                .abs()
-                .unwrap();
-            let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(packed.forward(&x).unwrap() - &want).unwrap());
+            let scale = max_abs(&want);
             assert!(diff <= 1e-5 * scale, "{scheme:?}: {diff} vs {scale}");
         }
     }

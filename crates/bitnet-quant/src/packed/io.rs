@@ -163,6 +163,15 @@ struct Parts<'a> {
 /// The fields of a packed weight the writer reads, in the order of [`LayerMeta`]'s.
 type WeightFields<'a> = (usize, usize, Granularity, u8, usize, &'a [u8], &'a [f32]);
 
+/// [`WeightFields`] of a [`PackedTernary`] or a [`PackedMultiBit`] (same accessor names).
+macro_rules! fields {
+    ($w:expr) => {{
+        let w = $w;
+        let (i, o, g, b) = (w.in_features(), w.out_features(), w.granularity(), w.bits());
+        (i, o, g, b, w.row_bytes(), w.data(), w.scales())
+    }};
+}
+
 impl<'a> Parts<'a> {
     fn new(w: WeightFields<'a>, norm: Option<&'a RmsNorm>, bias: Option<&'a [f32]>) -> Self {
         let (in_features, out_features, granularity, bits, row_bytes, data, scales) = w;
@@ -187,26 +196,12 @@ impl<'a> Parts<'a> {
     fn of(layer: &'a PackedLayer) -> Self {
         match layer {
             PackedLayer::Ternary(l) => Self::ternary(l),
-            PackedLayer::MultiBit(l) => {
-                let w = l.weight();
-                let (i, o, g, b) = (w.in_features(), w.out_features(), w.granularity(), w.bits());
-                Self::new(
-                    (i, o, g, b, w.row_bytes(), w.data(), w.scales()),
-                    l.norm(),
-                    l.bias(),
-                )
-            }
+            PackedLayer::MultiBit(l) => Self::new(fields!(l.weight()), l.norm(), l.bias()),
         }
     }
 
     fn ternary(l: &'a PackedBitLinear) -> Self {
-        let w = l.weight();
-        let (i, o, g, b) = (w.in_features(), w.out_features(), w.granularity(), w.bits());
-        Self::new(
-            (i, o, g, b, w.row_bytes(), w.data(), w.scales()),
-            l.norm(),
-            l.bias(),
-        )
+        Self::new(fields!(l.weight()), l.norm(), l.bias())
     }
 }
 

@@ -79,23 +79,67 @@ pub struct PackedTernary {
 
 impl Clone for PackedTernary {
     fn clone(&self) -> Self {
-        // From the original's pool, so the copy counts against the same cap and accounting.
-        let mut data = self
-            .data
-            .pool()
-            .allocate_slice::<u8>(self.data.len(), Category::PackedWeights)
-            .expect("the pool's cap leaves room for a copy of packed weights it already holds");
-        data.as_mut_slice_of::<u8>()
-            .copy_from_slice(self.data.as_slice_of::<u8>());
         Self {
-            data,
+            data: copy_packed(&self.data),
             scales: self.scales.clone(),
             ..*self
         }
     }
 }
 
-fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
+/// A copy of packed weight bytes from the original's pool, so that the copy counts against the
+/// same cap and accounting.
+pub(crate) fn copy_packed(data: &PoolBuffer) -> PoolBuffer {
+    let mut copy = data
+        .pool()
+        .allocate_slice::<u8>(data.len(), Category::PackedWeights)
+        .expect("the pool's cap leaves room for a copy of packed weights it already holds");
+    copy.as_mut_slice_of::<u8>()
+        .copy_from_slice(data.as_slice_of::<u8>());
+    copy
+}
+
+/// The checks every packed weight rebuilt from raw parts needs: a non-empty shape, a valid
+/// granularity, one scale per segment, and only finite scales.
+pub(crate) fn check_raw(
+    op: &'static str,
+    out_features: usize,
+    in_features: usize,
+    granularity: Granularity,
+    scales: &[f32],
+) -> Result<()> {
+    if out_features == 0 || in_features == 0 {
+        return Err(shape_err(
+            op,
+            format!("empty weight [{out_features}, {in_features}]"),
+        ));
+    }
+    granularity.validate()?;
+    let n_scales = scale_count(out_features, in_features, granularity).ok_or_else(|| {
+        shape_err(
+            op,
+            format!("{granularity:?} does not divide {in_features} inputs"),
+        )
+    })?;
+    if scales.len() != n_scales {
+        return Err(shape_err(
+            op,
+            format!(
+                "{} scales, expected {n_scales} for {granularity:?}",
+                scales.len()
+            ),
+        ));
+    }
+    if let Some(bad) = scales.iter().position(|s| !s.is_finite()) {
+        return Err(QuantError::BadData {
+            what: format!("{op}: scale {bad} is {}", scales[bad]),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+pub(crate) fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
     QuantError::Shape {
         op,
         what: what.into(),
@@ -243,31 +287,8 @@ impl PackedTernary {
         if bits != 1 && bits != 2 {
             return Err(invalid("bits", bits, "1 (binary) or 2 (ternary)").into());
         }
-        if out_features == 0 || in_features == 0 {
-            return Err(shape_err(
-                OP,
-                format!("empty weight [{out_features}, {in_features}]"),
-            ));
-        }
-        granularity.validate()?;
+        check_raw(OP, out_features, in_features, granularity, scales)?;
         let (seg_len, seg_padded) = segments(in_features, granularity)?;
-        let n_scales = scale_count(out_features, in_features, granularity)
-            .ok_or_else(|| shape_err(OP, "scale count overflows"))?;
-        if scales.len() != n_scales {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "{} scales, expected {n_scales} for {granularity:?}",
-                    scales.len()
-                ),
-            ));
-        }
-        if let Some(bad) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(QuantError::BadData {
-                what: format!("{OP}: scale {bad} is {}", scales[bad]),
-            }
-            .into());
-        }
         let row_bytes = (in_features / seg_len)
             .checked_mul(seg_padded * bits as usize / 8)
             .ok_or_else(|| shape_err(OP, "row size overflows"))?;

@@ -6,6 +6,7 @@
 //! The kernel is scalar: these layers are the few a policy keeps wide, and what matters here is
 //! that their size is real and their output is the training forward's.
 
+use super::layout::{check_raw, copy_packed, shape_err};
 use super::linear::PAR_MIN_MACS;
 use crate::error::{invalid, QuantError};
 use crate::ops::math::Kind;
@@ -56,28 +57,12 @@ pub struct PackedMultiBit {
 
 impl Clone for PackedMultiBit {
     fn clone(&self) -> Self {
-        // From the original's pool, so the copy counts against the same cap and accounting.
-        let mut data = self
-            .data
-            .pool()
-            .allocate_slice::<u8>(self.data.len(), Category::PackedWeights)
-            .expect("the pool's cap leaves room for a copy of packed weights it already holds");
-        data.as_mut_slice_of::<u8>()
-            .copy_from_slice(self.data.as_slice_of::<u8>());
         Self {
-            data,
+            data: copy_packed(&self.data),
             scales: self.scales.clone(),
             ..*self
         }
     }
-}
-
-fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
-    QuantError::Shape {
-        op,
-        what: what.into(),
-    }
-    .into()
 }
 
 fn bad(what: String) -> candle_core::Error {
@@ -193,32 +178,7 @@ impl PackedMultiBit {
         if bits != 4 && bits != 8 {
             return Err(invalid("bits", bits, "4 or 8").into());
         }
-        if out_features == 0 || in_features == 0 {
-            return Err(shape_err(
-                OP,
-                format!("empty weight [{out_features}, {in_features}]"),
-            ));
-        }
-        granularity.validate()?;
-        let n_scales = super::layout::scale_count(out_features, in_features, granularity)
-            .ok_or_else(|| {
-                shape_err(
-                    OP,
-                    format!("{granularity:?} does not divide {in_features} inputs"),
-                )
-            })?;
-        if scales.len() != n_scales {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "{} scales, expected {n_scales} for {granularity:?}",
-                    scales.len()
-                ),
-            ));
-        }
-        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(bad(format!("{OP}: scale {i} is {}", scales[i])));
-        }
+        check_raw(OP, out_features, in_features, granularity, scales)?;
         let rb = row_bytes(in_features, bits);
         let expected = out_features
             .checked_mul(rb)
