@@ -1,6 +1,7 @@
 //! The BERT encoder on the real all-MiniLM-L6-v2: full-precision embeddings against an
-//! independent reference, conversion that keeps every non-linear tensor bit-identical, and
-//! distillation steps that bring a ternary student closer to the teacher.
+//! independent reference, conversion that keeps every non-linear tensor bit-identical,
+//! distillation steps that bring a ternary student closer to the teacher, and a mixed-precision
+//! student whose 4- and 8-bit linears pack at their widths with the training forward.
 //!
 //! The model comes from the directory in `BITNET_MINILM_DIR`, `../shared/models` beside the
 //! repository, or the Hugging Face cache; when none has it the tests say that they skipped
@@ -11,11 +12,12 @@
 //! sentence" are also the ones sentence-transformers prints for this model.
 
 use bitnet::models::bert::{pool, BertConfig, BertEncoder};
+use bitnet::quant::{Granularity, Scheme};
 use bitnet::training::convert::{load_safetensors, Converter};
 use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use bitnet::training::policy::PrecisionPolicy;
 use bitnet::training::QATConfig;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{Optimizer, VarMap};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -233,4 +235,69 @@ fn distillation_steps_raise_the_ternary_students_cosine() {
     );
     println!("cosine {before} -> {after}");
     assert!(after > before + 0.01, "cosine {before} -> {after}");
+}
+
+#[test]
+fn mixed_precision_student_packs_each_linear_at_its_width() {
+    let Some((cfg, tensors)) = pretrained() else {
+        return;
+    };
+    let mut base = QATConfig::ternary();
+    base.weight_granularity = Granularity::PerChannel;
+    let (four, eight) = (
+        "encoder.layer.0.intermediate.dense",
+        "encoder.layer.5.attention.self.value",
+    );
+    let int8 = Some(Scheme::Int8PerToken);
+    let policy = PrecisionPolicy::new(base)
+        .rule(four, Some(Scheme::MultiBit { bits: 4 }), int8)
+        .rule(eight, Some(Scheme::MultiBit { bits: 8 }), int8);
+    let vm = VarMap::new();
+    let enc = BertEncoder::new(cfg, &Converter::new(&tensors, &vm, policy.clone())).unwrap();
+    let (ids, mask) = batch(&[0, 1, 2]);
+    // Real hidden states (the encoder's layer outputs) as inputs of the right width.
+    let outs = enc.layer_outputs(&ids, &mask).unwrap();
+    let layers = enc.qat_layers();
+    assert_eq!(layers.len(), 36);
+    let (mut bytes, mut bits, mut weights) = (0usize, 0f64, 0usize);
+    for l in &layers {
+        let packed = l.to_packed_layer().unwrap();
+        let (inp, out) = packed.dims();
+        // Codes at the layer's width (ternary rows padded to 128 weights), one f32 scale a row.
+        let (width, row_bytes, nominal) = match l.name() {
+            n if n == four => (4, inp / 2, 4.0),
+            n if n == eight => (8, inp, 8.0),
+            _ => (2, inp.div_ceil(128) * 32, 3f64.log2()),
+        };
+        assert_eq!(packed.bits(), width, "{}", l.name());
+        assert_eq!(packed.weight_bytes(), out * (row_bytes + 4), "{}", l.name());
+        bytes += packed.weight_bytes();
+        bits += nominal * (inp * out) as f64;
+        weights += inp * out;
+        if width > 2 {
+            let x = if l.name() == four { &outs[1] } else { &outs[5] };
+            let want = l.forward(x).unwrap();
+            let got = packed.forward(x).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(diff <= 1e-5 * scale, "{}: {diff} vs {scale}", l.name());
+        }
+    }
+    let sizes: Vec<(&str, usize)> = layers
+        .iter()
+        .map(|l| (l.name(), l.inner().weight().elem_count()))
+        .collect();
+    let avg = policy.average_bits(sizes);
+    assert!((avg - bits / weights as f64).abs() < 1e-9, "{avg}");
+    // 34 ternary linears, one at 4 and one at 8 bits: about 1.85 bits a weight nominally, and
+    // the packed codes plus scales under a tenth of the f32 weights.
+    assert!((1.8..1.9).contains(&avg), "{avg}");
+    assert!(
+        bytes * 10 < weights * 4,
+        "{bytes} bytes for {weights} weights"
+    );
 }

@@ -4,6 +4,8 @@
 //! * [`feature_loss`]: mean squared error between student and teacher hidden states.
 //! * [`relation_loss`]: KL between student and teacher in-batch similarity distributions
 //!   (each embedding's softmax over its similarities to the others).
+//! * [`neighbour_agreement`]: how often the teacher's nearest neighbour of each embedding is
+//!   among the student's `k` nearest (retrieval fidelity, not a loss).
 //! * [`Distiller`]: runs a frozen teacher beside the student and combines both losses.
 //!
 //! The teacher's outputs are always detached, so no gradient reaches the teacher's variables and
@@ -148,6 +150,64 @@ pub fn relation_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Re
     let diagonal = (Tensor::eye(n, student.dtype(), student.device())? * 1e4)?;
     let logits = |e: &Tensor| e.matmul(&e.t()?)? - &diagonal;
     kl_divergence(&logits(student)?, &logits(&teacher.detach())?, temperature)
+}
+
+/// The share of rows whose nearest other row by the teacher (highest dot product) is among the
+/// `k` nearest other rows by the student: top-`k` retrieval agreement of embeddings
+/// `[n, dim]` (rows L2-normalised for cosine retrieval). `k = 1` asks for the same nearest
+/// neighbour. Rows scoring exactly as high as the teacher's neighbour do not push it out.
+///
+/// Errors: shapes that differ or are not `[n, dim]`, and `k` outside `1..n`, naming them.
+///
+/// ```
+/// use bitnet_training::distillation::neighbour_agreement;
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let t = Tensor::new(&[[1f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], &dev)?;
+/// // Row 0 moves next to rows 2 and 3 in the student: its nearest by the teacher, 1, drops to 3rd.
+/// let s = Tensor::new(&[[0.2f32, 1.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], &dev)?;
+/// assert_eq!(neighbour_agreement(&t, &t, 1)?, 1.0);
+/// assert!(neighbour_agreement(&s, &t, 1)? < 1.0);
+/// assert_eq!(neighbour_agreement(&s, &t, 3)?, 1.0); // 3 of 3 others
+/// # Ok(()) }
+/// ```
+pub fn neighbour_agreement(student: &Tensor, teacher: &Tensor, k: usize) -> Result<f64> {
+    if student.dims() != teacher.dims() || student.rank() != 2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: student.shape().clone(),
+            rhs: teacher.shape().clone(),
+            op: "neighbour_agreement (both [n, dim])",
+        });
+    }
+    let n = student.dim(0)?;
+    check(
+        "k",
+        k as f64,
+        k >= 1 && k < n,
+        "1..n (n rows, each has n - 1 others)",
+    )?;
+    let sims = |e: &Tensor| -> Result<Vec<Vec<f32>>> {
+        e.to_dtype(candle_core::DType::F32)?
+            .matmul(&e.to_dtype(candle_core::DType::F32)?.t()?)?
+            .to_vec2()
+    };
+    let (s, t) = (sims(student)?, sims(teacher)?);
+    let mut agree = 0;
+    for (i, (srow, trow)) in s.iter().zip(&t).enumerate() {
+        let nearest = (0..n)
+            .filter(|&j| j != i)
+            .fold(None, |b: Option<usize>, j| match b {
+                Some(b) if trow[b] >= trow[j] => Some(b),
+                _ => Some(j),
+            })
+            .expect("k < n leaves at least one other row");
+        let above = (0..n)
+            .filter(|&j| j != i && srow[j] > srow[nearest])
+            .count();
+        agree += (above < k) as usize;
+    }
+    Ok(agree as f64 / n as f64)
 }
 
 /// A frozen teacher and the distillation hyper-parameters.

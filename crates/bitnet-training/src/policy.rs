@@ -133,6 +133,64 @@ impl PrecisionPolicy {
         toml::to_string(self)
             .map_err(|e| TrainingError::Parse(format!("PrecisionPolicy TOML: {e}")))
     }
+
+    /// Reads a policy file: JSON when its name ends in `.json`, TOML otherwise; validated.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, TrainingError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| TrainingError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let parsed = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Self::from_json_str(&text),
+            _ => Self::from_toml_str(&text),
+        };
+        parsed.map_err(|e| match e {
+            TrainingError::Parse(m) => TrainingError::Parse(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// The average nominal bits per weight of `layers` (`(name, weight count)`) under this
+    /// policy, weighted by the weight counts (see [`bits_per_weight`]); 0 for no weights.
+    ///
+    /// ```
+    /// use bitnet_training::policy::PrecisionPolicy;
+    /// use bitnet_training::QATConfig;
+    /// use bitnet_quant::Scheme;
+    /// let p = PrecisionPolicy::new(QATConfig::ternary()).rule("big", Some(Scheme::MultiBit { bits: 4 }), None);
+    /// // 300 weights at 4 bits and 100 at log2(3) bits.
+    /// let avg = p.average_bits([("big", 300), ("small", 100)]);
+    /// assert!((avg - (300.0 * 4.0 + 100.0 * 3f64.log2()) / 400.0).abs() < 1e-12);
+    /// ```
+    pub fn average_bits<'a>(&self, layers: impl IntoIterator<Item = (&'a str, usize)>) -> f64 {
+        let (mut bits, mut count) = (0.0, 0usize);
+        for (name, n) in layers {
+            bits += n as f64 * bits_per_weight(self.config_for(name).weight);
+            count += n;
+        }
+        if count == 0 {
+            0.0
+        } else {
+            bits / count as f64
+        }
+    }
+}
+
+/// The nominal storage cost of one weight under `scheme`, in bits: binary 1, ternary
+/// `log2(3)` (about 1.58, what an ideal ternary code spends), multi-bit its `bits`, int8 8, and
+/// full precision (`None`) 32. Scales and padding are not counted: a packed file's real size is
+/// a separate figure.
+pub fn bits_per_weight(scheme: Option<Scheme>) -> f64 {
+    match scheme {
+        None => 32.0,
+        Some(Scheme::Binary { .. } | Scheme::BinaryCentered) => 1.0,
+        Some(
+            Scheme::TernaryAbsmean | Scheme::TernaryAbsmeanHf | Scheme::TernaryThreshold { .. },
+        ) => 3f64.log2(),
+        Some(Scheme::MultiBit { bits }) => bits as f64,
+        Some(Scheme::Int8PerToken) => 8.0,
+    }
 }
 
 /// `*` matches any run of characters; everything else matches itself. Iterative with
@@ -244,5 +302,53 @@ mod tests {
             let e = PrecisionPolicy::from_toml_str(t).unwrap_err().to_string();
             assert!(e.contains(field), "{t}: {e}");
         }
+    }
+
+    #[test]
+    fn average_bits_weighs_each_layer_by_its_weights() {
+        let ternary = 3f64.log2();
+        let cases: [(Option<Scheme>, f64); 5] = [
+            (None, 32.0),
+            (Some(Scheme::Binary { scaled: true }), 1.0),
+            (Some(Scheme::TernaryAbsmean), ternary),
+            (Some(Scheme::MultiBit { bits: 4 }), 4.0),
+            (Some(Scheme::MultiBit { bits: 8 }), 8.0),
+        ];
+        for (scheme, bits) in cases {
+            assert_eq!(bits_per_weight(scheme), bits, "{scheme:?}");
+            // One wide layer of 3 weights beside a ternary one of 1 weight.
+            let p = PrecisionPolicy::new(QATConfig::ternary()).rule("wide", scheme, None);
+            let avg = p.average_bits([("wide", 3), ("rest", 1)]);
+            assert!(
+                (avg - (3.0 * bits + ternary) / 4.0).abs() < 1e-12,
+                "{scheme:?}"
+            );
+        }
+        assert_eq!(PrecisionPolicy::default().average_bits([]), 0.0);
+    }
+
+    #[test]
+    fn load_reads_toml_and_json_files_and_names_the_file_in_errors() {
+        let dir = std::env::temp_dir().join(format!("policy-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = PrecisionPolicy::new(QATConfig::ternary()).rule(
+            "*.output.dense",
+            Some(Scheme::MultiBit { bits: 4 }),
+            Some(Scheme::Int8PerToken),
+        );
+        let toml_path = dir.join("p.toml");
+        std::fs::write(&toml_path, p.to_toml_string().unwrap()).unwrap();
+        assert_eq!(PrecisionPolicy::load(&toml_path).unwrap(), p);
+        let json_path = dir.join("p.json");
+        std::fs::write(&json_path, serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(PrecisionPolicy::load(&json_path).unwrap(), p);
+        std::fs::write(&json_path, "{ not json").unwrap();
+        let e = PrecisionPolicy::load(&json_path).unwrap_err().to_string();
+        assert!(e.contains("p.json"), "{e}");
+        let e = PrecisionPolicy::load(dir.join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::config::QATConfig;
 use crate::ste::STEVariant;
+use bitnet_quant::packed::PackedLayer;
 use bitnet_quant::{BitLinear, BitLinearConfig, PackedBitLinear, Quantizer};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -233,11 +234,23 @@ impl QATLayer<BitLinear> {
     /// activations int8 per token with the blend finished (`lambda = 1`); anything else is an error
     /// naming the field. A learnable STE packs its hard (fully annealed) quantizer.
     pub fn to_packed(&self) -> Result<PackedBitLinear> {
+        PackedBitLinear::from_trained(&self.as_trained()?)
+    }
+
+    /// [`Self::to_packed`] for any weight scheme that has a packed form: binary and ternary
+    /// as [`PackedLayer::Ternary`], 4- and 8-bit as [`PackedLayer::MultiBit`] (what a
+    /// mixed-precision policy produces).
+    pub fn to_packed_layer(&self) -> Result<PackedLayer> {
+        PackedLayer::from_trained(&self.as_trained()?)
+    }
+
+    /// The inner BitLinear with this layer's quantizers at the current step.
+    fn as_trained(&self) -> Result<BitLinear> {
         let weight = self.weight_quantizer()?.ok_or_else(|| {
             candle_core::Error::from(crate::TrainingError::InvalidConfig {
                 field: "weight",
                 value: "None (full precision or quantization switched off)".into(),
-                allowed: "a binary or ternary scheme",
+                allowed: "a binary, ternary, 4-bit or 8-bit scheme",
             })
         })?;
         let act = match self.quantization_enabled() {
@@ -251,13 +264,12 @@ impl QATLayer<BitLinear> {
             activation: act.transpose()?,
             ..*self.inner.config()
         };
-        let layer = BitLinear::from_parts(
+        Ok(BitLinear::from_parts(
             self.inner.weight().detach(),
             self.inner.bias().map(|b| b.detach()),
             self.inner.norm().cloned(),
             config,
-        );
-        PackedBitLinear::from_trained(&layer)
+        ))
     }
 
     /// A BitNet b1.58 layer `in -> out` under `config`, variables under `vb`.
@@ -297,6 +309,15 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn packs_with_its_own_quantizers_not_the_inner_defaults() {
         // The inner BitLinear defaults to ternary; the QAT config says binary. The packed layer
@@ -311,18 +332,8 @@ mod tests {
         );
         let x = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap();
         let want = layer.forward(&x).unwrap();
-        let diff = (packed.forward(&x).unwrap() - &want)
-            .unwrap()
-            .abs()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-5 * scale);
+        let diff = max_abs(&(packed.forward(&x).unwrap() - &want).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&want));
 
         let fp = QATLayer::bitlinear(64, 8, QATConfig::full_precision(), vb.pp("fp")).unwrap();
         assert!(fp.to_packed().unwrap_err().to_string().contains("`weight`"));
@@ -331,6 +342,31 @@ mod tests {
         let warming = QATLayer::bitlinear(64, 8, warm, vb.pp("warm")).unwrap();
         warming.set_step(3);
         assert!(warming.to_packed().is_err()); // lambda 0.3: no integer path
+    }
+
+    #[test]
+    fn packs_every_precision_a_policy_uses_with_its_forward() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let x = Tensor::randn(0f32, 1.0, (5, 96), &Device::Cpu).unwrap();
+        let cases = [
+            (Scheme::TernaryAbsmean, 2),
+            (Scheme::Binary { scaled: true }, 1),
+            (Scheme::MultiBit { bits: 4 }, 4),
+            (Scheme::MultiBit { bits: 8 }, 8),
+        ];
+        for (k, (scheme, bits)) in cases.into_iter().enumerate() {
+            let mut cfg = QATConfig::ternary();
+            cfg.weight = Some(scheme);
+            cfg.weight_granularity = bitnet_quant::Granularity::PerChannel;
+            let layer = QATLayer::bitlinear(96, 7, cfg, vb.pp(format!("l{k}"))).unwrap();
+            let packed = layer.to_packed_layer().unwrap();
+            assert_eq!(packed.bits(), bits, "{scheme:?}");
+            let want = layer.forward(&x).unwrap();
+            let diff = max_abs(&(packed.forward(&x).unwrap() - &want).unwrap());
+            let scale = max_abs(&want);
+            assert!(diff <= 1e-5 * scale, "{scheme:?}: {diff} vs {scale}");
+        }
     }
 
     #[test]

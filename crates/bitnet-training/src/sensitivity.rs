@@ -1,5 +1,6 @@
 //! Per-layer quantization sensitivity: which layers lose the most when quantized, and a
-//! [`PrecisionPolicy`] that keeps those at 8 bits.
+//! [`PrecisionPolicy`] that keeps those wider (8 or 4 bits): the `k` most sensitive, or as many
+//! as an average bits-per-weight budget allows.
 //!
 //! The analysis starts from the model with every layer in full precision (latent weights, no
 //! activation quantization) and quantizes one layer at a time; a layer's sensitivity is the loss
@@ -35,7 +36,7 @@
 
 use crate::policy::PrecisionPolicy;
 use crate::qat_layer::{QATLayer, QuantLinear};
-use crate::QATConfig;
+use crate::{QATConfig, TrainingError};
 use bitnet_quant::Scheme;
 use candle_core::Result;
 
@@ -48,6 +49,8 @@ pub struct LayerSensitivity {
     pub loss: f64,
     /// `loss - base_loss`: how much quantizing this layer alone costs.
     pub loss_delta: f64,
+    /// The number of weights (elements of the latent weight), for bit budgets.
+    pub weights: usize,
 }
 
 /// What [`analyze`] measured.
@@ -92,6 +95,7 @@ pub fn analyze<M: QuantLinear>(
             name: l.name().to_string(),
             loss: li,
             loss_delta: li - base_loss,
+            weights: l.inner().latent_weight().elem_count(),
         });
     }
     layers.iter().for_each(|l| l.set_quantization_enabled(true));
@@ -115,30 +119,103 @@ impl SensitivityReport {
     /// weights, int8 per-token activations), one rule per layer, most sensitive first. Layers
     /// whose quantization lowered the loss are never kept.
     pub fn propose_policy(&self, default: QATConfig, keep: usize) -> PrecisionPolicy {
+        self.propose_policy_at(default, keep, Scheme::MultiBit { bits: 8 })
+    }
+
+    /// [`Self::propose_policy`] with the kept layers' weights at `wide` (e.g. 4-bit) instead
+    /// of 8 bits; their activations stay int8 per token.
+    pub fn propose_policy_at(
+        &self,
+        default: QATConfig,
+        keep: usize,
+        wide: Scheme,
+    ) -> PrecisionPolicy {
         self.ranked()
             .into_iter()
             .filter(|l| l.loss_delta > 0.0)
             .take(keep)
-            .fold(PrecisionPolicy::new(default), |p, l| {
-                p.rule(
-                    &l.name,
-                    Some(Scheme::MultiBit { bits: 8 }),
-                    Some(Scheme::Int8PerToken),
-                )
-            })
+            .fold(PrecisionPolicy::new(default), |p, l| keep_wide(p, l, wide))
+    }
+
+    /// The policy over `default` that keeps the most sensitive layers at `wide` while the
+    /// average bits per weight over all the layers ([`PrecisionPolicy::average_bits`]) stays
+    /// at most `max_bits`: layers are taken most sensitive first, and one that would break the
+    /// budget is passed over for the next, smaller ones. Layers whose quantization lowered the
+    /// loss are never kept.
+    ///
+    /// A budget below what `default` alone costs is an error naming `max_bits` and the
+    /// smallest budget allowed.
+    ///
+    /// ```
+    /// use bitnet_training::sensitivity::{LayerSensitivity, SensitivityReport};
+    /// use bitnet_training::QATConfig;
+    /// use bitnet_quant::Scheme;
+    /// let layer = |name: &str, loss_delta, weights| LayerSensitivity {
+    ///     name: name.into(), loss: loss_delta, loss_delta, weights,
+    /// };
+    /// let report = SensitivityReport {
+    ///     base_loss: 0.0,
+    ///     quantized_loss: 1.0,
+    ///     layers: vec![layer("ffn", 0.5, 400), layer("attn", 0.2, 100), layer("out", 0.1, 100)],
+    /// };
+    /// // 2.5 bits on average: `ffn` at 4 bits would cost about 3.2, so it is passed over.
+    /// let p = report.propose_within_bits(QATConfig::ternary(), Scheme::MultiBit { bits: 4 }, 2.5)?;
+    /// let kept: Vec<&str> = p.rules.iter().map(|r| r.pattern.as_str()).collect();
+    /// assert_eq!(kept, ["attn", "out"]);
+    /// assert!(p.average_bits(report.layers.iter().map(|l| (l.name.as_str(), l.weights))) <= 2.5);
+    /// # Ok::<(), bitnet_training::TrainingError>(())
+    /// ```
+    pub fn propose_within_bits(
+        &self,
+        default: QATConfig,
+        wide: Scheme,
+        max_bits: f64,
+    ) -> std::result::Result<PrecisionPolicy, TrainingError> {
+        let sizes = || self.layers.iter().map(|l| (l.name.as_str(), l.weights));
+        let mut policy = PrecisionPolicy::new(default);
+        let floor = policy.average_bits(sizes());
+        // A little slack, so that a budget written as the exact average of a policy is met.
+        let slack = 1e-9;
+        if !(max_bits.is_finite() && max_bits + slack >= floor) {
+            return Err(TrainingError::InvalidConfig {
+                field: "max_bits",
+                value: format!("{max_bits} (the default scheme alone averages {floor:.4})"),
+                allowed: "a finite budget at least the default scheme's average bits per weight",
+            });
+        }
+        for l in self.ranked().into_iter().filter(|l| l.loss_delta > 0.0) {
+            let wider = keep_wide(policy.clone(), l, wide);
+            if wider.average_bits(sizes()) <= max_bits + slack {
+                policy = wider;
+            }
+        }
+        Ok(policy)
     }
 
     /// A plain-text table: one line per layer, most sensitive first.
     pub fn table(&self) -> String {
+        // As wide as the longest name (at least 16), so that the numbers line up.
+        let w = self
+            .layers
+            .iter()
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         let mut s = format!(
-            "full-precision loss {:.4}, all quantized {:.4}\n{:<16} {:>10} {:>10}\n",
+            "full-precision loss {:.4}, all quantized {:.4}\n{:<w$} {:>10} {:>10}\n",
             self.base_loss, self.quantized_loss, "layer", "loss", "delta"
         );
         for l in self.ranked() {
-            s += &format!("{:<16} {:>10.4} {:>+10.4}\n", l.name, l.loss, l.loss_delta);
+            s += &format!("{:<w$} {:>10.4} {:>+10.4}\n", l.name, l.loss, l.loss_delta);
         }
         s
     }
+}
+
+/// `policy` with one more rule: layer `l` at `wide` weights and int8 per-token activations.
+fn keep_wide(policy: PrecisionPolicy, l: &LayerSensitivity, wide: Scheme) -> PrecisionPolicy {
+    policy.rule(&l.name, Some(wide), Some(Scheme::Int8PerToken))
 }
 
 #[cfg(test)]

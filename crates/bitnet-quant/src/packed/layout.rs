@@ -81,7 +81,64 @@ pub struct PackedTernary {
     scales: Vec<f32>,
 }
 
-fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
+/// Packed codes for writing while a weight is built. Codes shared with a clone are copied first
+/// (from the same pool, so a full pool is an error here rather than a panic); the constructors
+/// only ever write codes they hold alone, so clones of finished weights share theirs.
+pub(crate) fn codes_mut(data: &mut Arc<PoolBuffer>) -> Result<&mut [u8]> {
+    if Arc::get_mut(data).is_none() {
+        let pool = data.pool();
+        let mut copy = pool.allocate_slice::<u8>(data.len(), Category::PackedWeights)?;
+        copy.as_mut_slice_of::<u8>()
+            .copy_from_slice(data.as_slice_of::<u8>());
+        *data = Arc::new(copy);
+    }
+    let data = Arc::get_mut(data).ok_or_else(|| {
+        candle_core::Error::Msg("packed codes still shared after copying them".into())
+    })?;
+    Ok(data.as_mut_slice_of::<u8>())
+}
+
+/// The checks every packed weight rebuilt from raw parts needs: a non-empty shape, a valid
+/// granularity, one scale per segment, and only finite scales.
+pub(crate) fn check_raw(
+    op: &'static str,
+    out_features: usize,
+    in_features: usize,
+    granularity: Granularity,
+    scales: &[f32],
+) -> Result<()> {
+    if out_features == 0 || in_features == 0 {
+        return Err(shape_err(
+            op,
+            format!("empty weight [{out_features}, {in_features}]"),
+        ));
+    }
+    granularity.validate()?;
+    let n_scales = scale_count(out_features, in_features, granularity).ok_or_else(|| {
+        shape_err(
+            op,
+            format!("{granularity:?} does not divide {in_features} inputs"),
+        )
+    })?;
+    if scales.len() != n_scales {
+        return Err(shape_err(
+            op,
+            format!(
+                "{} scales, expected {n_scales} for {granularity:?}",
+                scales.len()
+            ),
+        ));
+    }
+    if let Some(bad) = scales.iter().position(|s| !s.is_finite()) {
+        return Err(QuantError::BadData {
+            what: format!("{op}: scale {bad} is {}", scales[bad]),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+pub(crate) fn shape_err(op: &'static str, what: impl Into<String>) -> candle_core::Error {
     QuantError::Shape {
         op,
         what: what.into(),
@@ -202,21 +259,9 @@ impl PackedTernary {
         })
     }
 
-    /// The codes for writing while the weight is built. Codes shared with a clone are copied
-    /// first (from the same pool, so a full pool is an error here rather than a panic); the
-    /// constructors only ever write codes they hold alone.
+    /// The codes for writing while the weight is built (see [`codes_mut`]).
     fn codes_mut(&mut self) -> Result<&mut [u8]> {
-        if Arc::get_mut(&mut self.data).is_none() {
-            let pool = self.data.pool();
-            let mut copy = pool.allocate_slice::<u8>(self.data.len(), Category::PackedWeights)?;
-            copy.as_mut_slice_of::<u8>()
-                .copy_from_slice(self.data.as_slice_of::<u8>());
-            self.data = Arc::new(copy);
-        }
-        let data = Arc::get_mut(&mut self.data).ok_or_else(|| {
-            candle_core::Error::Msg("packed codes still shared after copying them".into())
-        })?;
-        Ok(data.as_mut_slice_of::<u8>())
+        codes_mut(&mut self.data)
     }
 
     /// Rebuilds a 2-bit packed weight from its raw parts (our layout, as [`Self::data`] and
@@ -246,31 +291,8 @@ impl PackedTernary {
         if bits != 1 && bits != 2 {
             return Err(invalid("bits", bits, "1 (binary) or 2 (ternary)").into());
         }
-        if out_features == 0 || in_features == 0 {
-            return Err(shape_err(
-                OP,
-                format!("empty weight [{out_features}, {in_features}]"),
-            ));
-        }
-        granularity.validate()?;
+        check_raw(OP, out_features, in_features, granularity, scales)?;
         let (seg_len, seg_padded) = segments(in_features, granularity)?;
-        let n_scales = scale_count(out_features, in_features, granularity)
-            .ok_or_else(|| shape_err(OP, "scale count overflows"))?;
-        if scales.len() != n_scales {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "{} scales, expected {n_scales} for {granularity:?}",
-                    scales.len()
-                ),
-            ));
-        }
-        if let Some(bad) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(QuantError::BadData {
-                what: format!("{OP}: scale {bad} is {}", scales[bad]),
-            }
-            .into());
-        }
         let row_bytes = (in_features / seg_len)
             .checked_mul(seg_padded * bits as usize / 8)
             .ok_or_else(|| shape_err(OP, "row size overflows"))?;

@@ -9,7 +9,11 @@
 //!   forward equals the training forward up to f32 rounding.
 //! * `cuda` (feature `cuda`): the same forward as CUDA kernels, for a layer moved to a GPU with
 //!   [`PackedBitLinear::to_device`]; equal to the CPU forward.
-//! * [`io`]: [`save_packed`] / [`load_packed`], a safetensors file with the layout and version
+//! * [`multibit`]: [`PackedMultiBit`] / [`PackedMultiBitLinear`], 4- and 8-bit weights with a
+//!   scalar integer kernel, for the layers a mixed-precision policy keeps wider than ternary.
+//! * [`mixed`]: [`PackedLayer`], either kind of packed linear.
+//! * [`io`]: [`save_packed`] / [`load_packed`] (and [`save_packed_layers`] /
+//!   [`load_packed_layers`] for mixed precision), a safetensors file with the layout and version
 //!   in its metadata, written atomically and checked thoroughly on load.
 
 #[cfg(feature = "cuda")]
@@ -18,8 +22,15 @@ pub mod io;
 pub mod kernels;
 pub mod layout;
 pub mod linear;
+pub mod mixed;
+pub mod multibit;
 
-pub use io::{load_packed, load_packed_bytes, save_packed, FORMAT, LAYOUT, VERSION};
+pub use io::{
+    load_packed, load_packed_bytes, load_packed_layers, load_packed_layers_bytes, save_packed,
+    save_packed_layers, FORMAT, LAYOUT, VERSION,
+};
 pub use kernels::Kernel;
 pub use layout::{HfLinearClass, PackedTernary, BLOCK, BLOCK_BYTES_1BIT};
 pub use linear::PackedBitLinear;
+pub use mixed::PackedLayer;
+pub use multibit::{PackedMultiBit, PackedMultiBitLinear};

@@ -361,3 +361,46 @@ fn relation_loss_gradient_matches_finite_differences_and_spares_the_teacher() {
         );
     }
 }
+
+#[test]
+fn neighbour_agreement_counts_rows_whose_teacher_neighbour_the_student_ranks_within_k() {
+    let dev = Device::Cpu;
+    // Teacher: two pairs of near-duplicates (0-1, 2-3) and a loner (4) closest to 3.
+    let teacher = Tensor::new(
+        &[
+            [1f32, 0.0, 0.0],
+            [0.95, 0.31, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.0, 0.95, 0.31],
+            [0.0, 0.6, 0.8],
+        ],
+        &dev,
+    )
+    .unwrap();
+    // Student: row 0 moves next to 4; the rest stay.
+    let mut rows = teacher.to_vec2::<f32>().unwrap();
+    rows[0] = vec![0.0, 0.55, 0.84];
+    let student = Tensor::new(rows, &dev).unwrap();
+    // Where the student ranks each row's teacher neighbour: row 0's (1) and row 1's (0) 4th,
+    // row 4's (3) 2nd after 0, rows 2 and 3 each other's 1st.
+    let cases = [
+        (&teacher, 1, 1.0),
+        (&student, 1, 2.0 / 5.0),
+        (&student, 2, 3.0 / 5.0),
+        (&student, 3, 3.0 / 5.0),
+        (&student, 4, 1.0),
+    ];
+    for (s, k, want) in cases {
+        let got = neighbour_agreement(s, &teacher, k).unwrap();
+        assert!((got - want).abs() < 1e-12, "k {k}: {got} vs {want}");
+    }
+    for (k, s) in [(0, &teacher), (5, &teacher)] {
+        let e = neighbour_agreement(s, &teacher, k).unwrap_err().to_string();
+        assert!(e.contains("`k`"), "{e}");
+    }
+    let short = teacher.narrow(0, 0, 4).unwrap();
+    let e = neighbour_agreement(&short, &teacher, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("neighbour_agreement"), "{e}");
+}

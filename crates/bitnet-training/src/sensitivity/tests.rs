@@ -79,6 +79,10 @@ fn ranks_the_outlier_layer_first_and_keeps_it_at_8_bits() {
     let (da, db) = (report.layers[0].loss_delta, report.layers[1].loss_delta);
     assert!(da > 0.0 && db > 10.0 * da, "a {da}, b {db}");
     assert_eq!(report.ranked()[0].name, "b");
+    assert_eq!(
+        (report.layers[0].weights, report.layers[1].weights),
+        (64, 32)
+    );
     assert!(report.quantized_loss >= db * 0.5);
     assert!(a.quantization_enabled() && b.quantization_enabled());
 
@@ -112,4 +116,89 @@ fn layers_are_switched_back_on_when_the_loss_fails() {
     let err = analyze(&[&a, &b], loss).unwrap_err();
     assert!(err.to_string().contains("out of data"));
     assert!(a.quantization_enabled() && b.quantization_enabled());
+}
+
+/// A report over three layers of different sizes, most sensitive first: a (600 weights), b
+/// (100), c (300); d lowered the loss when quantized.
+fn sized_report() -> SensitivityReport {
+    let layer = |name: &str, loss_delta: f64, weights| LayerSensitivity {
+        name: name.into(),
+        loss: 1.0 + loss_delta,
+        loss_delta,
+        weights,
+    };
+    SensitivityReport {
+        base_loss: 1.0,
+        quantized_loss: 2.0,
+        layers: vec![
+            layer("c", 0.1, 300),
+            layer("a", 0.9, 600),
+            layer("d", -0.2, 50),
+            layer("b", 0.4, 100),
+        ],
+    }
+}
+
+#[test]
+fn budgets_keep_the_most_sensitive_layers_that_fit() {
+    let report = sized_report();
+    let t = 3f64.log2();
+    let total = 1050.0;
+    // Average bits with the named layers (by weight count) at `bits`, the rest ternary.
+    let avg = |wide: f64, kept: usize| (kept as f64 * wide + (1050 - kept) as f64 * t) / total;
+    let b4 = Scheme::MultiBit { bits: 4 };
+    let b8 = Scheme::MultiBit { bits: 8 };
+    let cases: [(Scheme, f64, &[&str]); 7] = [
+        (b4, t, &[]),
+        // b alone (100 weights) fits; a (600) does not.
+        (b4, avg(4.0, 100), &["b"]),
+        (b4, avg(4.0, 400), &["b", "c"]),
+        // a is taken first once it fits; then b fits too, c does not.
+        (b4, avg(4.0, 700), &["a", "b"]),
+        (b4, avg(4.0, 1000), &["a", "b", "c"]),
+        // d lowered the loss: never kept, even with room for everything.
+        (b4, 4.0, &["a", "b", "c"]),
+        (b8, avg(8.0, 400), &["b", "c"]),
+    ];
+    for (wide, max_bits, want) in cases {
+        let p = report
+            .propose_within_bits(QATConfig::ternary(), wide, max_bits)
+            .unwrap();
+        let kept: Vec<&str> = p.rules.iter().map(|r| r.pattern.as_str()).collect();
+        assert_eq!(kept, want, "{wide:?} within {max_bits}");
+        let sizes = report.layers.iter().map(|l| (l.name.as_str(), l.weights));
+        assert!(p.average_bits(sizes) <= max_bits + 1e-9);
+        for r in &p.rules {
+            assert_eq!(p.config_for(&r.pattern).weight, Some(wide));
+            assert_eq!(
+                p.config_for(&r.pattern).activation,
+                Some(Scheme::Int8PerToken)
+            );
+        }
+        assert_eq!(p.config_for("d"), QATConfig::ternary());
+    }
+    for bad in [1.0, f64::NAN, f64::NEG_INFINITY] {
+        let e = report
+            .propose_within_bits(QATConfig::ternary(), b4, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_bits") && e.contains("1.5850"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn propose_policy_at_keeps_the_k_most_sensitive_at_the_given_bits() {
+    let report = sized_report();
+    let b4 = Scheme::MultiBit { bits: 4 };
+    for (keep, want) in [
+        (0, vec![]),
+        (1, vec!["a"]),
+        (2, vec!["a", "b"]),
+        (9, vec!["a", "b", "c"]),
+    ] {
+        let p = report.propose_policy_at(QATConfig::ternary(), keep, b4);
+        let kept: Vec<&str> = p.rules.iter().map(|r| r.pattern.as_str()).collect();
+        assert_eq!(kept, want, "keep {keep}");
+        assert!(p.rules.iter().all(|r| r.weight == Some(b4)));
+    }
 }
