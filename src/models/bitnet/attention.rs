@@ -2,8 +2,9 @@
 
 use super::linear::Projection;
 use super::Config;
+use bitnet_quant::ops::attention::causal_attention;
 use bitnet_quant::RmsNorm;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 /// Rotary tables `[max_position_embeddings, head_dim / 2]` (transformers' `BitNetRotaryEmbedding`
@@ -54,19 +55,6 @@ impl RotaryEmbedding {
             false => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
         }
     }
-}
-
-/// `0` where query `i` (at absolute position `index_pos + i`) may attend to key `j`, `-inf`
-/// above: `[t, index_pos + t]`.
-fn causal_mask(t: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
-    let total = index_pos + t;
-    let m: Vec<f32> = (0..t * total)
-        .map(|k| match k % total > index_pos + k / total {
-            true => f32::NEG_INFINITY,
-            false => 0.0,
-        })
-        .collect();
-    Tensor::from_vec(m, (t, total), device)
 }
 
 /// One layer's attention: q/k/v projections, RoPE, causal GQA softmax attention, `attn_sub_norm`
@@ -133,26 +121,15 @@ impl Attention {
             Some(cache) => cache.append(&k.contiguous()?, &v)?,
             None => (k, v),
         };
-        let total = k.dim(2)?;
-        let past = total - t;
         // Grouped-query attention without copying keys: the `rep` query heads that share a
-        // key/value head are stacked along the rows of one product.
+        // key/value head are stacked along the rows of one product. The fused op keeps no
+        // [rows, keys] scores for the backward (it recomputes them), most of a training step's
+        // memory at this size; without gradients it is the same candle ops as before.
         let rep = h / kvh;
         let q = q.contiguous()?.reshape((b, kvh, rep * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = match t {
-            1 => scores,
-            _ => scores
-                .reshape((b, kvh, rep, t, total))?
-                .broadcast_add(&causal_mask(t, past, x.device())?)?
-                .reshape((b, kvh, rep * t, total))?,
-        };
-        let probs = match train {
-            true => candle_nn::ops::softmax(&scores, D::Minus1)?,
-            false => candle_nn::ops::softmax_last_dim(&scores)?,
-        };
-        let out = probs
-            .matmul(&v.contiguous()?)?
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = causal_attention(&q, &k.contiguous()?, &v.contiguous()?, t, scale)?;
+        let out = out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;

@@ -11,9 +11,11 @@
 //! * [`bitlinear`]: BitLinear's norm, quantizers and GEMM as one op (CPU training fast path).
 //! * [`linear`]: `x w^T` with a backward that needs no transpose node (used by `BitLinear`).
 //! * [`rms_norm`]: RMSNorm fused into one op (forward) and two (backward), for [`crate::RmsNorm`].
+//! * [`attention`]: causal softmax attention whose backward recomputes the scores (memory).
 //! * [`relu`]: ReLU with a one-pass backward, for the activations between BitLinear layers.
 //! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
 
+pub mod attention;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod bitlinear;
