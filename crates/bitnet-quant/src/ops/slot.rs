@@ -25,6 +25,8 @@ pub(crate) trait Slot<T: Copy>: Sized + Send {
 
     /// The first slot's address, for kernels that store with SIMD intrinsics or through raw
     /// pointers: `slots.len()` values of `T` may be written from it (each slot has `T`'s layout).
+    // Only the x86 kernels store through pointers; elsewhere the portable ones use `put`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn first_ptr(slots: &mut [Self]) -> *mut T;
 }
 
