@@ -38,3 +38,8 @@ pub use packed::{PackedBitLinear, PackedTernary};
 pub use quantizer::Quantizer;
 pub use rms_norm::RmsNorm;
 pub use scheme::{Estimator, Granularity, Scheme, Threshold, EPS};
+
+/// The README's example, compiled and run as a doctest so that it cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
