@@ -72,7 +72,8 @@ fn bench(c: &mut Criterion) {
     // dense centres), as the training step sees it.
     {
         let m =
-            bitnet::datasets::mnist::load(bitnet::datasets::mnist::default_dir(), &dev).unwrap();
+            bitnet::datasets::mnist::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"), &dev)
+                .unwrap();
         let x: Vec<f32> = m
             .train_images
             .narrow(0, 0, M)

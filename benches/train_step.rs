@@ -43,6 +43,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
+/// The repository's MNIST copy.
+const MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist");
+
 const DIMS: [(usize, usize, &str); 3] = [(784, 256, "fc1"), (256, 256, "fc2"), (256, 10, "fc3")];
 const BATCH: usize = 128;
 
@@ -120,7 +123,7 @@ fn batch() -> Result<(Tensor, Tensor)> {
     if let Some(b) = BATCH_CACHE.get() {
         return Ok(b.clone());
     }
-    let m = bitnet::datasets::mnist::load(bitnet::datasets::mnist::default_dir(), &Device::Cpu)?;
+    let m = bitnet::datasets::mnist::load(MNIST, &Device::Cpu)?;
     let b = (
         m.train_images.narrow(0, 0, BATCH)?.contiguous()?,
         m.train_labels.narrow(0, 0, BATCH)?.contiguous()?,

@@ -8,6 +8,8 @@ use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 
+mod common;
+
 fn model(vm: &VarMap, qat: QATConfig) -> CharLm {
     let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
     let lm = CharLm::new(CharLmConfig::tiny(), qat, vb).unwrap();
@@ -17,7 +19,7 @@ fn model(vm: &VarMap, qat: QATConfig) -> CharLm {
 
 #[test]
 fn tiny_ternary_model_learns_shakespeare() {
-    let text = shakespeare::load(shakespeare::default_path(), 1000)
+    let text = shakespeare::load(common::repo_data("shakespeare/shakespeare.txt.gz"), 1000)
         .unwrap()
         .train;
     let text = &text[..4000];
@@ -184,7 +186,7 @@ fn all_weights(vm: &VarMap) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn resuming_from_a_checkpoint_is_bit_identical_to_a_straight_run() {
     use bitnet::training::checkpoint::{resume, save_with_optimizer, sorted_vars, TrainingState};
-    let text = shakespeare::load(shakespeare::default_path(), 1000)
+    let text = shakespeare::load(common::repo_data("shakespeare/shakespeare.txt.gz"), 1000)
         .unwrap()
         .train;
     let text = &text[..3000];

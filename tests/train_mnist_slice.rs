@@ -7,10 +7,12 @@ use bitnet::training::optim::{ParamsQatAdamW, QatAdamW};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{loss, Optimizer, VarBuilder, VarMap};
 
+mod common;
+
 #[test]
 fn ternary_mlp_learns_mnist_slice() {
     let dev = Device::Cpu;
-    let data = mnist::load(mnist::default_dir(), &dev).unwrap();
+    let data = mnist::load(common::repo_data("mnist"), &dev).unwrap();
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let l1 = QATLayer::bitlinear(784, 64, QATConfig::ternary(), vb.pp("fc1")).unwrap();

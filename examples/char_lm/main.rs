@@ -92,7 +92,10 @@ fn parse_args() -> std::result::Result<Args, String> {
         batch: 16,
         lr: 2e-3,
         seed: 42,
-        data: shakespeare::default_path(),
+        data: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/shakespeare/shakespeare.txt.gz"
+        )),
         config: CharLmConfig::small(),
         eval_every: 50,
         eval_batches: 8,

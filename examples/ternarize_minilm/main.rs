@@ -326,7 +326,13 @@ fn main() -> Result<()> {
     })?;
     // The file pads every input to 128; batches are padded here, to their own longest line.
     tok.with_padding(None);
-    let corpus = shakespeare::load(shakespeare::default_path(), 10_000)?;
+    let corpus = shakespeare::load(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/shakespeare/shakespeare.txt.gz"
+        ),
+        10_000,
+    )?;
     let train_lines = lines(&corpus.train);
     let val_lines = lines(&corpus.valid);
     let val: Vec<&str> = val_lines

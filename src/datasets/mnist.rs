@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Result, Tensor};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// MNIST as tensors: images `[n, 784]` f32 in `[0, 1]`, labels `[n]` u32.
 #[derive(Debug, Clone)]
@@ -11,13 +11,6 @@ pub struct Mnist {
     pub train_labels: Tensor,
     pub test_images: Tensor,
     pub test_labels: Tensor,
-}
-
-/// The copy committed in this repository (`data/mnist`).
-pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("mnist")
 }
 
 fn read_file(dir: &Path, stem: &str) -> Result<Vec<u8>> {
@@ -113,7 +106,11 @@ mod tests {
 
     #[test]
     fn the_committed_copy_loads() {
-        let m = load(default_dir(), &Device::Cpu).unwrap();
+        let m = load(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(m.train_images.dims(), &[60000, 784]);
         assert_eq!(m.test_labels.dims(), &[10000]);
         let max = m.test_labels.max(0).unwrap().to_scalar::<u32>().unwrap();

@@ -3,7 +3,7 @@
 
 use candle_core::Result;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The share of the corpus (from its start) used for training; the rest is validation text.
 pub const TRAIN_SHARE: f64 = 0.9;
@@ -15,14 +15,6 @@ pub struct Corpus {
     pub train: Vec<u8>,
     /// The rest: later plays than any the model trained on.
     pub valid: Vec<u8>,
-}
-
-/// The copy committed in this repository (`data/shakespeare/shakespeare.txt.gz`).
-pub fn default_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("shakespeare")
-        .join("shakespeare.txt.gz")
 }
 
 /// Reads the corpus (gzip'd when the name ends in `.gz`) and splits it at [`TRAIN_SHARE`].
@@ -60,7 +52,14 @@ mod tests {
 
     #[test]
     fn committed_copy_splits_at_the_boundary() {
-        let c = load(default_path(), 1000).unwrap();
+        let c = load(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/data/shakespeare/shakespeare.txt.gz"
+            ),
+            1000,
+        )
+        .unwrap();
         assert_eq!(c.train.len() + c.valid.len(), 5_057_240);
         assert_eq!(c.train.len(), (5_057_240f64 * TRAIN_SHARE) as usize);
         assert!(String::from_utf8_lossy(&c.train[..20_000]).contains("PAROLLES"));

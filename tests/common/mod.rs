@@ -56,6 +56,11 @@ pub fn hf_cache_snapshots(repo_id: &str) -> Vec<PathBuf> {
     snaps.into_iter().map(|(_, p)| p).collect()
 }
 
+/// A data set committed under `data/` in this repository.
+pub fn repo_data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(rel)
+}
+
 /// The folder `../shared/<rel>` beside the repository, where the project's CI keeps models and
 /// tools.
 pub fn shared(rel: &str) -> PathBuf {
