@@ -101,7 +101,7 @@ fn hub(repo: &str) -> Result<PathBuf> {
 /// The prompt's tokenizer: a checkpoint's tokenizer.json, or a GGUF file's sentencepiece.
 enum Tok {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(SpmTokenizer),
+    Spm(Box<SpmTokenizer>),
 }
 
 impl Tok {
@@ -131,7 +131,11 @@ fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>
             ),
             (None, None, _) => candle_core::bail!("give --prompt TEXT or --token-ids 1,2,3"),
         };
-        return Ok((g.load_model(runtime)?, tok.map(Tok::Spm), prompt));
+        return Ok((
+            g.load_model(runtime)?,
+            tok.map(|t| Tok::Spm(Box::new(t))),
+            prompt,
+        ));
     }
     let dir = checkpoint_dir(args)?;
     let ckpt = HfCheckpoint::open(&dir)?;

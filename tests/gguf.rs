@@ -345,12 +345,15 @@ fn exporter_refuses_untied_heads() {
     assert!(err.contains("untied lm_head"), "{err}");
 }
 
+/// An edit of a file's metadata and tensor names (`old=new` renames a tensor).
+type Edit = dyn Fn(&mut Vec<(String, Value)>, &mut Vec<String>);
+
 #[test]
 fn loader_errors_name_the_field_or_tensor() {
     let bytes = std::fs::read(fixture("gguf/tiny-tq2_0.gguf")).unwrap();
     let file = GgufFile::parse("t", bitnet::io::gguf::Bytes::Owned(bytes.clone())).unwrap();
     // Rebuild the file with one change each and check the error's words.
-    let rebuild = |edit: &dyn Fn(&mut Vec<(String, Value)>, &mut Vec<String>)| -> String {
+    let rebuild = |edit: &Edit| -> String {
         let mut meta = file.metadata().to_vec();
         let mut names: Vec<String> = file.tensors().iter().map(|t| t.name.clone()).collect();
         edit(&mut meta, &mut names);
@@ -379,10 +382,7 @@ fn loader_errors_name_the_field_or_tensor() {
             m.push((key.to_string(), v.clone()));
         }
     };
-    let cases: Vec<(
-        Box<dyn Fn(&mut Vec<(String, Value)>, &mut Vec<String>)>,
-        &str,
-    )> = vec![
+    let cases: Vec<(Box<Edit>, &str)> = vec![
         (
             Box::new(set("general.architecture", Value::String("llama".into()))),
             "general.architecture",

@@ -1,7 +1,7 @@
 //! Truncated and corrupted GGUF files give errors, never a panic, and no allocation sized by an
 //! unchecked header field: a proptest over truncation points, random bytes anywhere in the
-//! header, and chosen fields (counts, string lengths, n_dims, dims, types, offsets) set to
-//! arbitrary values. Whatever parses is then loaded as a model and every tensor dequantized.
+//! header, and chosen fields (counts, string lengths, integer metadata, n_dims, dims, types,
+//! offsets) set to arbitrary values. Whatever parses is then loaded as a model and every tensor dequantized.
 //!
 //! The allocation half: every count is checked against the bytes left before a `Vec` is sized by
 //! it, so a field of `u64::MAX` is an error at once; the cases below with huge counts would
@@ -65,6 +65,12 @@ fn field_offsets() -> &'static [(usize, usize)] {
             out.push((p, 4));
             let t = u32_at(p);
             p += 4;
+            // Integer values (hyperparameters, token ids) too.
+            match t {
+                4 | 5 => out.push((p, 4)),
+                10 | 11 => out.push((p, 8)),
+                _ => {}
+            }
             // Token lists hold hundreds of strings: keep their first entries only.
             let mut inner = Vec::new();
             skip(b, &mut p, t, &mut inner);

@@ -44,6 +44,9 @@ use std::path::Path;
 /// The architecture name.
 pub const ARCH: &str = "bitnet";
 
+/// The longest `context_length` a file may state (rotary tables are sized by it).
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 /// llama.cpp's names of the projections, in transformers' order (`config::PROJECTIONS`).
 const GGUF_PROJECTIONS: [&str; 7] = [
     "attn_q",
@@ -163,6 +166,15 @@ impl GgufModel {
                 "tensor `token_embd.weight` is [{vocab}, {embd_dim}], expected [vocab, {hidden}] ({ARCH}.embedding_length)"
             )));
         }
+        // The rotary tables are built for every position up front: a bound keeps a corrupt
+        // field from sizing a huge allocation (2B4T has 4096, long-context models 128 Ki).
+        let context = count(&file, &k("context_length"))?;
+        if context > MAX_CONTEXT {
+            return Err(file.err(format!(
+                "`{}` is {context}, allowed 1..={MAX_CONTEXT}",
+                k("context_length")
+            )));
+        }
         let tok_id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let config = serde_json::json!({
             "vocab_size": vocab,
@@ -174,7 +186,7 @@ impl GgufModel {
             "head_dim": head_dim,
             "rms_norm_eps": number(&file, &k("attention.layer_norm_rms_epsilon"), None)?,
             "rope_theta": number(&file, &k("rope.freq_base"), Some(10000.0))?,
-            "max_position_embeddings": count(&file, &k("context_length"))?,
+            "max_position_embeddings": context,
             "tie_word_embeddings": file.tensor_info("output.weight").is_none(),
             "bos_token_id": tok_id("tokenizer.ggml.bos_token_id"),
             "eos_token_id": tok_id("tokenizer.ggml.eos_token_id"),

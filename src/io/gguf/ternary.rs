@@ -64,7 +64,7 @@ fn tq1_pack(c: &[u8; QK], out: &mut [u8]) {
         if extra {
             q *= 3;
         }
-        ((q * 256 + 242) / 243) as u8
+        (q * 256).div_ceil(243) as u8
     };
     for m in 0..32 {
         out[m] = pack(&mut (0..5).map(|n| c[m + n * 32]), false);
@@ -252,7 +252,7 @@ mod tests {
             for &x in &t {
                 q = q * 3 + x as u16;
             }
-            let b = ((q * 256 + 242) / 243) as u8;
+            let b = (q * 256).div_ceil(243) as u8;
             let back: Vec<u8> = (0..5).map(|n| trit(b, n)).collect();
             assert_eq!(back, t, "value {v}");
         }
