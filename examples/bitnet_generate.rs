@@ -35,6 +35,10 @@ struct Args {
     /// A GGUF file of llama.cpp's `bitnet` architecture (tokenizer from its metadata).
     #[arg(long, conflicts_with = "hf_repo")]
     gguf: Option<PathBuf>,
+    /// With --gguf: the feed-forward activation, `relu2` (transformers' BitNetForCausalLM, the
+    /// default) or `silu` (what llama.cpp's `bitnet` graph computes; the file does not say).
+    #[arg(long, requires = "gguf", default_value = "relu2")]
+    hidden_act: String,
     /// A Hugging Face Hub repository, fetched into the local Hub cache (needs `--features hub`).
     #[arg(long)]
     hf_repo: Option<String>,
@@ -116,7 +120,7 @@ impl Tok {
 /// The model, its tokenizer, and the prompt's ids from `--prompt` or `--token-ids`.
 fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>, Vec<u32>)> {
     if let Some(path) = &args.gguf {
-        let g = GgufModel::open(path)?;
+        let g = GgufModel::open(path)?.with_hidden_act(&args.hidden_act)?;
         let tok = g.tokenizer()?;
         let prompt = match (&args.prompt, &args.token_ids, &tok) {
             (_, Some(ids), _) => ids.clone(),
