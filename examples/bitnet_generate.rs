@@ -12,7 +12,7 @@
 //! cargo run --release --example bitnet_generate -- --gguf model-tq2_0.gguf --prompt "Hello"
 //! ```
 //! The text is streamed as it is generated; the last line is one JSON object:
-//! `{"new_tokens": [...], "prompt_last_logits": [first K logits at the prompt's last position],
+//! `{"prompt_tokens": [...], "new_tokens": [...], "prompt_last_logits": [first K logits at the prompt's last position],
 //! "prompt_tokens_per_s": .., "tokens_per_s": .., "threads": .., "weights_bytes": ..,
 //! "peak_rss_bytes": ..}`. Every flag with its default: `--help`.
 
@@ -232,6 +232,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
+            "prompt_tokens": prompt,
             "new_tokens": out.tokens,
             "prompt_last_logits": logits,
             "prompt_tokens_per_s": prompt.len() as f64 / out.prefill_secs.max(1e-9),

@@ -12,6 +12,9 @@
 # (llama.cpp's `bitnet` graph applies SiLU to the gate, not transformers' ReLU², and the file does
 # not record which: this runs the same function on both sides). Our new token ids are turned into
 # bytes with the file's vocabulary (gguf-py) and compared with llama.cpp's output bytes.
+# When a python with torch and transformers is there (TORCH_PY, default ../venv-hf/bin/python),
+# transformers runs the same model too (T: the HF export of the file, with hidden_act = "silu"):
+# the reference for which of llama.cpp and us computes BitNetForCausalLM's numerics.
 # Env: LLAMA_BIN (the folder of llama.cpp's binaries; default ../shared/tools/llama-cpp's),
 #      PY (a python with gguf-py; default ../shared/tools/llama-cpp --python), THREADS (2).
 set -euo pipefail
@@ -20,6 +23,7 @@ N=${N:-16}
 THREADS=${THREADS:-2}
 BIN=${LLAMA_BIN:-$(../shared/tools/llama-cpp | tail -1)}
 PY=${PY:-$(../shared/tools/llama-cpp --python)}
+TORCH_PY=${TORCH_PY:-../venv-hf/bin/python}
 nice cargo build -q --example bitnet_convert --example bitnet_generate
 EX=target/debug/examples
 WORK=$(mktemp -d)
@@ -27,6 +31,14 @@ trap 'rm -rf "$WORK"' EXIT
 
 FIX=tests/reference/gguf
 "$EX/bitnet_convert" --gguf "$FIX/tiny-tq2_0.gguf" --to-hf "$WORK/hf" >/dev/null
+# transformers' model of what llama.cpp's bitnet graph computes: the same weights with SiLU
+mkdir "$WORK/hf-silu"
+cp "$WORK/hf/model.safetensors" "$WORK/hf-silu/"
+"$PY" -c 'import json, sys
+c = json.load(open(sys.argv[1])); c["hidden_act"] = "silu"
+json.dump(c, open(sys.argv[2], "w"))' "$WORK/hf/config.json" "$WORK/hf-silu/config.json"
+have_torch=no
+if [ -x "$TORCH_PY" ] && "$TORCH_PY" -c "import torch, transformers" 2>/dev/null; then have_torch=yes; fi
 for t in tq2_0 tq1_0; do
     "$EX/bitnet_convert" --hf "$WORK/hf" --to-gguf "$WORK/ours-$t.gguf" --type "$t" \
         --tokenizer-from "$FIX/tiny-tq2_0.gguf" --name tiny >/dev/null
@@ -75,23 +87,46 @@ b = b[:-2] if b.endswith(b"\n\n") else b
 b = b[:-len(b" [end of text]\n")] if b.endswith(b" [end of text]\n") else b
 sys.stdout.buffer.write(b)' "$WORK/raw"
 }
-# ours: the same bytes of our new tokens (EOS, a control token, has none)
+# ours: the same bytes of our new tokens (EOS, a control token, has none); the JSON line kept
 ours() {
     "$EX/bitnet_generate" --gguf "$1" --prompt "$2" --max-new-tokens "$N" --hidden-act silu \
-        --threads "$THREADS" 2>/dev/null | to_bytes "$1"
+        --threads "$THREADS" 2>/dev/null | tail -1 >"$WORK/ours.json"
+    to_bytes "$1" <"$WORK/ours.json"
+}
+# transformers, greedy from our prompt ids (the tokenizer test checks them against sentencepiece)
+transformers() {
+    "$TORCH_PY" -c '
+import json, os, sys
+os.environ["TORCHDYNAMO_DISABLE"] = "1"
+import torch
+from transformers import BitNetForCausalLM
+m = BitNetForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = json.load(open(sys.argv[2]))["prompt_tokens"]
+out = m.generate(torch.tensor([ids]), max_new_tokens=int(sys.argv[3]), do_sample=False,
+                 pad_token_id=0, eos_token_id=2)[0, len(ids):].tolist()
+if out and out[-1] == 2:
+    out = out[:-1]
+print(json.dumps({"new_tokens": out}))' "$WORK/hf-silu" "$WORK/ours.json" "$N" 2>/dev/null | to_bytes "$1"
 }
 
 echo "llama.cpp: $BIN"
 echo "N=$N new tokens, greedy (both stop at EOS), $THREADS threads; uptime: $(uptime)"
 echo "A: llama.cpp on llama.cpp's file   B: llama.cpp on our export"
 echo "C: ours on llama.cpp's file        D: ours on our export"
-total=0; ab=0; cd=0; ac=0
+echo "T: transformers, the same weights with SiLU (torch python: $have_torch)"
+total=0; ab=0; cd=0; ac=0; tc=0; ta=0
 for t in tq2_0 tq1_0; do
     for p in "ROMEO." "To be, or not to be" "KING HENRY." "What light" "First Citizen:"; do
         llama "$FIX/tiny-$t.gguf" "$p" >"$WORK/a"
         llama "$WORK/ours-$t.gguf" "$p" >"$WORK/b"
         ours "$FIX/tiny-$t.gguf" "$p" >"$WORK/c"
         ours "$WORK/ours-$t.gguf" "$p" >"$WORK/d"
+        : >"$WORK/t"
+        if [ $have_torch = yes ]; then
+            transformers "$FIX/tiny-$t.gguf" >"$WORK/t"
+            cmp -s "$WORK/t" "$WORK/c" && tc=$((tc + 1))
+            cmp -s "$WORK/t" "$WORK/a" && ta=$((ta + 1))
+        fi
         total=$((total + 1))
         cmp -s "$WORK/a" "$WORK/b" && ab=$((ab + 1))
         cmp -s "$WORK/c" "$WORK/d" && cd=$((cd + 1))
@@ -99,12 +134,14 @@ for t in tq2_0 tq1_0; do
         "$PY" - "$t" "$p" "$WORK" <<'PY'
 import sys
 t, p, w = sys.argv[1:]
-r = {k: open(f"{w}/{k}", "rb").read() for k in "abcd"}
+r = {k: open(f"{w}/{k}", "rb").read() for k in "abcdt"}
 same = lambda x, y: "=" if r[x] == r[y] else "!="
 common = next((i for i, (x, y) in enumerate(zip(r["a"], r["c"])) if x != y), min(len(r["a"]), len(r["c"])))
-print(f"{t} {p!r:24} A{same('a','b')}B  C{same('c','d')}D  A{same('a','c')}C  "
+print(f"{t} {p!r:24} A{same('a','b')}B  C{same('c','d')}D  A{same('a','c')}C  T{same('t','c')}C  "
       f"(A and C agree on their first {common} bytes)")
 print(f"    A: {r['a']!r}\n    C: {r['c']!r}")
+if r["t"] != r["c"]:
+    print(f"    T: {r['t']!r}")
 if r["a"] != r["b"]:
     print(f"    B: {r['b']!r}")
 PY
@@ -113,4 +150,5 @@ done
 echo "llama.cpp reads our export as its own file (A = B): $ab of $total"
 echo "we read both files the same (C = D): $cd of $total"
 echo "llama.cpp and we give the same continuation (A = C): $ac of $total"
+[ $have_torch = no ] || echo "transformers gives our continuation (T = C): $tc of $total; llama.cpp's (T = A): $ta of $total"
 echo "llama-completion runs repeated for lost output: $retries"

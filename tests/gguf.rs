@@ -101,6 +101,7 @@ fn llama_cpp_converted_files_give_transformers_logits() {
         let model = g.load_model(runtime).unwrap();
         let logits = all_logits(&model, &input);
         let d = rel_diff(&logits, &e["logits_gguf"]);
+        eprintln!("{file} {runtime:?}: logits within {d:.2e} of the max logit");
         assert!(d < TOLERANCE, "{file} {runtime:?}: rel diff {d}");
         assert_eq!(
             greedy(&model, &input, want_greedy.len()),
