@@ -174,21 +174,52 @@ fn export_fixture(t: GgmlType) -> Vec<u8> {
     export(&model, &opts).unwrap().to_bytes()
 }
 
+/// Checks `values` (f32, row-major) of `shape` against gguf-py's record of one tensor: its shape,
+/// its first values, and the sha256 of all of its f32 bytes.
+fn check_against_gguf_py(what: &str, shape: &[usize], values: &[f32], want: &serde_json::Value) {
+    use sha2::{Digest, Sha256};
+    let want_shape: Vec<usize> = want["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(shape, want_shape, "{what}: shape");
+    let first: Vec<f32> = want["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(values[..first.len()], first[..], "{what}: first values");
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        digest,
+        want["sha256"].as_str().unwrap(),
+        "{what}: values differ"
+    );
+}
+
+fn gguf_py_record() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("gguf/exported/gguf_py.json")).unwrap())
+        .unwrap()
+}
+
 #[test]
 fn gguf_py_dequantizes_our_exports_to_our_values() {
     // exported/gguf_py.json: per type and tensor, the sha256 of gguf-py's dequantized f32 values
     // of what `bitnet_convert` wrote (the script's `check`); the committed tq2_0.gguf is that
     // file, and we write the same bytes today.
-    use sha2::{Digest, Sha256};
     let committed = std::fs::read(fixture("gguf/exported/tq2_0.gguf")).unwrap();
     assert!(
         committed == export_fixture(GgmlType::TQ2_0),
         "our TQ2_0 export changed"
     );
-    let record: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("gguf/exported/gguf_py.json")).unwrap(),
-    )
-    .unwrap();
+    let record = gguf_py_record();
     for t in [GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2S] {
         let file =
             GgufFile::parse(t.name(), bitnet::io::gguf::Bytes::Owned(export_fixture(t))).unwrap();
@@ -197,32 +228,30 @@ fn gguf_py_dequantizes_our_exports_to_our_values() {
         assert_eq!(theirs.len(), ours.file().tensors().len(), "{t}");
         for (name, want) in theirs {
             let got = ours.tensor_f32(name).unwrap();
-            let shape: Vec<usize> = want["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(got.dims(), shape, "{t} {name}");
             let v = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let first: Vec<f32> = want["first"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            assert_eq!(v[..first.len()], first[..], "{t} {name}: first values");
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let digest: String = Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            assert_eq!(
-                digest,
-                want["sha256"].as_str().unwrap(),
-                "{t} {name}: values differ"
-            );
+            check_against_gguf_py(&format!("{t} {name}"), got.dims(), &v, want);
         }
+    }
+}
+
+#[test]
+fn every_type_we_read_dequantizes_as_gguf_py() {
+    // exported/dtypes.gguf: written by gguf-py, one tensor of each type (F32, F16, BF16, Q8_0,
+    // Q6_K, TQ1_0, TQ2_0; the TQ blocks have a scale each, so they load per group).
+    let file = GgufFile::open(fixture("gguf/exported/dtypes.gguf")).unwrap();
+    let record = gguf_py_record();
+    let theirs = record["dtypes"].as_object().unwrap();
+    assert_eq!(theirs.len(), 7);
+    for (name, want) in theirs {
+        let (info, bytes) = file.tensor_bytes(name).unwrap();
+        assert_eq!(
+            info.dtype.name(),
+            name,
+            "the tensor is named after its type"
+        );
+        let v =
+            bitnet::io::gguf::dequant::dequantize(name, info.dtype, &info.shape(), bytes).unwrap();
+        check_against_gguf_py(name, &info.shape(), &v, want);
     }
 }
 

@@ -322,7 +322,57 @@ def check():
                              "first": [float(x) for x in v.reshape(-1)[:8]]}
                          for k, v in sorted(tensors.items())}
             print(f"{t}: {len(tensors)} tensors dequantized by gguf-py")
+    record["dtypes"] = dtypes_file(exported / "dtypes.gguf")
     (exported / "gguf_py.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def digest(tensors):
+    import hashlib
+    return {k: {"shape": list(v.shape),
+                "sha256": hashlib.sha256(v.astype("<f4").tobytes()).hexdigest(),
+                "first": [float(x) for x in v.reshape(-1)[:8]]}
+            for k, v in sorted(tensors.items())}
+
+
+def dtypes_file(path):
+    """A small GGUF written by gguf-py with one tensor of every type we read: F32, F16, BF16 and
+    Q8_0 quantized by gguf-py, Q6_K, TQ1_0 and TQ2_0 as random blocks (gguf-py has no Q6_K
+    quantizer; random TQ blocks have a different f16 scale per block, our per-group path). Its
+    values, dequantized by gguf-py, go into the record."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    rng = np.random.default_rng(5)
+    w = gguf.GGUFWriter(str(path), "dtypes")
+
+    def f16_scales(n):
+        return (rng.uniform(0.01, 1.0, n)).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    w.add_tensor("f32", x)
+    w.add_tensor("f16", x.astype(np.float16))
+    for name, t in [("bf16", T.BF16), ("q8_0", T.Q8_0)]:
+        q = gguf.quants.quantize(x, t)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+    nb = 4  # blocks of 256: tensors [2, 512]
+    q6 = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+    q6[:, 208:] = f16_scales(nb)
+    w.add_tensor("q6_k", q6.reshape(2, -1), raw_shape=(2, 2 * 210), raw_dtype=T.Q6_K)
+    tq1 = rng.integers(0, 256, (nb, 54), dtype=np.uint8)
+    tq1[:, 52:] = f16_scales(nb)
+    w.add_tensor("tq1_0", tq1.reshape(2, -1), raw_shape=(2, 2 * 54), raw_dtype=T.TQ1_0)
+    codes = rng.integers(0, 3, (nb, 256), dtype=np.uint8)
+    tq2 = np.zeros((nb, 66), dtype=np.uint8)
+    for half in range(2):
+        c = codes[:, 128 * half:128 * (half + 1)].reshape(nb, 4, 32)
+        tq2[:, 32 * half:32 * (half + 1)] = c[:, 0] | c[:, 1] << 2 | c[:, 2] << 4 | c[:, 3] << 6
+    tq2[:, 64:] = f16_scales(nb)
+    w.add_tensor("tq2_0", tq2.reshape(2, -1), raw_shape=(2, 2 * 66), raw_dtype=T.TQ2_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tensors, _ = gguf_tensors(path)
+    return digest(tensors)
 
 
 if __name__ == "__main__":
