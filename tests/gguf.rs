@@ -421,7 +421,14 @@ fn loader_errors_name_the_field_or_tensor() {
             Box::new(set("bitnet.block_count", Value::U32(0))),
             "bitnet.block_count",
         ),
-        (Box::new(set("bitnet.block_count", Value::U32(3))), "blk.2."),
+        (
+            Box::new(set("bitnet.block_count", Value::U32(3))),
+            "hold at most 2 layers",
+        ),
+        (
+            Box::new(set("bitnet.block_count", Value::U32(u32::MAX))),
+            "bitnet.block_count",
+        ),
         (
             Box::new(set("bitnet.feed_forward_length", Value::U32(256))),
             "blk.0.ffn_sub_norm.weight",

@@ -44,8 +44,9 @@ use std::path::Path;
 /// The architecture name.
 pub const ARCH: &str = "bitnet";
 
-/// The longest `context_length` a file may state (rotary tables are sized by it).
-pub const MAX_CONTEXT: usize = 1 << 20;
+/// The longest `context_length` a file may state (rotary tables are sized by it): 256 Ki
+/// positions, twice the longest context of today's llama.cpp models.
+pub const MAX_CONTEXT: usize = 1 << 18;
 
 /// llama.cpp's names of the projections, in transformers' order (`config::PROJECTIONS`).
 const GGUF_PROJECTIONS: [&str; 7] = [
@@ -175,12 +176,23 @@ impl GgufModel {
                 k("context_length")
             )));
         }
+        // Each layer has 11 tensors: a count the file cannot hold is an error before anything
+        // is sized by it.
+        let layers = count(&file, &k("block_count"))?;
+        if layers > file.tensors().len() / 11 {
+            return Err(file.err(format!(
+                "`{}` is {layers}, but the file's {} tensors hold at most {} layers of 11",
+                k("block_count"),
+                file.tensors().len(),
+                file.tensors().len() / 11
+            )));
+        }
         let tok_id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let config = serde_json::json!({
             "vocab_size": vocab,
             "hidden_size": hidden,
             "intermediate_size": count(&file, &k("feed_forward_length"))?,
-            "num_hidden_layers": count(&file, &k("block_count"))?,
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv,
             "head_dim": head_dim,

@@ -33,16 +33,27 @@ fn q6k_block(b: &[u8], y: &mut Vec<f32>) {
     y.extend_from_slice(&out);
 }
 
-/// The values of a tensor of `dtype` with `shape` (candle order) from its bytes (whose size the
-/// reader checked), row-major.
+/// The values of a tensor of `dtype` with `shape` (candle order) from its bytes, row-major; a
+/// size that does not match the shape is an error.
 pub fn dequantize(
     name: &str,
     dtype: GgmlType,
     shape: &[usize],
     bytes: &[u8],
 ) -> std::result::Result<Vec<f32>, String> {
-    let n: usize = shape.iter().product();
-    let mut y = Vec::with_capacity(n);
+    let n = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    let row = shape.last().copied().unwrap_or(0) as u64;
+    let want = dtype.tensor_bytes(row, n);
+    if want != Some(bytes.len() as u64) {
+        return Err(format!(
+            "tensor `{name}`: {} bytes of {dtype} for {shape:?}, expected {want:?}",
+            bytes.len()
+        ));
+    }
+    let mut y = Vec::with_capacity(n as usize);
     match dtype {
         GgmlType::F32 => y.extend(
             bytes

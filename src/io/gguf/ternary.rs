@@ -99,6 +99,15 @@ pub fn to_packed(
     inp: usize,
     bytes: &[u8],
 ) -> std::result::Result<PackedTernary, String> {
+    let elements = (out as u64).checked_mul(inp as u64);
+    let want = elements.and_then(|n| dtype.tensor_bytes(inp as u64, n));
+    if !dtype.is_ternary() || out == 0 || want != Some(bytes.len() as u64) {
+        return Err(format!(
+            "tensor `{name}`: {} bytes of {dtype} for [{out}, {inp}], expected {want:?} (rows of whole {}-weight blocks)",
+            bytes.len(),
+            dtype.block_size()
+        ));
+    }
     let row_bytes = inp / 4;
     let mut data = vec![0u8; out * row_bytes];
     let mut scales: Vec<f32>;
@@ -256,6 +265,27 @@ mod tests {
             let back: Vec<u8> = (0..5).map(|n| trit(b, n)).collect();
             assert_eq!(back, t, "value {v}");
         }
+    }
+
+    #[test]
+    fn sizes_that_do_not_fit_the_shape_are_errors() {
+        let cases: [(GgmlType, usize, usize, usize); 5] = [
+            (GgmlType::TQ2_0, 2, 256, 10),
+            (GgmlType::TQ2_0, 2, 100, 66),
+            (GgmlType::TQ1_0, 1, 256, 66),
+            (GgmlType::I2S, 1, 128, 32),
+            (GgmlType::F16, 1, 256, 512),
+        ];
+        for (t, out, inp, len) in cases {
+            let err = to_packed("w", t, out, inp, &vec![0x55; len]).unwrap_err();
+            assert!(
+                err.contains("tensor `w`"),
+                "{t} [{out}, {inp}] {len}: {err}"
+            );
+        }
+        // The right sizes: zero codes (0x55 is four of them in our and TQ2_0's layout).
+        assert!(to_packed("w", GgmlType::TQ2_0, 2, 256, &[0x55; 132]).is_ok());
+        assert!(to_packed("w", GgmlType::I2S, 1, 128, &[0x55; 64]).is_ok());
     }
 
     #[test]
