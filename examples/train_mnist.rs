@@ -51,27 +51,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod common;
-
-/// Which quantizer every layer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Mode {
-    /// No quantization (the same layers, full precision).
-    Fp,
-    /// BitNet b1.58: absmean ternary weights, int8 activations.
-    Ternary,
-    /// BitNet b1: binary weights, int8 activations.
-    Binary,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Fp => "fp",
-            Mode::Ternary => "ternary",
-            Mode::Binary => "binary",
-        }
-    }
-}
+use common::Mode;
 
 /// How lambda in the progressive blend `x + lambda (q(x) - x)` rises to 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -12,26 +12,14 @@
 //! plot next to it (`runs/char_lm.png`): validation bits per character against steps, one curve
 //! per mode, the latest run of each. It ends with a generated sample and one JSON line.
 //!
-//! Options:
-//! * `--mode fp|ternary|binary`, `--steps N` (default 300), `--batch N` (16), `--lr X` (2e-3, with
-//!   a 20-step warmup and cosine decay to a tenth), `--seed N`, `--data FILE` (default: the copy in
-//!   `data/shakespeare`), `--config small|tiny`;
-//! * `--eval-every N` (50) validation steps over `--eval-batches N` (8) fixed batches of the
-//!   validation text (the last 10 % of the corpus, later plays than any trained on);
-//! * `--save DIR`: a checkpoint at every validation; `--resume DIR` continues one (weights,
-//!   optimizer state, step, data order), saving back into it; `--stop-after N` ends the run after
-//!   step N (with a validation and a checkpoint) for time-boxed jobs that resume later;
-//! * `--distill`: Hinton KD from a full-precision teacher, `--teacher DIR` (a `--mode fp --save DIR`
-//!   run; without it an fp teacher is trained first), `--kd-temperature T` (2), `--kd-alpha A` (0.5);
-//! * `--schedule constant|lambda-warmup`: the progressive blend, lambda 0 -> 1 over
-//!   `--warmup-steps N` (default: a third of the steps);
-//! * `--sample N`: bytes of text to generate at the end (300; 0 for none);
-//! * `--export DIR`: at the end, the model as Hugging Face `BitNetForCausalLM` checkpoints that
-//!   transformers loads: `DIR/online` (latent weights) and, quantized, `DIR/offline` (packed);
-//! * `--shards N`: each batch's sequences split into N blocks that run forward and backward side
-//!   by side (`bitnet_training::data_parallel`); default one per rayon thread. With more than one,
-//!   candle's elementwise ops run on each shard's own thread (`elementwise_on_caller`), which is
-//!   what makes the shards pay: 1.5x the tokens/s of one shard on 2 cores.
+//! `--help` lists every option with its default. `--save DIR` checkpoints at every validation and
+//! `--resume DIR` continues one (weights, optimizer state, step, data order); `--stop-after N`
+//! ends a time-boxed run that resumes later. `--export DIR` writes the model as Hugging Face
+//! `BitNetForCausalLM` checkpoints that transformers loads: `DIR/online` (latent weights) and
+//! `DIR/offline` (packed). `--shards N` splits each batch's sequences into N blocks that run
+//! forward and backward side by side (`bitnet_training::data_parallel`); with more than one,
+//! candle's elementwise ops run on each shard's own thread (`elementwise_on_caller`), which is
+//! what makes the shards pay: 1.5x the tokens/s of one shard on 2 cores.
 
 mod plot;
 
@@ -53,161 +41,142 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const USAGE: &str = "usage: char_lm [--mode fp|ternary|binary] [--steps N] [--batch N] [--lr X] \
-[--seed N] [--data FILE] [--config small|tiny] [--eval-every N] [--eval-batches N] [--log FILE] \
-[--save DIR] [--resume DIR] [--distill] [--teacher DIR] [--kd-temperature T] [--kd-alpha A] \
-[--schedule constant|lambda-warmup] [--warmup-steps N] [--sample N] [--stop-after N] \
-[--export DIR]";
+#[path = "../common/mod.rs"]
+mod common;
+use common::Mode;
 
-#[derive(Clone)]
+/// How lambda in the progressive blend `x + lambda (q(x) - x)` rises to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Schedule {
+    /// lambda = 1 from the first step.
+    Constant,
+    /// lambda from 0 to 1 over --warmup-steps.
+    LambdaWarmup,
+}
+
+/// Model sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Size {
+    /// 3 layers of width 192 (1.43 M parameters).
+    Small,
+    /// A test-sized model.
+    Tiny,
+}
+
+/// Train a BitNet b1.58 byte-level language model (Hugging Face's BitNetForCausalLM) on Shakespeare.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(long_about = None)]
 struct Args {
-    mode: String,
+    /// Quantizer of every projection.
+    #[arg(long, value_enum, default_value_t = Mode::Ternary)]
+    mode: Mode,
+    /// Training steps.
+    #[arg(long, default_value_t = 300, value_parser = common::positive_usize)]
     steps: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16, value_parser = common::positive_usize)]
     batch: usize,
+    /// Peak learning rate (20-step warmup, cosine decay to a tenth).
+    #[arg(long, default_value_t = 2e-3, value_parser = common::positive_f64)]
     lr: f64,
+    /// Seed of the initial weights, the data order and the sample.
+    #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// The text (gzip'd or not); the last 10 % is the validation text.
+    #[arg(long, default_value_os_t = common::repo_data("shakespeare/shakespeare.txt.gz"))]
     data: PathBuf,
-    config: CharLmConfig,
+    /// Model size.
+    #[arg(long = "config", value_enum, default_value_t = Size::Small)]
+    size: Size,
+    /// Validate every N steps.
+    #[arg(long, default_value_t = 50, value_parser = common::positive_usize)]
     eval_every: usize,
+    /// Fixed validation batches per validation.
+    #[arg(long, default_value_t = 8, value_parser = common::positive_usize)]
     eval_batches: usize,
+    /// JSON-lines log every run appends to; the plot is drawn next to it (.png).
+    #[arg(long, default_value = "runs/char_lm.jsonl")]
     log: PathBuf,
+    /// Save a checkpoint here at every validation.
+    #[arg(long)]
     save: Option<PathBuf>,
+    /// Continue the checkpoint in DIR (weights, optimizer, step, data order), saving back into it.
+    #[arg(long)]
     resume: Option<PathBuf>,
+    /// Hinton knowledge distillation from a full-precision teacher (trained first, or --teacher).
+    #[arg(long)]
     distill: bool,
+    /// Load the teacher from a `--mode fp --save DIR` run instead of training it (needs --distill).
+    #[arg(long, requires = "distill")]
     teacher: Option<PathBuf>,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 2.0, value_parser = common::positive_f64)]
     kd_temperature: f64,
+    /// Weight of the soft (teacher) term in the distillation loss.
+    #[arg(long, default_value_t = 0.5, value_parser = common::unit_f64)]
     kd_alpha: f64,
-    schedule: String,
+    /// Progressive quantization schedule.
+    #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+    schedule: Schedule,
+    /// Steps of the lambda warmup [default: a third of --steps].
+    #[arg(long, value_parser = common::positive_usize)]
     warmup_steps: Option<usize>,
+    /// Bytes of text to generate at the end (0: none).
+    #[arg(long, default_value_t = 300)]
     sample: usize,
+    /// End the run after step N (with a validation and a checkpoint), to resume later.
+    #[arg(long, value_parser = common::positive_usize)]
     stop_after: Option<usize>,
-    shards: usize,
+    /// Blocks of each batch run forward and backward side by side [default: one per core].
+    #[arg(long, value_parser = common::positive_usize)]
+    shards: Option<usize>,
+    /// At the end, save the model as Hugging Face checkpoints: DIR/online and DIR/offline.
+    #[arg(long)]
     export: Option<PathBuf>,
 }
 
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        mode: "ternary".into(),
-        steps: 300,
-        batch: 16,
-        lr: 2e-3,
-        seed: 42,
-        data: PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/data/shakespeare/shakespeare.txt.gz"
-        )),
-        config: CharLmConfig::small(),
-        eval_every: 50,
-        eval_batches: 8,
-        log: PathBuf::from("runs/char_lm.jsonl"),
-        save: None,
-        resume: None,
-        distill: false,
-        teacher: None,
-        kd_temperature: 2.0,
-        kd_alpha: 0.5,
-        schedule: "constant".into(),
-        warmup_steps: None,
-        sample: 300,
-        stop_after: None,
-        shards: rayon::current_num_threads(),
-        export: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        let num = |v: String| v.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
-        let count = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
-        match flag.as_str() {
-            "--mode" => a.mode = val()?,
-            "--steps" => a.steps = count(val()?)?,
-            "--batch" => a.batch = count(val()?)?,
-            "--lr" => a.lr = num(val()?)?,
-            "--seed" => a.seed = val()?.parse().map_err(|e| format!("{flag}: {e}"))?,
-            "--data" => a.data = val()?.into(),
-            "--config" => {
-                a.config = match val()?.as_str() {
-                    "small" => CharLmConfig::small(),
-                    "tiny" => CharLmConfig::tiny(),
-                    other => return Err(format!("--config must be small or tiny, got {other}")),
-                }
-            }
-            "--eval-every" => a.eval_every = count(val()?)?,
-            "--eval-batches" => a.eval_batches = count(val()?)?,
-            "--log" => a.log = val()?.into(),
-            "--save" => a.save = Some(val()?.into()),
-            "--resume" => a.resume = Some(val()?.into()),
-            "--distill" => a.distill = true,
-            "--teacher" => a.teacher = Some(val()?.into()),
-            "--kd-temperature" => a.kd_temperature = num(val()?)?,
-            "--kd-alpha" => a.kd_alpha = num(val()?)?,
-            "--schedule" => a.schedule = val()?,
-            "--warmup-steps" => a.warmup_steps = Some(count(val()?)?),
-            "--sample" => a.sample = count(val()?)?,
-            "--stop-after" => a.stop_after = Some(count(val()?)?),
-            "--shards" => a.shards = count(val()?)?,
-            "--export" => a.export = Some(val()?.into()),
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown option {other}\n{USAGE}")),
-        }
-    }
-    if !["fp", "ternary", "binary"].contains(&a.mode.as_str()) {
-        return Err(format!(
-            "--mode must be fp, ternary or binary, got {}",
-            a.mode
-        ));
-    }
-    for (name, v) in [
-        ("--steps", a.steps),
-        ("--batch", a.batch),
-        ("--eval-every", a.eval_every),
-        ("--eval-batches", a.eval_batches),
-        ("--shards", a.shards),
-    ] {
-        if v == 0 {
-            return Err(format!("{name} must be at least 1"));
-        }
-    }
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        return Err(format!("--lr must be a finite number > 0, got {}", a.lr));
-    }
-    if !["constant", "lambda-warmup"].contains(&a.schedule.as_str()) {
-        return Err(format!(
-            "--schedule must be constant or lambda-warmup, got {}",
-            a.schedule
-        ));
-    }
-    if a.distill && a.mode == "fp" {
-        return Err("--distill trains a quantized student: use --mode ternary or binary".into());
-    }
-    if a.teacher.is_some() && !a.distill {
-        return Err("--teacher is only used with --distill".into());
-    }
-    Ok(a)
-}
-
 impl Args {
+    fn config(&self) -> CharLmConfig {
+        match self.size {
+            Size::Small => CharLmConfig::small(),
+            Size::Tiny => CharLmConfig::tiny(),
+        }
+    }
+
+    /// Shards per batch. The default reads the core count without starting rayon's pool, which
+    /// would make the process multi-threaded before `elementwise_on_caller` runs.
+    fn shards(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1)
+        })
+    }
+
     /// The curve's name in the log and the plot: the mode plus what was added to it.
     fn label(&self) -> String {
-        let mut l = self.mode.clone();
+        let mut l = self.mode.name().to_string();
         if self.distill {
             l += "+distill";
         }
-        if self.schedule == "lambda-warmup" {
+        if self.schedule == Schedule::LambdaWarmup {
             l += "+warmup";
         }
         l
     }
 
     fn qat_config(&self) -> QATConfig {
-        let mut cfg = match self.mode.as_str() {
-            "fp" => QATConfig::full_precision(),
-            "binary" => QATConfig::binary(),
+        let mut cfg = match self.mode {
+            Mode::Fp => QATConfig::full_precision(),
+            Mode::Binary => QATConfig::binary(),
             // transformers' ternary quantizer, so that the exported model computes in
             // transformers what it computed here.
-            _ => QATConfig::ternary_hf(),
+            Mode::Ternary => QATConfig::ternary_hf(),
         };
-        if self.schedule == "lambda-warmup" {
+        if self.schedule == Schedule::LambdaWarmup {
             let steps = self.warmup_steps.unwrap_or(self.steps / 3).max(1);
             cfg.lambda = LambdaSchedule::Linear { steps };
         }
@@ -242,7 +211,7 @@ fn windows(text: &[u8], starts: &[usize], seq: usize, dev: &Device) -> Result<(T
 
 /// Mean cross-entropy (nats per byte) over fixed, evenly spaced validation windows.
 fn validate(model: &CharLm, valid: &[u8], args: &Args, dev: &Device) -> Result<f64> {
-    let seq = args.config.seq_len;
+    let seq = args.config().seq_len;
     let n = args.eval_batches * args.batch;
     let span = valid.len() - seq - 1;
     let starts: Vec<usize> = (0..n).map(|i| i * span / n).collect();
@@ -271,7 +240,7 @@ fn train(
     teacher: Option<&CharLm>,
 ) -> Result<Outcome> {
     let dev = Device::Cpu;
-    let (seq, label) = (args.config.seq_len, args.label());
+    let (seq, label) = (args.config().seq_len, args.label());
     let mut opt = QatAdamW::new(
         checkpoint::sorted_vars(vm),
         ParamsQatAdamW {
@@ -316,7 +285,7 @@ fn train(
             .collect();
         let (x, y) = windows(&corpus.train, &starts, seq, &dev)?;
         // Each sequence's tokens are independent rows of the mean loss: shards split sequences.
-        let (l, grads) = sharded_backward(&[&x, &y], args.shards, |b| {
+        let (l, grads) = sharded_backward(&[&x, &y], args.shards(), |b| {
             let (x, y) = (&b[0], b[1].flatten_all()?);
             let logits = model.forward(x)?.reshape(((), VOCAB))?;
             match teacher {
@@ -347,7 +316,7 @@ fn train(
             if let Some(dir) = save_dir {
                 let state = TrainingState {
                     step: (step + 1) as u64,
-                    extra: serde_json::json!({ "mode": args.mode, "label": label, "run": run }),
+                    extra: serde_json::json!({ "mode": args.mode.name(), "label": label, "run": run }),
                     rng: Some(RngState::capture(&rng)),
                 };
                 checkpoint::save_with_optimizer(dir, vm, &opt, &state)?;
@@ -368,7 +337,7 @@ fn train(
 fn teacher(args: &Args, corpus: &Corpus) -> Result<CharLm> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let model = CharLm::new(args.config, QATConfig::full_precision(), vb)?;
+    let model = CharLm::new(args.config(), QATConfig::full_precision(), vb)?;
     match &args.teacher {
         Some(dir) => {
             let r = checkpoint::load(dir, &vm)?;
@@ -382,10 +351,10 @@ fn teacher(args: &Args, corpus: &Corpus) -> Result<CharLm> {
         }
         None => {
             let t_args = Args {
-                mode: "fp".into(),
+                mode: Mode::Fp,
                 distill: false,
                 teacher: None,
-                schedule: "constant".into(),
+                schedule: Schedule::Constant,
                 save: None,
                 resume: None,
                 ..args.clone()
@@ -461,19 +430,25 @@ fn curves(log: &Path) -> Result<Vec<plot::Series>> {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("{e}");
-        std::process::exit(2);
-    });
+    let args = <Args as clap::Parser>::parse();
+    if args.distill && args.mode == Mode::Fp {
+        use clap::CommandFactory;
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--distill trains a quantized student: use --mode ternary or binary",
+            )
+            .exit();
+    }
     bitnet::core::host_alloc::keep_freed_memory();
     // Shards keep every core busy on their own; candle's spinning elementwise pool would compete
     // with them (unsharded, that pool is what parallelises this model's large elementwise ops).
-    if args.shards > 1 {
+    if args.shards() > 1 {
         if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
             eprintln!("note: {e}");
         }
     }
-    let corpus = shakespeare::load(&args.data, 8 * args.config.seq_len)?;
+    let corpus = shakespeare::load(&args.data, 8 * args.config().seq_len)?;
     let dev = Device::Cpu;
     let teacher = match args.distill {
         true => Some(teacher(&args, &corpus)?),
@@ -481,7 +456,7 @@ fn main() -> Result<()> {
     };
     let vm = VarMap::new();
     let model = CharLm::new(
-        args.config,
+        args.config(),
         args.qat_config(),
         VarBuilder::from_varmap(&vm, DType::F32, &dev),
     )?;
@@ -489,7 +464,7 @@ fn main() -> Result<()> {
     println!(
         "{}: {} parameters, {} train / {} validation bytes",
         args.label(),
-        args.config.parameters(),
+        args.config().parameters(),
         corpus.train.len(),
         corpus.valid.len()
     );
@@ -506,11 +481,11 @@ fn main() -> Result<()> {
     .map_err(candle_core::Error::msg)?;
     let mut exported = Vec::new();
     if let Some(dir) = &args.export {
-        if args.mode == "binary" {
+        if args.mode == Mode::Binary {
             candle_core::bail!("--export: a binary model has no Hugging Face BitNet form");
         }
-        let forms: &[(SaveForm, &str)] = match args.mode.as_str() {
-            "fp" => &[(SaveForm::Online, "online")],
+        let forms: &[(SaveForm, &str)] = match args.mode {
+            Mode::Fp => &[(SaveForm::Online, "online")],
             _ => &[(SaveForm::Online, "online"), (SaveForm::Offline, "offline")],
         };
         for (form, name) in forms {
@@ -536,10 +511,10 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "mode": args.mode,
+            "mode": args.mode.name(),
             "label": args.label(),
             "steps": args.stop_after.map_or(args.steps, |n| n.min(args.steps)),
-            "parameters": args.config.parameters(),
+            "parameters": args.config().parameters(),
             "val_loss": round(out.val_loss),
             "val_bpc": round(out.val_loss / std::f64::consts::LN_2),
             "tokens_per_s": out.tokens_per_s.round(),

@@ -5,6 +5,28 @@
 
 use std::path::PathBuf;
 
+/// Which quantizer every layer of an example's model uses (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// No quantization (the same layers, full precision).
+    Fp,
+    /// BitNet b1.58: absmean ternary weights, int8 activations.
+    Ternary,
+    /// BitNet b1: binary weights `sign(W - mean W)`, int8 activations.
+    Binary,
+}
+
+impl Mode {
+    /// The name in logs and JSON lines, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fp => "fp",
+            Mode::Ternary => "ternary",
+            Mode::Binary => "binary",
+        }
+    }
+}
+
 /// A data set committed under `data/` in this repository (`rel` inside it). The examples default
 /// to these copies; the library itself takes every path from its caller.
 pub fn repo_data(rel: &str) -> PathBuf {

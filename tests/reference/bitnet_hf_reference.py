@@ -7,6 +7,7 @@ tokenizers, numpy.
     python3 tests/reference/bitnet_hf_reference.py make          # writes tests/reference/bitnet_hf/
     python3 tests/reference/bitnet_hf_reference.py check         # builds and runs our examples,
                                                                  # then reloads what they saved
+    python3 tests/reference/bitnet_hf_reference.py check-dir runs/lm-hf   # a `char_lm --export` model
 
 Two seeded models, each saved in both weight forms:
 * `untied/`: 2 layers, hidden 64, 4 heads over 2 key/value heads (grouped-query attention), untied
@@ -144,11 +145,11 @@ def load(folder):
 
 
 @torch.no_grad()
-def logits_and_greedy(folder, ids):
+def logits_and_greedy(folder, ids, new_tokens=GREEDY_TOKENS):
     model = load(folder)
     x = torch.tensor([ids])
     logits = model(x).logits[0].float()
-    out = model.generate(x, max_new_tokens=GREEDY_TOKENS, do_sample=False, use_cache=True,
+    out = model.generate(x, max_new_tokens=new_tokens, do_sample=False, use_cache=True,
                          pad_token_id=0, eos_token_id=None)
     return logits, out[0, len(ids):].tolist()
 
@@ -239,5 +240,46 @@ def check():
     print(f"check: every checkpoint we saved loads in transformers; worst rel diff {worst:.2e}")
 
 
+@torch.no_grad()
+def check_dir():
+    """`check-dir DIR [PROMPT]`: a byte-vocabulary checkpoint we exported (`char_lm --export DIR`
+    writes DIR/online and DIR/offline), loaded by transformers and by `bitnet_generate`: the
+    prompt's bytes are the token ids; last-position logits and 40 greedy bytes must agree.
+
+    Each form is compared with the runtime that does transformers' arithmetic for it: online
+    checkpoints run in floats (`--f32`: fake-quantized activations times ternarized weights),
+    offline ones in integers (packed). The two orders round differently, and a rounding
+    difference that moves one activation across an int8 rounding boundary changes the logits
+    by about 1e-3 relative; transformers' own online and offline forms of the same model differ
+    that way too, which this prints."""
+    root = Path(sys.argv[2])
+    prompt = sys.argv[3] if len(sys.argv) > 3 else "ROMEO.\nBut soft"
+    ids = list(prompt.encode())
+    forms = [f for f in ["online", "offline"] if (root / f / "config.json").exists()]
+    assert forms, f"{root}: no online/ or offline/ checkpoint"
+    last = {}
+    for form in forms:
+        runtime = ["--f32"] if form == "online" else []
+        ours = cargo_example("bitnet_generate", "--hf", root / form, "--token-ids",
+                             ",".join(map(str, ids)), "--max-new-tokens", 40, "--logits", 256,
+                             *runtime)
+        logits, greedy = logits_and_greedy(root / form, ids, 40)
+        theirs = last[form] = logits[-1]
+        rel = ((torch.tensor(ours["prompt_last_logits"]) - theirs).abs().max()
+               / theirs.abs().max()).item()
+        same = greedy == ours["new_tokens"]
+        text = bytes(ids + greedy).decode("utf-8", "replace")
+        print(f"{root.name} {form} ({'f32' if runtime else 'packed'} runtime): transformers "
+              f"loads it; last logits max rel diff {rel:.2e}; greedy 40 bytes equal: {same}; "
+              f"text {text!r}", flush=True)
+        assert rel < 1e-4, rel
+        assert same, (greedy, ours["new_tokens"])
+    if len(last) == 2:
+        a, b = last["online"], last["offline"]
+        print(f"transformers' own online vs offline forms: max rel diff "
+              f"{((a - b).abs().max() / a.abs().max()).item():.2e}")
+
+
 if __name__ == "__main__":
-    {"make": make, "check": check}[sys.argv[1] if len(sys.argv) > 1 else "make"]()
+    modes = {"make": make, "check": check, "check-dir": check_dir}
+    modes[sys.argv[1] if len(sys.argv) > 1 else "make"]()
