@@ -161,12 +161,17 @@ fn tokenizer_from_metadata_encodes_as_sentencepiece() {
     }
 }
 
-/// Our exports of the TQ2_0 fixture's model, type by type.
+/// Our exports of the TQ2_0 fixture's model, type by type (f16 embeddings).
 fn export_fixture(t: GgmlType) -> Vec<u8> {
+    export_fixture_with(t, GgmlType::F16)
+}
+
+fn export_fixture_with(t: GgmlType, embeddings: GgmlType) -> Vec<u8> {
     let g = GgufModel::open(fixture("gguf/tiny-tq2_0.gguf")).unwrap();
     let model = g.load_model(Runtime::Packed).unwrap();
     let opts = ExportOptions {
         ternary: t,
+        embeddings,
         name: "tiny".into(),
         extra_metadata: tokenizer_metadata(g.file()),
         ..Default::default()
@@ -231,6 +236,21 @@ fn gguf_py_dequantizes_our_exports_to_our_values() {
             let v = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             check_against_gguf_py(&format!("{t} {name}"), got.dims(), &v, want);
         }
+    }
+}
+
+#[test]
+fn gguf_py_reads_our_embedding_types() {
+    let record = gguf_py_record();
+    for e in [GgmlType::Q8_0, GgmlType::BF16, GgmlType::F32] {
+        let bytes = export_fixture_with(GgmlType::TQ2_0, e);
+        let file = GgufFile::parse(e.name(), bitnet::io::gguf::Bytes::Owned(bytes)).unwrap();
+        let (info, raw) = file.tensor_bytes("token_embd.weight").unwrap();
+        assert_eq!(info.dtype, e);
+        let v = bitnet::io::gguf::dequant::dequantize("token_embd.weight", e, &info.shape(), raw)
+            .unwrap();
+        let want = &record[format!("tq2_0+{}", e.name())]["token_embd.weight"];
+        check_against_gguf_py(e.name(), &info.shape(), &v, want);
     }
 }
 

@@ -322,6 +322,14 @@ def check():
                              "first": [float(x) for x in v.reshape(-1)[:8]]}
                          for k, v in sorted(tensors.items())}
             print(f"{t}: {len(tensors)} tensors dequantized by gguf-py")
+        # the other embedding types we write, with TQ2_0 projections
+        for e in ["q8_0", "bf16", "f32"]:
+            f = Path(tmp) / f"tq2_0-{e}.gguf"
+            subprocess.run([str(exe), "--gguf", str(OUT / "tiny-tq2_0.gguf"), "--to-gguf", str(f),
+                            "--type", "tq2_0", "--embed-type", e, "--name", "tiny"], check=True)
+            tensors, _ = gguf_tensors(f)
+            record[f"tq2_0+{e}"] = digest({"token_embd.weight": tensors["token_embd.weight"]})
+            print(f"tq2_0 with {e} embeddings: read back by gguf-py")
     record["dtypes"] = dtypes_file(exported / "dtypes.gguf")
     (exported / "gguf_py.json").write_text(json.dumps(record, indent=1) + "\n")
 
