@@ -33,10 +33,8 @@ use super::write::GgufWriter;
 use crate::error::ModelError;
 use crate::models::bitnet::config::PROJECTIONS;
 use crate::models::bitnet::model::{layer_norms, projection_shapes};
-use crate::models::bitnet::{
-    BitNetForCausalLM, Config, ProjectionWeight, Runtime, WeightForm, WeightSource,
-};
-use bitnet_quant::packed::{HfLinearClass, PackedTernary};
+use crate::models::bitnet::{BitNetForCausalLM, Config, ProjectionWeight, Runtime, WeightSource};
+use bitnet_quant::packed::PackedTernary;
 use bitnet_quant::Granularity;
 use candle_core::{Device, Result, Tensor};
 use std::path::Path;
@@ -256,8 +254,8 @@ impl GgufModel {
             .find(|t| !want.iter().any(|(n, _)| *n == t.name))
         {
             return Err(self.file.err(format!(
-                "unknown tensor `{}` (not part of a {ARCH} model{}: llama.cpp's optional per-projection `.scale` tensors are not supported)",
-                extra.name, ""
+                "unknown tensor `{}` (not part of a {ARCH} model; llama.cpp's optional per-projection `.scale` tensors are not supported)",
+                extra.name
             )));
         }
         Ok(())
@@ -528,6 +526,3 @@ pub fn tokenizer_metadata(file: &GgufFile) -> Vec<(String, Value)> {
         .cloned()
         .collect()
 }
-
-/// The weight form an HF checkpoint exported from a GGUF file takes (offline, multiplied scale).
-pub const HF_FORM: WeightForm = WeightForm::Offline(HfLinearClass::AutoBitLinear);
