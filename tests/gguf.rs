@@ -384,6 +384,57 @@ fn tq_scales_round_to_f16_and_i2_s_keeps_f32() {
 }
 
 #[test]
+fn untied_heads_go_out_as_output_weight_when_asked_and_load_back() {
+    // The fixture model, untied: its HF form with an lm_head of its own (half the embedding).
+    let dir = temp_dir("untied");
+    let src = GgufModel::open(fixture("gguf/tiny-tq2_0.gguf")).unwrap();
+    let hf_dir = dir.join("hf");
+    save(
+        &src.load_model(Runtime::Packed).unwrap(),
+        &hf_dir,
+        SaveForm::Offline,
+        DType::F32,
+        None,
+    )
+    .unwrap();
+    let st = hf_dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let head = (tensors["model.embed_tokens.weight"].clone() * 0.5).unwrap();
+    tensors.insert("lm_head.weight".into(), head);
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let cfg_path = hf_dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = false.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let hf = HfCheckpoint::open(&hf_dir)
+        .unwrap()
+        .load_model(Runtime::Packed)
+        .unwrap();
+    let err = export(&hf, &ExportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("untied lm_head"), "{err}");
+    let opts = ExportOptions {
+        embeddings: GgmlType::F32,
+        untied_head: true,
+        ..Default::default()
+    };
+    let path = dir.join("untied.gguf");
+    export(&hf, &opts).unwrap().write(&path).unwrap();
+    let g = GgufModel::open(&path).unwrap();
+    assert!(!g.config().tie_word_embeddings);
+    assert!(g.file().tensor_info("output.weight").is_some());
+    let input = ids(&expected()["input_ids"]);
+    let d = rel_diff(
+        &all_logits(&g.load_model(Runtime::Packed).unwrap(), &input),
+        &all_logits(&hf, &input),
+    );
+    assert_eq!(d, 0.0, "untied logits moved by {d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn exporter_refuses_untied_heads() {
     let hf = HfCheckpoint::open(fixture("bitnet_hf/untied/online"))
         .unwrap()
