@@ -7,14 +7,18 @@
 //!     --hf-repo microsoft/bitnet-b1.58-2B-4T --prompt "The capital of France is"
 //! # the same model with f32 weights and candle's GEMM, for comparison:
 //! cargo run --release --example bitnet_generate -- --hf path/to/checkpoint --prompt "Hello" --f32
+//! # a GGUF file of llama.cpp's `bitnet` architecture (TQ1_0, TQ2_0, I2_S), its tokenizer from
+//! # the file's metadata; the blocks are converted to our packed layout at load:
+//! cargo run --release --example bitnet_generate -- --gguf model-tq2_0.gguf --prompt "Hello"
 //! ```
 //! The text is streamed as it is generated; the last line is one JSON object:
-//! `{"new_tokens": [...], "prompt_last_logits": [first K logits at the prompt's last position],
+//! `{"prompt_tokens": [...], "new_tokens": [...], "prompt_last_logits": [first K logits at the prompt's last position],
 //! "prompt_tokens_per_s": .., "tokens_per_s": .., "threads": .., "weights_bytes": ..,
 //! "peak_rss_bytes": ..}`. Every flag with its default: `--help`.
 
+use bitnet::io::gguf::{GgufModel, SpmTokenizer};
 use bitnet::io::hf::HfCheckpoint;
-use bitnet::models::bitnet::{generate, GenerateConfig, Runtime};
+use bitnet::models::bitnet::{generate, BitNetForCausalLM, GenerateConfig, Runtime};
 use candle_core::Result;
 use clap::Parser;
 use std::io::Write;
@@ -26,8 +30,15 @@ mod common;
 #[command(about = "Generate text with a Hugging Face BitNet b1.58 model on packed 2-bit kernels")]
 struct Args {
     /// A checkpoint directory (config.json, model.safetensors or shards, tokenizer.json).
-    #[arg(long, required_unless_present = "hf_repo", conflicts_with = "hf_repo")]
+    #[arg(long, required_unless_present_any = ["hf_repo", "gguf"], conflicts_with_all = ["hf_repo", "gguf"])]
     hf: Option<PathBuf>,
+    /// A GGUF file of llama.cpp's `bitnet` architecture (tokenizer from its metadata).
+    #[arg(long, conflicts_with = "hf_repo")]
+    gguf: Option<PathBuf>,
+    /// With --gguf: the feed-forward activation, `relu2` (transformers' BitNetForCausalLM, the
+    /// default) or `silu` (what llama.cpp's `bitnet` graph computes; the file does not say).
+    #[arg(long, requires = "gguf", default_value = "relu2")]
+    hidden_act: String,
     /// A Hugging Face Hub repository, fetched into the local Hub cache (needs `--features hub`).
     #[arg(long)]
     hf_repo: Option<String>,
@@ -91,17 +102,46 @@ fn hub(repo: &str) -> Result<PathBuf> {
     candle_core::bail!("--hf-repo {repo}: this build has no Hub client; rebuild with `--features hub`, or download the repository and pass --hf DIR")
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if let Some(n) = args.threads {
-        // Before any thread starts: candle's GEMM reads the variable, our kernels use rayon.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(candle_core::Error::wrap)?;
+/// The prompt's tokenizer: a checkpoint's tokenizer.json, or a GGUF file's sentencepiece.
+enum Tok {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(Box<SpmTokenizer>),
+}
+
+impl Tok {
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tok::Hf(t) => t.decode(ids, true).map_err(candle_core::Error::msg),
+            Tok::Spm(t) => Ok(t.decode(ids, false)),
+        }
     }
-    let dir = checkpoint_dir(&args)?;
+}
+
+/// The model, its tokenizer, and the prompt's ids from `--prompt` or `--token-ids`.
+fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>, Vec<u32>)> {
+    if let Some(path) = &args.gguf {
+        let g = GgufModel::open(path)?.with_hidden_act(&args.hidden_act)?;
+        let tok = g.tokenizer()?;
+        let prompt = match (&args.prompt, &args.token_ids, &tok) {
+            (_, Some(ids), _) => ids.clone(),
+            (Some(text), None, Some(t)) => {
+                let mut ids: Vec<u32> = t.bos.filter(|_| t.add_bos).into_iter().collect();
+                ids.extend(t.encode(text));
+                ids
+            }
+            (Some(_), None, None) => candle_core::bail!(
+                "--prompt: {} has no tokenizer metadata; give --token-ids",
+                path.display()
+            ),
+            (None, None, _) => candle_core::bail!("give --prompt TEXT or --token-ids 1,2,3"),
+        };
+        return Ok((
+            g.load_model(runtime)?,
+            tok.map(|t| Tok::Spm(Box::new(t))),
+            prompt,
+        ));
+    }
+    let dir = checkpoint_dir(args)?;
     let ckpt = HfCheckpoint::open(&dir)?;
     let tokenizer = match ckpt.tokenizer_path() {
         Some(p) => Some(tokenizers::Tokenizer::from_file(p).map_err(candle_core::Error::msg)?),
@@ -131,12 +171,29 @@ fn main() -> Result<()> {
         }
         (None, None) => candle_core::bail!("give --prompt TEXT or --token-ids 1,2,3"),
     };
+    Ok((
+        ckpt.load_model(runtime)?,
+        tokenizer.map(|t| Tok::Hf(Box::new(t))),
+        prompt,
+    ))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(n) = args.threads {
+        // Before any thread starts: candle's GEMM reads the variable, our kernels use rayon.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(candle_core::Error::wrap)?;
+    }
     let runtime = if args.f32 {
         Runtime::Dense
     } else {
         Runtime::Packed
     };
-    let model = ckpt.load_model(runtime)?;
+    let (model, tokenizer, prompt) = load(&args, runtime)?;
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -154,7 +211,7 @@ fn main() -> Result<()> {
             Some(tok) => {
                 // Decode the whole continuation and print what is new: a token may complete a
                 // multi-byte character only together with the next one.
-                let text = tok.decode(&so_far, true).map_err(candle_core::Error::msg)?;
+                let text = tok.decode(&so_far)?;
                 if text.len() > printed
                     && text.is_char_boundary(printed)
                     && !text.ends_with('\u{fffd}')
@@ -175,6 +232,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
+            "prompt_tokens": prompt,
             "new_tokens": out.tokens,
             "prompt_last_logits": logits,
             "prompt_tokens_per_s": prompt.len() as f64 / out.prefill_secs.max(1e-9),

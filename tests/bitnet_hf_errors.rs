@@ -193,7 +193,7 @@ fn bad_checkpoints_are_errors_naming_the_tensor_or_field() {
             "untied/online",
             Box::new(|d| {
                 edit_config(d, |v| {
-                    v["hidden_act"] = "silu".into();
+                    v["hidden_act"] = "gelu".into();
                 })
             }),
             vec!["hidden_act", "relu2"],

@@ -40,7 +40,8 @@ pub struct Config {
     /// Epsilon of every RMSNorm (transformers' default 1e-5).
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    /// The feed-forward activation; BitNet's is `relu2` (ReLU squared), the only one supported.
+    /// The feed-forward activation: BitNet b1.58's `relu2` (ReLU squared), or `silu` (the older
+    /// 1bitLLM BitNet models, and what llama.cpp's `bitnet` graph applies).
     #[serde(default = "default_act")]
     pub hidden_act: String,
     /// Longest sequence the rotary tables cover.
@@ -296,10 +297,10 @@ impl Config {
                 ),
             );
         }
-        if self.hidden_act != "relu2" {
+        if self.hidden_act != "relu2" && self.hidden_act != "silu" {
             return bad(
                 "hidden_act",
-                format!("is {:?}, allowed: \"relu2\"", self.hidden_act),
+                format!("is {:?}, allowed: \"relu2\" or \"silu\"", self.hidden_act),
             );
         }
         if self.attention_bias {

@@ -2,7 +2,7 @@
 
 use super::attention::{Attention, RotaryEmbedding};
 use super::linear::Projection;
-use super::mlp::Mlp;
+use super::mlp::{FfnAct, Mlp};
 use super::weights::WeightSource;
 use super::{Config, WeightForm};
 use bitnet_quant::RmsNorm;
@@ -86,6 +86,7 @@ impl DecoderLayer {
                 up_proj: f(p[5])?,
                 down_proj: f(p[6])?,
                 ffn_sub_norm: self.mlp.ffn_sub_norm.clone(),
+                act: self.mlp.act,
             },
             input_layernorm: self.input_layernorm.clone(),
             post_attention_layernorm: self.post_attention_layernorm.clone(),
@@ -228,6 +229,7 @@ impl BitNetForCausalLM {
                         up_proj: p(5)?,
                         down_proj: p(6)?,
                         ffn_sub_norm: norm(3)?,
+                        act: FfnAct::of(cfg),
                     },
                     input_layernorm: norm(0)?,
                     post_attention_layernorm: norm(1)?,
@@ -302,6 +304,7 @@ impl BitNetForCausalLM {
                     up_proj: next(),
                     down_proj: next(),
                     ffn_sub_norm: ffn_sub,
+                    act: FfnAct::of(cfg),
                 },
                 input_layernorm,
                 post_attention_layernorm,
