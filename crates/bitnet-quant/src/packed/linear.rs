@@ -329,12 +329,43 @@ impl PackedBitLinear {
         (m, sums)
     }
 
-    /// Output row `r` for all tokens into `out[t]`.
+    /// The product for 1-bit weights, `[tokens, out]`: rows outer, tokens inner, so that each
+    /// weight row is read from memory once per call and its codes are reused for every token
+    /// while they sit in L1.
+    fn binary_matmul(&self, xq: &[i8], m: &[f32], sums: &[i32], tokens: usize) -> Vec<f32> {
+        let (_, out) = self.dims();
+        let xrow = self.weight.segments_per_row() * self.weight.segment_padded();
+        let mut yt = vec![0f32; out * tokens];
+        if tokens * out * xrow >= PAR_MIN_MACS {
+            yt.par_chunks_mut(ROWS_PER_TASK * tokens)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    for (k, o) in chunk.chunks_exact_mut(tokens).enumerate() {
+                        self.row(c * ROWS_PER_TASK + k, xq, m, sums, o);
+                    }
+                });
+        } else {
+            for (r, o) in yt.chunks_exact_mut(tokens).enumerate() {
+                self.row(r, xq, m, sums, o);
+            }
+        }
+        if tokens == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; out * tokens];
+        for (r, col) in yt.chunks_exact(tokens).enumerate() {
+            for (t, v) in col.iter().enumerate() {
+                y[t * out + r] = *v;
+            }
+        }
+        y
+    }
+
+    /// Output row `r` of 1-bit weights for all tokens into `out[t]`.
     fn row(&self, r: usize, xq: &[i8], m: &[f32], sums: &[i32], out: &mut [f32]) {
         let w = &self.weight;
         let (segp, nseg, rb) = (w.segment_padded(), w.segments_per_row(), w.row_bytes());
         let seg_bytes = segp * w.bits() as usize / 8;
-        let binary = w.bits() == 1;
         let row = &w.data()[r * rb..(r + 1) * rb];
         let xrow = nseg * segp;
         let bias = self.bias.as_ref().map_or(0.0, |b| b[r]);
@@ -348,10 +379,7 @@ impl PackedBitLinear {
                 let xs: [&[i8]; 4] = std::array::from_fn(|u| {
                     &xq[(t + u) * xrow + s * segp..(t + u) * xrow + (s + 1) * segp]
                 });
-                let d = match binary {
-                    true => self.kernel.dot4_binary(wseg, xs),
-                    false => self.kernel.dot4(wseg, xs),
-                };
+                let d = self.kernel.dot4_binary(wseg, xs);
                 let scale = w.scale(r, s);
                 for (u, (a, d)) in acc.iter_mut().zip(d).enumerate() {
                     *a += (d - sums[(t + u) * nseg + s]) as f32 * scale;
@@ -367,10 +395,7 @@ impl PackedBitLinear {
             for s in 0..nseg {
                 let wseg = &row[s * seg_bytes..(s + 1) * seg_bytes];
                 let x = &xq[t * xrow + s * segp..t * xrow + (s + 1) * segp];
-                let d = match binary {
-                    true => self.kernel.dot_binary(wseg, x),
-                    false => self.kernel.dot(wseg, x),
-                };
+                let d = self.kernel.dot_binary(wseg, x);
                 acc += (d - sums[t * nseg + s]) as f32 * w.scale(r, s);
             }
             out[t] = finish(t, acc);
@@ -460,33 +485,23 @@ impl Module for PackedBitLinear {
             }
         }
         let xq: &[i8] = xq;
-        // Rows outer, tokens inner: each weight row is read from memory once per call and its
-        // codes are reused for every token while they sit in L1.
-        let mut yt = vec![0f32; out * tokens];
         let macs = tokens * out * xrow;
-        if macs >= PAR_MIN_MACS {
-            yt.par_chunks_mut(ROWS_PER_TASK * tokens)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    for (k, o) in chunk.chunks_exact_mut(tokens).enumerate() {
-                        self.row(c * ROWS_PER_TASK + k, xq, &m, &sums, o);
-                    }
-                });
+        let y = if w.bits() == 2 {
+            let input = super::matmul::Input {
+                q: xq,
+                m: &m,
+                sums: &sums,
+                tokens,
+            };
+            super::matmul::matmul(
+                w,
+                self.kernel,
+                self.bias.as_deref(),
+                &input,
+                macs >= PAR_MIN_MACS,
+            )
         } else {
-            for (r, o) in yt.chunks_exact_mut(tokens).enumerate() {
-                self.row(r, xq, &m, &sums, o);
-            }
-        }
-        let y = if tokens == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; out * tokens];
-            for (r, col) in yt.chunks_exact(tokens).enumerate() {
-                for (t, v) in col.iter().enumerate() {
-                    y[t * out + r] = *v;
-                }
-            }
-            y
+            self.binary_matmul(xq, &m, &sums, tokens)
         };
         Tensor::from_vec(y, out_dims, &Device::Cpu)?
             .to_dtype(dtype)?

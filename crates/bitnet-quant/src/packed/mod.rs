@@ -22,6 +22,7 @@ pub mod io;
 pub mod kernels;
 pub mod layout;
 pub mod linear;
+mod matmul;
 pub mod mixed;
 pub mod multibit;
 
