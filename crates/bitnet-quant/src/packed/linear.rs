@@ -1,5 +1,6 @@
 //! [`PackedBitLinear`]: the inference form of a trained [`BitLinear`].
 
+use super::act_quant;
 use super::kernels::Kernel;
 use super::layout::PackedTernary;
 use crate::error::{invalid, QuantError};
@@ -8,7 +9,7 @@ use crate::rms_norm::RmsNorm;
 use crate::scheme::{Granularity, Scheme};
 use crate::BitLinear;
 use bitnet_core::{current_pool, Category};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Below this many multiply-adds (`tokens * out * padded in`) the forward stays on the calling
@@ -291,28 +292,25 @@ impl PackedBitLinear {
             w.segments_per_row(),
         );
         let kind = Kind::of(&Scheme::Int8PerToken);
+        let kernel = self.kernel;
         let mut m = vec![0f32; tokens];
         let mut sums = vec![0i32; tokens * nseg];
         // One token: (its input, its int8 codes) and (its dequant factor, its per-segment sums).
         type Token<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut [i32]));
         let work = |((x, q), (mt, st)): Token| {
-            let max_abs = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // The same formulas as the Int8PerToken quantizer, so the levels are identical.
-            let (s, aux) = kind.params(0.0, max_abs, 0.0);
+            // The same formulas as the Int8PerToken quantizer (`Kind::params`, `Kind::level`),
+            // so the levels are identical.
+            let (_, aux) = kind.params(0.0, act_quant::max_abs(kernel, x), 0.0);
             *mt = aux / 127.0;
+            // `Kind::level`'s `qmax / aux` for Int8PerToken (qmax 127).
+            let inv = 127.0 / aux;
             for (k, (xseg, qseg)) in x
                 .chunks_exact(seg)
                 .zip(q.chunks_exact_mut(segp))
                 .enumerate()
             {
-                let mut sum = 0i32;
-                for (v, d) in xseg.iter().zip(qseg.iter_mut()) {
-                    let l = kind.level(*v, s, aux);
-                    *d = l as i8;
-                    sum += l;
-                }
+                st[k] = act_quant::quantize(kernel, xseg, inv, &mut qseg[..seg]);
                 qseg[seg..].fill(0);
-                st[k] = sum;
             }
         };
         if crate::ops::parallel(tokens * inp) {
@@ -461,7 +459,13 @@ impl Module for PackedBitLinear {
             Some(n) => n.forward(&x)?,
             None => x,
         };
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        // Read in place: a copy of 512 tokens x 14336 inputs is 29 MB of fresh pages per call.
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let xs: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("{OP}: expected a contiguous f32 CPU tensor"),
+        };
         let tokens = xs.len() / inp;
         if tokens == 0 {
             return Tensor::zeros(out_dims, dtype, &device);
@@ -474,7 +478,7 @@ impl Module for PackedBitLinear {
         let xrow = w.segments_per_row() * w.segment_padded();
         let mut xq_buf = current_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
         let xq = xq_buf.as_mut_slice_of::<i8>();
-        let (mut m, sums) = self.quantize_input(&xs, tokens, xq);
+        let (mut m, sums) = self.quantize_input(xs, tokens, xq);
         if bad > 0 {
             // Unchecked: the result the CUDA kernels define, NaN for every output of a token
             // holding NaN or infinity, rather than whatever its zeroed levels would give.

@@ -16,6 +16,7 @@
 //!   [`load_packed_layers`] for mixed precision), a safetensors file with the layout and version
 //!   in its metadata, written atomically and checked thoroughly on load.
 
+mod act_quant;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod io;

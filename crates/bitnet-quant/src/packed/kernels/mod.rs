@@ -453,6 +453,7 @@ mod tests {
             check_tile::<4, 3>(blocks, seed);
             check_tile::<4, 4>(blocks, seed);
             check_tile::<3, 5>(blocks, seed);
+            check_tile::<8, 1>(blocks, seed);
         }
     }
 

@@ -6,9 +6,11 @@
 //! * AVX-512 VNNI, 512-bit: a block's 32 code bytes are broadcast to both halves of a register.
 //!   Masking with `0x03` in the low half and `0x0C` in the high half gives the codes of weights
 //!   `0..32` and four times the codes of weights `32..64`, in the order of 64 consecutive
-//!   activations; the same mask after a 4-bit shift gives weights `64..128`. Lanes 8..16 of an
-//!   accumulator therefore hold exactly four times their sum, which one shift undoes at the end:
-//!   two bitwise ops and a shift unpack 128 weights, where shifting every quarter costs seven.
+//!   activations; masking with `0x30` / `0xC0` gives 16 and 64 times the codes of weights
+//!   `64..128` (or, with more tokens, where registers are short, the first mask after a 4-bit
+//!   shift gives 1 and 4 times them). Each lane of an accumulator thus holds a known power of
+//!   two times its sum, which an exact arithmetic shift per lane undoes at the end: two bitwise
+//!   ops unpack 128 weights, where shifting every quarter costs seven.
 //! * AVX-VNNI, 256-bit (CPUs with VNNI but no AVX-512): the AVX2 unpacking (a shift and a mask
 //!   per quarter) and one `vpdpbusd` per quarter.
 //!
@@ -16,24 +18,29 @@
 //! once and used for all `T` tokens (the batched and prompt-processing paths), and each token's
 //! activations loaded once per block for all `R` rows.
 //!
-//! Overflow: one i32 lane gains at most `2 * 4 * 12 * 128` per block (two instructions of four
-//! products, code 3 times 4, activation -128), so the lanes are summed into the result every
-//! [`CHUNK_BLOCKS`] blocks.
+//! Overflow: one i32 lane gains at most `4 * 192 * 128` per block (four products, code 3 times
+//! 64, activation -128), so the lanes are reduced into the result every [`CHUNK_BLOCKS`]
+//! blocks, each lane shifted back to scale 1 before the lanes are added.
 
 use crate::packed::layout::BLOCK_BYTES;
 use std::arch::x86_64::*;
 
-/// Blocks accumulated in vector lanes before they are reduced: `8192 * 12288 < 2^27`, far inside
+/// Blocks accumulated in vector lanes before they are reduced: `4096 * 98304 < 2^29`, inside
 /// i32 (the reduced sum itself is bounded by `|sum| <= 3 * 128 * len`, as for every kernel).
-const CHUNK_BLOCKS: usize = 8192;
+const CHUNK_BLOCKS: usize = 4096;
 
-/// Sum of the 16 lanes with lanes 8..16 divided by four (they hold four times their products).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// A 512-bit vector of `lo` in its low 256 bits and `hi` in its high 256 bits.
+#[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn reduce_512(v: __m512i) -> i32 {
-    let lo = _mm512_castsi512_si256(v);
-    let hi = _mm512_extracti64x4_epi64::<1>(v);
-    hsum_256(lo) + (hsum_256(hi) >> 2)
+unsafe fn halves(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// Sum of the 16 lanes, each divided (exactly) by `2^shift[lane]` first.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce_512(v: __m512i, shift: __m512i) -> i32 {
+    _mm512_reduce_add_epi32(_mm512_srav_epi32(v, shift))
 }
 
 #[target_feature(enable = "avx2")]
@@ -55,12 +62,25 @@ pub(super) unsafe fn tile_avx512<const R: usize, const T: usize>(
     w: [&[u8]; R],
     x: [&[i8]; T],
 ) -> [[i32; T]; R] {
-    // Low half: codes of weights 0..32 (bits 0-1 of each byte); high half: 4 x the codes of
-    // weights 32..64 (bits 2-3, left in place).
-    let mask = _mm512_inserti64x4::<1>(
-        _mm512_castsi256_si512(_mm256_set1_epi8(0x03)),
-        _mm256_set1_epi8(0x0C),
-    );
+    // With one or two tokens, each of the block's two registers of codes goes to its own
+    // accumulator (`vpdpbusd` has a latency of several cycles, and R * T chains of two would
+    // leave it waiting), and the second needs no shift: masks 0x30 / 0xC0, scales 16 / 64.
+    // With more tokens, registers are short: both go to one accumulator, the second shifted
+    // down to scales 1 / 4 like the first.
+    let split = T <= 2;
+    let m01 = halves(_mm256_set1_epi8(0x03), _mm256_set1_epi8(0x0C));
+    let m23 = if split {
+        halves(_mm256_set1_epi8(0x30), _mm256_set1_epi8(0xC0u8 as i8))
+    } else {
+        m01
+    };
+    let s01 = halves(_mm256_set1_epi32(0), _mm256_set1_epi32(2));
+    let s23 = if split {
+        halves(_mm256_set1_epi32(4), _mm256_set1_epi32(6))
+    } else {
+        s01
+    };
+    let second = usize::from(split);
     let blocks = w[0].len() / BLOCK_BYTES;
     let wp = w.map(|w| w.as_ptr());
     let xp = x.map(|x| x.as_ptr());
@@ -68,10 +88,8 @@ pub(super) unsafe fn tile_avx512<const R: usize, const T: usize>(
     let mut start = 0;
     while start < blocks {
         let end = blocks.min(start + CHUNK_BLOCKS);
-        // With one or two tokens, the two halves of a block go to two accumulators: `vpdpbusd`
-        // has a latency of several cycles, and R * T chains of two would leave it waiting.
-        // With more tokens the second set is never written and the compiler drops it.
-        let split = usize::from(T <= 2);
+        // The second accumulator of each pair is only written when `split`; otherwise it stays
+        // zero and the compiler drops it.
         let mut acc = [[[_mm512_setzero_si512(); 2]; T]; R];
         for k in start..end {
             // SAFETY: block k spans w[r][32k..32k+32] and x[t][128k..128k+128], in bounds by
@@ -81,8 +99,12 @@ pub(super) unsafe fn tile_avx512<const R: usize, const T: usize>(
                 let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(
                     wp[r].add(k * BLOCK_BYTES) as *const __m256i
                 ));
-                c[r][0] = _mm512_and_si512(v, mask);
-                c[r][1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                c[r][0] = _mm512_and_si512(v, m01);
+                c[r][1] = if split {
+                    _mm512_and_si512(v, m23)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), m23)
+                };
             }
             for t in 0..T {
                 let x0 = _mm512_loadu_si512(xp[t].add(4 * k * BLOCK_BYTES) as *const _);
@@ -90,14 +112,17 @@ pub(super) unsafe fn tile_avx512<const R: usize, const T: usize>(
                 for r in 0..R {
                     let a = &mut acc[r][t];
                     a[0] = _mm512_dpbusd_epi32(a[0], c[r][0], x0);
-                    a[split] = _mm512_dpbusd_epi32(a[split], c[r][1], x1);
+                    a[second] = _mm512_dpbusd_epi32(a[second], c[r][1], x1);
                 }
             }
         }
         for r in 0..R {
             for t in 0..T {
                 let [a0, a1] = acc[r][t];
-                out[r][t] += reduce_512(_mm512_add_epi32(a0, a1));
+                out[r][t] += reduce_512(a0, s01);
+                if split {
+                    out[r][t] += reduce_512(a1, s23);
+                }
             }
         }
         start = end;
