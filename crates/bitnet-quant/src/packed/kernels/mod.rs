@@ -60,9 +60,11 @@ impl Kernel {
     ];
 
     /// The fastest kernel this CPU runs, unless `BITNET_PACKED_KERNEL` names another one that
-    /// it runs (an unknown or unavailable name is ignored, with a line on stderr).
+    /// it runs (an unknown or unavailable name is ignored, with a line on stderr). Decided once
+    /// per process: every layer built afterwards gets the same kernel.
     pub fn detect() -> Kernel {
-        Kernel::choose(std::env::var(KERNEL_ENV).ok().as_deref())
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| Kernel::choose(std::env::var(KERNEL_ENV).ok().as_deref()))
     }
 
     /// [`Self::detect`] with the override `name`.
