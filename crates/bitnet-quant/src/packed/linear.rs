@@ -1,5 +1,6 @@
 //! [`PackedBitLinear`]: the inference form of a trained [`BitLinear`].
 
+use super::act_quant;
 use super::kernels::Kernel;
 use super::layout::PackedTernary;
 use crate::error::{invalid, QuantError};
@@ -8,7 +9,7 @@ use crate::rms_norm::RmsNorm;
 use crate::scheme::{Granularity, Scheme};
 use crate::BitLinear;
 use bitnet_core::{current_pool, Category};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Below this many multiply-adds (`tokens * out * padded in`) the forward stays on the calling
@@ -291,28 +292,25 @@ impl PackedBitLinear {
             w.segments_per_row(),
         );
         let kind = Kind::of(&Scheme::Int8PerToken);
+        let kernel = self.kernel;
         let mut m = vec![0f32; tokens];
         let mut sums = vec![0i32; tokens * nseg];
         // One token: (its input, its int8 codes) and (its dequant factor, its per-segment sums).
         type Token<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut [i32]));
         let work = |((x, q), (mt, st)): Token| {
-            let max_abs = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // The same formulas as the Int8PerToken quantizer, so the levels are identical.
-            let (s, aux) = kind.params(0.0, max_abs, 0.0);
+            // The same formulas as the Int8PerToken quantizer (`Kind::params`, `Kind::level`),
+            // so the levels are identical.
+            let (_, aux) = kind.params(0.0, act_quant::max_abs(kernel, x), 0.0);
             *mt = aux / 127.0;
+            // `Kind::level`'s `qmax / aux` for Int8PerToken (qmax 127).
+            let inv = 127.0 / aux;
             for (k, (xseg, qseg)) in x
                 .chunks_exact(seg)
                 .zip(q.chunks_exact_mut(segp))
                 .enumerate()
             {
-                let mut sum = 0i32;
-                for (v, d) in xseg.iter().zip(qseg.iter_mut()) {
-                    let l = kind.level(*v, s, aux);
-                    *d = l as i8;
-                    sum += l;
-                }
+                st[k] = act_quant::quantize(kernel, xseg, inv, &mut qseg[..seg]);
                 qseg[seg..].fill(0);
-                st[k] = sum;
             }
         };
         if crate::ops::parallel(tokens * inp) {
@@ -329,12 +327,43 @@ impl PackedBitLinear {
         (m, sums)
     }
 
-    /// Output row `r` for all tokens into `out[t]`.
+    /// The product for 1-bit weights, `[tokens, out]`: rows outer, tokens inner, so that each
+    /// weight row is read from memory once per call and its codes are reused for every token
+    /// while they sit in L1.
+    fn binary_matmul(&self, xq: &[i8], m: &[f32], sums: &[i32], tokens: usize) -> Vec<f32> {
+        let (_, out) = self.dims();
+        let xrow = self.weight.segments_per_row() * self.weight.segment_padded();
+        let mut yt = vec![0f32; out * tokens];
+        if tokens * out * xrow >= PAR_MIN_MACS {
+            yt.par_chunks_mut(ROWS_PER_TASK * tokens)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    for (k, o) in chunk.chunks_exact_mut(tokens).enumerate() {
+                        self.row(c * ROWS_PER_TASK + k, xq, m, sums, o);
+                    }
+                });
+        } else {
+            for (r, o) in yt.chunks_exact_mut(tokens).enumerate() {
+                self.row(r, xq, m, sums, o);
+            }
+        }
+        if tokens == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; out * tokens];
+        for (r, col) in yt.chunks_exact(tokens).enumerate() {
+            for (t, v) in col.iter().enumerate() {
+                y[t * out + r] = *v;
+            }
+        }
+        y
+    }
+
+    /// Output row `r` of 1-bit weights for all tokens into `out[t]`.
     fn row(&self, r: usize, xq: &[i8], m: &[f32], sums: &[i32], out: &mut [f32]) {
         let w = &self.weight;
         let (segp, nseg, rb) = (w.segment_padded(), w.segments_per_row(), w.row_bytes());
         let seg_bytes = segp * w.bits() as usize / 8;
-        let binary = w.bits() == 1;
         let row = &w.data()[r * rb..(r + 1) * rb];
         let xrow = nseg * segp;
         let bias = self.bias.as_ref().map_or(0.0, |b| b[r]);
@@ -348,10 +377,7 @@ impl PackedBitLinear {
                 let xs: [&[i8]; 4] = std::array::from_fn(|u| {
                     &xq[(t + u) * xrow + s * segp..(t + u) * xrow + (s + 1) * segp]
                 });
-                let d = match binary {
-                    true => self.kernel.dot4_binary(wseg, xs),
-                    false => self.kernel.dot4(wseg, xs),
-                };
+                let d = self.kernel.dot4_binary(wseg, xs);
                 let scale = w.scale(r, s);
                 for (u, (a, d)) in acc.iter_mut().zip(d).enumerate() {
                     *a += (d - sums[(t + u) * nseg + s]) as f32 * scale;
@@ -367,10 +393,7 @@ impl PackedBitLinear {
             for s in 0..nseg {
                 let wseg = &row[s * seg_bytes..(s + 1) * seg_bytes];
                 let x = &xq[t * xrow + s * segp..t * xrow + (s + 1) * segp];
-                let d = match binary {
-                    true => self.kernel.dot_binary(wseg, x),
-                    false => self.kernel.dot(wseg, x),
-                };
+                let d = self.kernel.dot_binary(wseg, x);
                 acc += (d - sums[t * nseg + s]) as f32 * w.scale(r, s);
             }
             out[t] = finish(t, acc);
@@ -436,7 +459,13 @@ impl Module for PackedBitLinear {
             Some(n) => n.forward(&x)?,
             None => x,
         };
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        // Read in place: a copy of 512 tokens x 14336 inputs is 29 MB of fresh pages per call.
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let xs: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("{OP}: expected a contiguous f32 CPU tensor"),
+        };
         let tokens = xs.len() / inp;
         if tokens == 0 {
             return Tensor::zeros(out_dims, dtype, &device);
@@ -449,7 +478,7 @@ impl Module for PackedBitLinear {
         let xrow = w.segments_per_row() * w.segment_padded();
         let mut xq_buf = current_pool().allocate_slice::<i8>(tokens * xrow, Category::Scratch)?;
         let xq = xq_buf.as_mut_slice_of::<i8>();
-        let (mut m, sums) = self.quantize_input(&xs, tokens, xq);
+        let (mut m, sums) = self.quantize_input(xs, tokens, xq);
         if bad > 0 {
             // Unchecked: the result the CUDA kernels define, NaN for every output of a token
             // holding NaN or infinity, rather than whatever its zeroed levels would give.
@@ -460,33 +489,23 @@ impl Module for PackedBitLinear {
             }
         }
         let xq: &[i8] = xq;
-        // Rows outer, tokens inner: each weight row is read from memory once per call and its
-        // codes are reused for every token while they sit in L1.
-        let mut yt = vec![0f32; out * tokens];
         let macs = tokens * out * xrow;
-        if macs >= PAR_MIN_MACS {
-            yt.par_chunks_mut(ROWS_PER_TASK * tokens)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    for (k, o) in chunk.chunks_exact_mut(tokens).enumerate() {
-                        self.row(c * ROWS_PER_TASK + k, xq, &m, &sums, o);
-                    }
-                });
+        let y = if w.bits() == 2 {
+            let input = super::matmul::Input {
+                q: xq,
+                m: &m,
+                sums: &sums,
+                tokens,
+            };
+            super::matmul::matmul(
+                w,
+                self.kernel,
+                self.bias.as_deref(),
+                &input,
+                macs >= PAR_MIN_MACS,
+            )
         } else {
-            for (r, o) in yt.chunks_exact_mut(tokens).enumerate() {
-                self.row(r, xq, &m, &sums, o);
-            }
-        }
-        let y = if tokens == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; out * tokens];
-            for (r, col) in yt.chunks_exact(tokens).enumerate() {
-                for (t, v) in col.iter().enumerate() {
-                    y[t * out + r] = *v;
-                }
-            }
-            y
+            self.binary_matmul(xq, &m, &sums, tokens)
         };
         Tensor::from_vec(y, out_dims, &Device::Cpu)?
             .to_dtype(dtype)?

@@ -3,8 +3,12 @@
 //!
 //! * [`layout`]: [`PackedTernary`], our SIMD-friendly layout and the Hugging Face transformers
 //!   layout (`to_hf` / `from_hf`).
-//! * [`kernels`]: `sum(code * x)` over packed codes and int8 activations: scalar, AVX2 (x86-64,
-//!   chosen at run time), NEON (aarch64; 2-bit only, 1-bit runs the scalar kernel there).
+//! * [`kernels`]: `sum(code * x)` over packed codes and int8 activations: scalar, AVX2,
+//!   AVX-VNNI and AVX-512 VNNI (x86-64, chosen at run time), NEON (aarch64; 2-bit only, 1-bit
+//!   runs the scalar kernel there); single products and tiles of rows x tokens.
+//! * `matmul`: the blocked product of a [`PackedBitLinear`] from those tiles (register tiles,
+//!   token tiles sized for L2, threads over tokens or rows); `act_quant`: the int8
+//!   quantization of its input.
 //! * [`linear`]: [`PackedBitLinear`], built from a trained [`BitLinear`](crate::BitLinear); its
 //!   forward equals the training forward up to f32 rounding.
 //! * `cuda` (feature `cuda`): the same forward as CUDA kernels, for a layer moved to a GPU with
@@ -16,12 +20,14 @@
 //!   [`load_packed_layers`] for mixed precision), a safetensors file with the layout and version
 //!   in its metadata, written atomically and checked thoroughly on load.
 
+mod act_quant;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod io;
 pub mod kernels;
 pub mod layout;
 pub mod linear;
+mod matmul;
 pub mod mixed;
 pub mod multibit;
 

@@ -35,3 +35,8 @@ pub(super) fn dot_binary(w: &[u8], x: &[i8]) -> i32 {
     }
     acc
 }
+
+/// `out[r][t] = dot(w[r], x[t])`.
+pub(super) fn tile<const R: usize, const T: usize>(w: [&[u8]; R], x: [&[i8]; T]) -> [[i32; T]; R] {
+    w.map(|w| x.map(|x| dot(w, x)))
+}

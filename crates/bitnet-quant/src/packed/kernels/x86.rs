@@ -62,23 +62,6 @@ pub(super) unsafe fn dot_avx2(w: &[u8], x: &[i8]) -> i32 {
     hsum(acc)
 }
 
-/// # Safety
-/// As [`dot_avx2`], for each of the four `xs`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot4_avx2(w: &[u8], xs: [&[i8]; 4]) -> [i32; 4] {
-    let mut acc = [_mm256_setzero_si256(); 4];
-    for k in 0..w.len() / BLOCK_BYTES {
-        // SAFETY: as in `dot_avx2`, for every x.
-        let c = quarters(_mm256_loadu_si256(
-            w.as_ptr().add(k * BLOCK_BYTES) as *const __m256i
-        ));
-        for (a, x) in acc.iter_mut().zip(xs) {
-            *a = _mm256_add_epi32(*a, block(&c, x.as_ptr().add(4 * k * BLOCK_BYTES)));
-        }
-    }
-    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-}
-
 /// The codes (0 or 2) of the four quarters of a 1-bit block.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -120,4 +103,30 @@ pub(super) unsafe fn dot4_binary_avx2(w: &[u8], xs: [&[i8]; 4]) -> [i32; 4] {
         }
     }
     [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+}
+
+/// `out[r][t] = sum(code(w[r]) * x[t])`: each block's codes unpacked once for all `T` tokens.
+///
+/// # Safety
+/// AVX2 must be available; every `w[r]` the same length, a multiple of 32, and every `x[t]`
+/// four times that long.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn tile_avx2<const R: usize, const T: usize>(
+    w: [&[u8]; R],
+    x: [&[i8]; T],
+) -> [[i32; T]; R] {
+    let mut acc = [[_mm256_setzero_si256(); T]; R];
+    for k in 0..w[0].len() / BLOCK_BYTES {
+        for r in 0..R {
+            // SAFETY: as in `dot_avx2`, for every row and token.
+            let c = quarters(_mm256_loadu_si256(
+                w[r].as_ptr().add(k * BLOCK_BYTES) as *const __m256i
+            ));
+            for t in 0..T {
+                let b = block(&c, x[t].as_ptr().add(4 * k * BLOCK_BYTES));
+                acc[r][t] = _mm256_add_epi32(acc[r][t], b);
+            }
+        }
+    }
+    acc.map(|row| row.map(|a| hsum(a)))
 }
