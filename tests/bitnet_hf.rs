@@ -7,27 +7,21 @@
 //! max |theirs|); both sides compute in f32, so what is left is summation order.
 
 use bitnet::io::hf::{save, HfCheckpoint, SaveForm};
-use bitnet::models::bitnet::{
-    generate, BitNetForCausalLM, Cache, GenerateConfig, ProjectionWeight, Runtime,
-};
+use bitnet::models::bitnet::{BitNetForCausalLM, Cache, ProjectionWeight, Runtime};
 use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
-const TOLERANCE: f32 = 1e-4;
+mod bitnet_common;
+use bitnet_common::{all_logits, greedy, rel_diff, TOLERANCE};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference/bitnet_hf")
-        .join(rel)
+    bitnet_common::reference("bitnet_hf").join(rel)
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bitnet-hf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    bitnet_common::temp_dir(&format!("hf-{tag}"))
 }
 
 struct Expected {
@@ -52,33 +46,6 @@ fn expected(model: &str, form: &str) -> Expected {
         logits: t[&format!("logits_{form}")].clone(),
         greedy: ids(&format!("greedy_{form}")),
     }
-}
-
-fn all_logits(model: &BitNetForCausalLM, ids: &[u32]) -> Tensor {
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .forward_all(&x, 0, &mut Cache::new(false, model.config()))
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let m = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
-}
-
-fn greedy(model: &BitNetForCausalLM, ids: &[u32], n: usize) -> Vec<u32> {
-    let cfg = GenerateConfig {
-        max_new_tokens: n,
-        ..Default::default()
-    };
-    generate(model, ids, &cfg, |_| Ok(true)).unwrap().tokens
 }
 
 fn training_model(dir: &Path) -> BitNetForCausalLM {

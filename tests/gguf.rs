@@ -15,26 +15,16 @@
 use bitnet::io::gguf::{
     export, tokenizer_metadata, ExportOptions, GgmlType, GgufFile, GgufModel, Value,
 };
-use bitnet::io::hf::{save, HfCheckpoint, SaveForm};
-use bitnet::models::bitnet::{
-    generate, BitNetForCausalLM, Cache, GenerateConfig, ProjectionWeight, Runtime,
-};
+use bitnet::io::hf::{save, SaveForm};
+use bitnet::models::bitnet::{BitNetForCausalLM, ProjectionWeight, Runtime};
 use candle_core::{DType, Device, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-const TOLERANCE: f32 = 1e-4;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference")
-        .join(rel)
-}
+mod bitnet_common;
+use bitnet_common::{all_logits, greedy, packed_model, reference as fixture, rel_diff, TOLERANCE};
 
 fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bitnet-gguf-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    bitnet_common::temp_dir(&format!("gguf-{tag}"))
 }
 
 fn expected() -> std::collections::HashMap<String, Tensor> {
@@ -47,33 +37,6 @@ fn ids(t: &Tensor) -> Vec<u32> {
         .into_iter()
         .map(|v| v as u32)
         .collect()
-}
-
-fn all_logits(model: &BitNetForCausalLM, ids: &[u32]) -> Tensor {
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .forward_all(&x, 0, &mut Cache::new(false, model.config()))
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let m = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
-}
-
-fn greedy(model: &BitNetForCausalLM, ids: &[u32], n: usize) -> Vec<u32> {
-    let cfg = GenerateConfig {
-        max_new_tokens: n,
-        ..Default::default()
-    };
-    generate(model, ids, &cfg, |_| Ok(true)).unwrap().tokens
 }
 
 #[test]
@@ -299,10 +262,7 @@ fn hf_to_gguf_to_hf_keeps_every_code_per_type() {
         None,
     )
     .unwrap();
-    let hf = HfCheckpoint::open(dir.join("hf"))
-        .unwrap()
-        .load_model(Runtime::Packed)
-        .unwrap();
+    let hf = packed_model(dir.join("hf"));
     let want = packed_weights(&hf);
     let input = ids(&expected()["input_ids"]);
     let want_logits = all_logits(&hf, &input);
@@ -320,10 +280,7 @@ fn hf_to_gguf_to_hf_keeps_every_code_per_type() {
         assert_eq!(packed_weights(&gm), want, "{t}: GGUF codes or scales");
         let back = dir.join(format!("hf-{t}"));
         save(&gm, &back, SaveForm::Offline, DType::F32, None).unwrap();
-        let again = HfCheckpoint::open(&back)
-            .unwrap()
-            .load_model(Runtime::Packed)
-            .unwrap();
+        let again = packed_model(&back);
         assert_eq!(packed_weights(&again), want, "{t}: HF codes or scales");
         let d = rel_diff(&all_logits(&again, &input), &want_logits);
         assert_eq!(d, 0.0, "{t}: logits moved by {d}");
@@ -334,10 +291,7 @@ fn hf_to_gguf_to_hf_keeps_every_code_per_type() {
 #[test]
 fn tq_scales_round_to_f16_and_i2_s_keeps_f32() {
     // The HF fixture's scales are arbitrary f32 (mean|W|); TQ files hold f16 ones.
-    let hf = HfCheckpoint::open(fixture("bitnet_hf/untied/offline"))
-        .unwrap()
-        .load_model(Runtime::Packed)
-        .unwrap();
+    let hf = packed_model(fixture("bitnet_hf/untied/offline"));
     let w = match hf.projections()[0].1.weight().unwrap() {
         ProjectionWeight::Packed(p) => p,
         _ => panic!("offline weights are packed"),
@@ -407,10 +361,7 @@ fn untied_heads_go_out_as_output_weight_when_asked_and_load_back() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["tie_word_embeddings"] = false.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let hf = HfCheckpoint::open(&hf_dir)
-        .unwrap()
-        .load_model(Runtime::Packed)
-        .unwrap();
+    let hf = packed_model(&hf_dir);
     let err = export(&hf, &ExportOptions::default())
         .unwrap_err()
         .to_string();
@@ -436,10 +387,7 @@ fn untied_heads_go_out_as_output_weight_when_asked_and_load_back() {
 
 #[test]
 fn exporter_refuses_untied_heads() {
-    let hf = HfCheckpoint::open(fixture("bitnet_hf/untied/online"))
-        .unwrap()
-        .load_model(Runtime::Packed)
-        .unwrap();
+    let hf = packed_model(fixture("bitnet_hf/untied/online"));
     let err = export(&hf, &ExportOptions::default())
         .unwrap_err()
         .to_string();
