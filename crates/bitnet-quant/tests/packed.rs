@@ -58,6 +58,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The largest |value| of `t`, at least 1: what an output difference is measured against.
+fn magnitude(t: &Tensor) -> Result<f32> {
+    Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0))
+}
+
 fn text(e: &candle_core::Error) -> String {
     format!("{e} {e:?}")
 }
@@ -363,12 +368,7 @@ fn packed_forward_equals_bitlinear_forward() -> Result<()> {
                     for batch in [vec![1, inp], vec![5, inp], vec![2, 3, inp], vec![16, inp]] {
                         let x = (Tensor::randn(0f32, 1.0, batch.clone(), &Device::Cpu)? * 3.0)?;
                         let want = l.forward(&x)?;
-                        let scale = want
-                            .abs()?
-                            .flatten_all()?
-                            .max(0)?
-                            .to_scalar::<f32>()?
-                            .max(1.0);
+                        let scale = magnitude(&want)?;
                         for kern in Kernel::available() {
                             let got = p.clone().with_kernel(kern).forward(&x)?;
                             assert_eq!(got.dims(), want.dims());
@@ -418,12 +418,7 @@ fn every_kernel_gives_the_scalar_outputs_bit_for_bit() -> Result<()> {
             let x = (randn((n, inp), 100 + n as u64) * 3.0)?;
             let reference = p.clone().with_kernel(Kernel::Scalar).forward(&x)?;
             let want = l.forward(&x)?;
-            let scale = want
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?
-                .max(1.0);
+            let scale = magnitude(&want)?;
             let d = max_abs_diff(&reference, &want);
             assert!(
                 d <= 2e-5 * scale,

@@ -7,7 +7,7 @@ use crate::error::{invalid, QuantError};
 use crate::ops::math::Kind;
 use crate::rms_norm::RmsNorm;
 use crate::scheme::{Granularity, Scheme};
-use crate::BitLinear;
+use crate::{BitLinear, Quantizer};
 use bitnet_core::{current_pool, Category};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -59,6 +59,27 @@ pub struct PackedBitLinear {
     cuda: Option<std::sync::Arc<super::cuda::CudaPacked>>,
 }
 
+/// The activation quantizer every packed layer's integer kernels need: int8 per token
+/// ([`Scheme::Int8PerToken`] per row) with `lambda = 1`; anything else is an error naming the
+/// field.
+pub(crate) fn require_int8_activations(activation: Option<&Quantizer>) -> Result<()> {
+    match activation {
+        Some(q)
+            if q.scheme() == Scheme::Int8PerToken
+                && q.granularity() == Granularity::PerChannel
+                && q.lambda() == 1.0 =>
+        {
+            Ok(())
+        }
+        other => Err(invalid(
+            "activation",
+            format!("{other:?}"),
+            "Some(Int8PerToken per token, lambda 1): the packed kernels multiply int8 activations",
+        )
+        .into()),
+    }
+}
+
 impl PackedBitLinear {
     /// Packs a trained layer. Its weight quantizer must be binary or ternary (any granularity)
     /// and its activation quantizer int8 per token ([`Scheme::Int8PerToken`] per row), both with
@@ -66,17 +87,7 @@ impl PackedBitLinear {
     /// the field.
     pub fn from_trained(layer: &BitLinear) -> Result<Self> {
         let cfg = layer.config();
-        match cfg.activation {
-            Some(q) if q.scheme() == Scheme::Int8PerToken && q.granularity() == Granularity::PerChannel && q.lambda() == 1.0 => {}
-            other => {
-                return Err(invalid(
-                    "activation",
-                    format!("{other:?}"),
-                    "Some(Int8PerToken per token, lambda 1): the packed kernels multiply int8 activations",
-                )
-                .into())
-            }
-        }
+        require_int8_activations(cfg.activation.as_ref())?;
         let weight = PackedTernary::pack(&layer.weight().detach(), &cfg.weight)?;
         let bias = layer.bias().map(|b| b.detach());
         let norm = layer

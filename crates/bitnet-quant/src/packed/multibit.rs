@@ -7,7 +7,7 @@
 //! that their size is real and their output is the training forward's.
 
 use super::layout::{check_raw, codes_mut, shape_err};
-use super::linear::PAR_MIN_MACS;
+use super::linear::{require_int8_activations, PAR_MIN_MACS};
 use crate::error::{invalid, QuantError};
 use crate::ops::math::Kind;
 use crate::rms_norm::RmsNorm;
@@ -371,17 +371,7 @@ impl PackedMultiBitLinear {
     /// anything else is an error naming the field.
     pub fn from_trained(layer: &BitLinear) -> Result<Self> {
         let cfg = layer.config();
-        match cfg.activation {
-            Some(q) if q.scheme() == Scheme::Int8PerToken && q.granularity() == Granularity::PerChannel && q.lambda() == 1.0 => {}
-            other => {
-                return Err(invalid(
-                    "activation",
-                    format!("{other:?}"),
-                    "Some(Int8PerToken per token, lambda 1): the packed kernel multiplies int8 activations",
-                )
-                .into())
-            }
-        }
+        require_int8_activations(cfg.activation.as_ref())?;
         let weight = PackedMultiBit::pack(&layer.weight().detach(), &cfg.weight)?;
         let norm = layer
             .norm()
