@@ -143,17 +143,9 @@ impl Args {
         }
     }
 
-    /// Shards per batch. The default reads the core count without starting rayon's pool, which
-    /// would make the process multi-threaded before `elementwise_on_caller` runs.
+    /// Shards per batch: one per core unless `--shards` says otherwise.
     fn shards(&self) -> usize {
-        self.shards.unwrap_or_else(|| {
-            std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n: &usize| n > 0)
-                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-                .unwrap_or(1)
-        })
+        self.shards.unwrap_or_else(common::rayon_threads)
     }
 
     /// The curve's name in the log and the plot: the mode plus what was added to it.

@@ -33,6 +33,19 @@ pub fn repo_data(rel: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")).join(rel)
 }
 
+/// The thread count rayon's global pool will have (`RAYON_NUM_THREADS`, else the cores), read
+/// without starting the pool: `rayon::current_num_threads()` would start it, and a process with
+/// more than one thread can no longer move candle's elementwise ops onto the caller
+/// (`bitnet::core::host_threads::elementwise_on_caller`). For default shard counts.
+pub fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+}
+
 /// An integer of at least 1, for clap's `value_parser`.
 pub fn positive_usize(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

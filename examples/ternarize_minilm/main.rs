@@ -39,6 +39,8 @@
 //! a JSON summary.
 
 mod args;
+#[path = "../common/mod.rs"]
+mod common;
 mod data;
 mod metrics;
 mod precision;
@@ -310,7 +312,7 @@ fn main() -> Result<()> {
     let shards = args.shards.unwrap_or(if args.relation_weight > 0.0 {
         1
     } else {
-        rayon::current_num_threads()
+        common::rayon_threads()
     });
     // With a shard per core, candle's elementwise pool would compete with the shards for the
     // cores (see bitnet::core::host_threads); unsharded, its parallelism is what pays.
