@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MiniLM precision-fidelity sweep (docs/minilm.md): each point distils the same student
+# The MiniLM precision-fidelity sweep (docs/minilm.md, issue 20): each point distils the same student
 # recipe for the same number of steps, only the precision of the linears differs.
 #
 #   scripts/minilm_sweep.sh OUT_DIR [POINT...]

@@ -1,6 +1,6 @@
 """Collects the points of scripts/minilm_sweep.sh into docs/minilm_tradeoff.json, plots cosine
 and top-5 agreement against bits per weight (docs/minilm_tradeoff.png), and prints the
-README-ready table of docs/minilm.md.
+README-ready table (README and docs/minilm.md).
 
     python3 scripts/minilm_tradeoff.py RUN_DIR [RUN_DIR...] \\
         [--model ../shared/models/all-MiniLM-L6-v2] [--corpus data/shakespeare/shakespeare.txt.gz]
@@ -115,7 +115,10 @@ def plot(points, path):
         ax.grid(alpha=0.3)
     ax1.set_title("mean cosine (target 0.97 at <= 2.5 bits)")
     ax2.set_title("top-5 agreement (target 90 %); gray dash: isotropic noise at that cosine")
-    fig.suptitle("all-MiniLM-L6-v2 distilled to fewer bits: blue 15-min points, green 30-min, red x random layers")
+    short = min(p["steps"] for p in points)
+    long = max(p["steps"] for p in points)
+    longer = f", green squares {long} steps" if long > short else ""
+    fig.suptitle(f"all-MiniLM-L6-v2 distilled to fewer bits: blue {short} steps{longer}, red x random layers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
