@@ -177,18 +177,41 @@ fn packed_errors(dev: &Device) -> Result<()> {
     assert_eq!(empty.dims(), &[0, 7]);
     assert!(empty.device().same_device(dev));
 
-    let (x_cpu, _) = packed_input(&[3, 300], 6, dev)?;
-    let mut v = host(&x_cpu)?;
-    v[310] = f32::NAN;
-    let bad = Tensor::from_vec(v, (3, 300), dev)?;
-    assert!(text(layer.forward(&bad).unwrap_err()).contains("NaN or infinite"));
-    // Unchecked: the NaN token's outputs are NaN, the others are the CPU layer's.
-    let y = host(&layer.clone().with_finite_check(false).forward(&bad)?)?;
-    let want = host(&cpu.forward(&x_cpu)?)?;
-    assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
-    assert_close("unchecked token 0", &y[..7], &want[..7], 1e-6, 0.0, 0.0);
-    assert_close("unchecked token 2", &y[14..], &want[14..], 1e-6, 0.0, 0.0);
+    // Three tokens take the one-launch kernel on CUDA, nine the two-launch path.
+    for tokens in [3usize, 9] {
+        let (x_cpu, _) = packed_input(&[tokens, 300], 6, dev)?;
+        let mut v = host(&x_cpu)?;
+        v[310] = f32::NAN;
+        v[tokens * 300 - 1] = f32::INFINITY;
+        let bad = Tensor::from_vec(v, (tokens, 300), dev)?;
+        // The count is taken after the norm: the NaN token's 300 values and the infinity.
+        let checked = layer.clone().with_finite_check(true);
+        let e = text(checked.forward(&bad).unwrap_err());
+        assert!(e.contains("contains 301 NaN or infinite"), "{e}");
+        // The default: the CPU checks, CUDA does not (no host synchronisation).
+        assert_eq!(layer.finite_check(), dev.is_cpu());
+        let unchecked = [layer.clone().with_finite_check(false), layer.clone()];
+        for l in &unchecked[..if dev.is_cpu() { 1 } else { 2 }] {
+            // The NaN and infinite tokens' outputs are NaN, the others are the CPU layer's.
+            let y = host(&l.forward(&bad)?)?;
+            let want = host(&cpu.forward(&x_cpu)?)?;
+            let last = (tokens - 1) * 7;
+            assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
+            assert!(y[last..].iter().all(|v| v.is_nan()), "{y:?}");
+            assert_close("unchecked token 0", &y[..7], &want[..7], 1e-6, 0.0, 0.0);
+            assert_close(
+                "unchecked middle",
+                &y[14..last],
+                &want[14..last],
+                1e-6,
+                0.0,
+                0.0,
+            );
+        }
+    }
 
+    let (x_cpu, _) = packed_input(&[3, 300], 6, dev)?;
+    let want = host(&cpu.forward(&x_cpu)?)?;
     if !dev.is_cpu() {
         // The layer lives on the GPU: CPU input is a device mismatch, not a silent copy.
         let e = layer.forward(&x_cpu).unwrap_err();

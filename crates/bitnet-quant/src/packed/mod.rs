@@ -23,6 +23,10 @@
 mod act_quant;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+mod cuda_emulation;
+#[cfg(any(feature = "cuda", test))]
+mod gpu_plan;
 pub mod io;
 pub mod kernels;
 pub mod layout;
