@@ -11,7 +11,9 @@
 //! * more tokens, two launches:
 //!   1. `bq_packed_quant`, one CUDA block per token: the same `bq_quant_token` into a global
 //!      buffer;
-//!   2. `bq_packed_mm_*`, one warp per `R` output rows and `TT` tokens.
+//!   2. the matmul: from 16 tokens on a GPU of compute capability 8.0 or later,
+//!      `bq_packed_mma*` on int8 tensor cores (see [`SRC_MMA`]); else `bq_packed_mm_*`, one
+//!      warp per `R` output rows and `TT` tokens with `dp4a`.
 //!
 //! `bq_quant_token`: the optional RMSNorm, `max|x|`, and the int8 levels written in the
 //! weight's padded segment layout (zeros in the padding), with the token's dequantizing factor
@@ -28,13 +30,13 @@
 //!
 //! Integer sums are exact and every float operation is rounded as on the CPU (the module is
 //! compiled without fused multiply-add, see [`function`]), so the outputs equal the CPU layer's.
-//! `cuda_emulation.rs` runs a host transcription of the kernels against the CPU layer on every
-//! machine, GPU or not.
+//! `cuda_emulation.rs` and `mma_emulation.rs` run host transcriptions of the kernels against the
+//! CPU layer on every machine, GPU or not.
 
-use super::gpu_plan::{fused_plan, FusedPlan, Variant, MAX_GRID_Y};
+use super::gpu_plan::{fused_plan, uses_mma, FusedPlan, Variant, MAX_GRID_Y, MMA_TILE};
 use super::layout::PackedTernary;
 use crate::error::QuantError;
-use crate::ops::cuda_util::{f32_view, function, wrap, THREADS};
+use crate::ops::cuda_util::{f32_view, function, function_for, wrap, THREADS};
 use crate::scheme::Granularity;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -375,6 +377,202 @@ BQ_FUSED(bq_packed_fused1_small, 1, 4, 2, 4)
 const MODULE: &str = "bitnet_quant_packed";
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
+/// CUDA C of the tensor-core matmul, a module of its own compiled for `compute_80` (inline
+/// `mma.sync` of s8 needs sm_80); its levels come from `bq_packed_quant` of [`SRC`].
+///
+/// `bq_packed_mma{1,2}`: `y[t, r]` as `bq_mm_warp` computes it, with the integer sums per
+/// segment from `mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32` on levels unpacked into
+/// shared memory. A block of 4 warps computes a 64-row x 64-token tile; warp `(wm, wn) =
+/// (wid / 2, wid % 2)` owns rows `32 wm..` (two m16 tiles) and tokens `32 wn..` (four n8
+/// tiles). For each 128-value chunk of a segment the block unpacks its 64 weight rows to int8
+/// levels in `sw` and copies its 64 tokens' levels to `sx` (rows of `BQ_LDS` = 144 bytes: the 16
+/// bytes of padding put the 8 rows a fragment load touches on different banks), then each warp
+/// does 4 k-steps of 32. After a segment's last chunk every thread folds its integer sums into
+/// its float accumulators, `acc += (float)sum * scale`, in segment order as the CPU does.
+/// `mma_emulation.rs` transcribes it, fragment layout included.
+const SRC_MMA: &str = r#"
+#define BQ_TM 64
+#define BQ_TN 64
+#define BQ_LDS 144
+
+// D = A B + C on one warp's fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32", .s8):
+// with g = lane / 4 and q = lane % 4, a[0..3] hold A's (g, 4q..), (g + 8, 4q..), (g, 16 + 4q..),
+// (g + 8, 16 + 4q..); b[0..1] hold B's column g, k = 4q.. and 16 + 4q..; c[0..3] hold C's
+// (g, 2q), (g, 2q + 1), (g + 8, 2q), (g + 8, 2q + 1).
+__device__ __forceinline__ void bq_mma_s8(int* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 2-bit codes (bytes 0..2) to levels code - 1, or four bits (bytes 0..1) to 2 bit - 1,
+// per byte: adding 0x7f leaves every byte below 0x100 (no carry into the next), and flipping
+// the top bit subtracts 0x80 modulo 256.
+__device__ __forceinline__ unsigned bq_levels2(unsigned codes) {
+    return (codes + 0x7f7f7f7fu) ^ 0x80808080u;
+}
+__device__ __forceinline__ unsigned bq_levels1(unsigned bits) {
+    return ((bits << 1) + 0x7f7f7f7fu) ^ 0x80808080u;
+}
+
+template <int BITS>
+__device__ __forceinline__ void bq_packed_mma(const unsigned char* __restrict__ w,
+                                              const signed char* __restrict__ xq,
+                                              const float* __restrict__ mt,
+                                              const float* __restrict__ scales, u64 srow, u64 sseg,
+                                              const float* __restrict__ bias, unsigned has_bias, u64 out,
+                                              u64 tokens, u64 nseg, u64 seg_bytes, float* __restrict__ y) {
+    __shared__ __align__(16) signed char sw[BQ_TM * BQ_LDS];
+    __shared__ __align__(16) signed char sx[BQ_TN * BQ_LDS];
+    const unsigned tid = threadIdx.x, lane = tid & 31u, wid = tid >> 5;
+    const unsigned g = lane >> 2, q = lane & 3u;
+    const unsigned wm = wid >> 1, wn = wid & 1u;
+    const u64 row_bytes = nseg * seg_bytes;
+    const u64 segp = seg_bytes * (8 / BITS);
+    const u64 xrow = nseg * segp;
+    const u64 chunks = segp / 128;
+    const u64 cbytes = 128 * BITS / 8;
+    const u64 r_base = (u64)blockIdx.x * BQ_TM;
+    const u64 tiles = (tokens + BQ_TN - 1) / BQ_TN;
+    // Thread tid loads half (tid & 1) of weight row tid / 2's chunk and of token tid / 2's.
+    const unsigned rl = tid >> 1, h = tid & 1u;
+    for (u64 tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+        const u64 t_base = tile * BQ_TN;
+        float acc[2][4][4];
+        int c[2][4][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    acc[mi][ni][e] = 0.0f;
+                    c[mi][ni][e] = 0;
+                }
+            }
+        }
+        for (u64 s = 0; s < nseg; ++s) {
+            for (u64 kc = 0; kc < chunks; ++kc) {
+                __syncthreads(); // every warp has read the previous chunk's tiles
+                {
+                    const u64 row = r_base + rl;
+                    const bool valid = row < out;
+                    const unsigned char* src = w + row * row_bytes + s * seg_bytes + kc * cbytes;
+                    signed char* dst = sw + rl * BQ_LDS;
+                    if (BITS == 2) {
+                        // Byte b of half h holds values 16 h + b + 32 j in bits 2 j.
+                        const uint4 v = valid ? *reinterpret_cast<const uint4*>(src + h * 16)
+                                              : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const unsigned m = 0x03030303u;
+                            uint4 o;
+                            o.x = valid ? bq_levels2((v.x >> (2 * j)) & m) : 0u;
+                            o.y = valid ? bq_levels2((v.y >> (2 * j)) & m) : 0u;
+                            o.z = valid ? bq_levels2((v.z >> (2 * j)) & m) : 0u;
+                            o.w = valid ? bq_levels2((v.w >> (2 * j)) & m) : 0u;
+                            *reinterpret_cast<uint4*>(dst + h * 16 + 32 * j) = o;
+                        }
+                    } else {
+                        // Byte b of the chunk holds values b + 16 j in bit j.
+                        const uint2 v = valid ? *reinterpret_cast<const uint2*>(src + h * 8)
+                                              : make_uint2(0u, 0u);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            const unsigned m = 0x01010101u;
+                            uint2 o;
+                            o.x = valid ? bq_levels1((v.x >> j) & m) : 0u;
+                            o.y = valid ? bq_levels1((v.y >> j) & m) : 0u;
+                            *reinterpret_cast<uint2*>(dst + 8 * h + 16 * j) = o;
+                        }
+                    }
+                }
+                {
+                    const u64 t = t_base + rl;
+                    const int4* src = reinterpret_cast<const int4*>(xq + t * xrow + s * segp + kc * 128 + h * 64);
+                    int4* dst = reinterpret_cast<int4*>(sx + rl * BQ_LDS + h * 64);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        dst[i] = t < tokens ? src[i] : make_int4(0, 0, 0, 0);
+                    }
+                }
+                __syncthreads();
+#pragma unroll
+                for (int ks = 0; ks < 4; ++ks) {
+                    const int kb = ks * 32;
+                    unsigned a[2][4], b[4][2];
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        const signed char* p = sw + (wm * 32 + mi * 16 + g) * BQ_LDS + kb + 4 * q;
+                        a[mi][0] = *reinterpret_cast<const unsigned*>(p);
+                        a[mi][1] = *reinterpret_cast<const unsigned*>(p + 8 * BQ_LDS);
+                        a[mi][2] = *reinterpret_cast<const unsigned*>(p + 16);
+                        a[mi][3] = *reinterpret_cast<const unsigned*>(p + 8 * BQ_LDS + 16);
+                    }
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        const signed char* p = sx + (wn * 32 + ni * 8 + g) * BQ_LDS + kb + 4 * q;
+                        b[ni][0] = *reinterpret_cast<const unsigned*>(p);
+                        b[ni][1] = *reinterpret_cast<const unsigned*>(p + 16);
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                        for (int ni = 0; ni < 4; ++ni) {
+                            bq_mma_s8(c[mi][ni], a[mi], b[ni]);
+                        }
+                    }
+                }
+            }
+            // The segment's sums are complete: the CPU's float fold.
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const u64 row = r_base + wm * 32 + mi * 16 + g + (e >= 2 ? 8 : 0);
+                    const float sc = row < out ? scales[row * srow + s * sseg] : 0.0f;
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        acc[mi][ni][e] += (float)c[mi][ni][e] * sc;
+                        c[mi][ni][e] = 0;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const u64 row = r_base + wm * 32 + mi * 16 + g + (e >= 2 ? 8 : 0);
+                    const u64 t = t_base + wn * 32 + ni * 8 + 2 * q + (e & 1);
+                    if (row < out && t < tokens) {
+                        y[t * out + row] = acc[mi][ni][e] * mt[t] + (has_bias ? bias[row] : 0.0f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define BQ_MMA(NAME, BITS)                                                                              \
+    extern "C" __global__ void NAME(const unsigned char* w, const signed char* xq, const float* mt,      \
+                                    const float* scales, u64 srow, u64 sseg, const float* bias,          \
+                                    unsigned has_bias, u64 out, u64 tokens, u64 nseg, u64 seg_bytes,     \
+                                    float* y) {                                                          \
+        bq_packed_mma<BITS>(w, xq, mt, scales, srow, sseg, bias, has_bias, out, tokens, nseg, seg_bytes, \
+                            y);                                                                          \
+    }
+
+BQ_MMA(bq_packed_mma2, 2)
+BQ_MMA(bq_packed_mma1, 1)
+"#;
+
+const MODULE_MMA: &str = "bitnet_quant_packed_mma";
+static PTX_MMA: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+
 /// The most CUDA blocks of the quantization kernel; it loops over further tokens.
 const MAX_QUANT_BLOCKS: usize = 1 << 16;
 
@@ -398,6 +596,8 @@ pub(crate) struct CudaPacked {
     bits: u8,
     /// Streaming multiprocessors, which size the one-launch kernel's grid.
     sms: usize,
+    /// Compute capability `(major, minor)`: sm_80 and later get the tensor-core kernel.
+    capability: (i32, i32),
 }
 
 impl std::fmt::Debug for CudaPacked {
@@ -452,6 +652,7 @@ impl CudaPacked {
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .w()?
                 .max(1) as usize,
+            capability: dev.cuda_stream().context().compute_capability().w()?,
         })
     }
 
@@ -493,7 +694,8 @@ impl CudaPacked {
             }
             .into());
         }
-        let rows_per_block = 8; // both variants: W * R = 8 * 1 = 4 * 2
+        // The fewest rows per block of any matmul kernel (gemv 8 x 1, small 4 x 2).
+        let rows_per_block = 8;
         if self.out.div_ceil(rows_per_block) > i32::MAX as usize {
             return Err(QuantError::Shape {
                 op,
@@ -650,14 +852,34 @@ impl CudaPacked {
         // inp` (x), `inp` (nw), `tokens * xrow` (xq) and `tokens` (mt).
         unsafe { b.launch(quant_cfg) }.w()?;
 
-        let v = Variant::for_tokens(tokens);
-        let blocks_x = self.out.div_ceil(v.warps * v.rows);
-        let blocks_y = tokens.div_ceil(v.tokens).min(MAX_GRID_Y);
-        let name = format!("bq_packed_mm{}_{}", self.bits, v.name);
         let (bias, has_bias) = self.bias_args();
         let (srow, sseg) = self.scale_strides;
         let (out_u, seg_bytes_u) = (self.out as u64, self.seg_bytes as u64);
-        let f = function(dev, &PTX, MODULE, SRC, &name)?;
+        let mma = uses_mma(tokens, self.capability);
+        let (f, blocks_x, blocks_y, threads) = if mma {
+            let name = format!("bq_packed_mma{}", self.bits);
+            let f = function_for(
+                dev,
+                &PTX_MMA,
+                MODULE_MMA,
+                SRC_MMA,
+                &name,
+                Some("compute_80"),
+            )?;
+            let blocks_y = tokens.div_ceil(MMA_TILE.1).min(MAX_GRID_Y);
+            (f, self.out.div_ceil(MMA_TILE.0), blocks_y, 128)
+        } else {
+            let v = Variant::for_tokens(tokens);
+            let name = format!("bq_packed_mm{}_{}", self.bits, v.name);
+            let f = function(dev, &PTX, MODULE, SRC, &name)?;
+            let blocks_y = tokens.div_ceil(v.tokens).min(MAX_GRID_Y);
+            (
+                f,
+                self.out.div_ceil(v.warps * v.rows),
+                blocks_y,
+                32 * v.warps as u32,
+            )
+        };
         let mut b = stream.launch_builder(&f);
         b.arg(&self.data).arg(&xq).arg(&mt).arg(&self.scales);
         b.arg(&srow).arg(&sseg).arg(bias).arg(&has_bias);
@@ -668,14 +890,17 @@ impl CudaPacked {
             .arg(y);
         let mm_cfg = LaunchConfig {
             grid_dim: (blocks_x as u32, blocks_y as u32, 1),
-            block_dim: (32 * v.warps as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the argument list matches the kernel's signature and the block has the
-        // kernel's W warps (its shared array is sized by W). Loads stay in bounds: rows are
-        // checked against `out`, tokens against `tokens`, units and segments against the row's
-        // `nseg * seg_bytes` bytes and `xrow` activations; all 16-byte loads are aligned because
-        // rows, segments and token rows are multiples of 16 bytes from 256-byte aligned buffers.
+        // SAFETY: both kernels take the same arguments, matching their signatures. The dp4a
+        // kernels get their W warps (their shared arrays are sized by W), the tensor-core
+        // kernel its 4 warps (128 threads, one load slot per tile row half) on a device of
+        // compute capability 8.0 or later (`uses_mma`). Loads stay in bounds: rows are checked
+        // against `out`, tokens against `tokens`, units, chunks and segments against the row's
+        // `nseg * seg_bytes` bytes and `xrow` activations; all vector loads are aligned because
+        // rows, segments, chunks and token rows are multiples of 16 bytes from 256-byte
+        // aligned buffers.
         unsafe { b.launch(mm_cfg) }.w()?;
         Ok(())
     }

@@ -13,24 +13,24 @@ use crate::scheme::Granularity;
 const BDIM: usize = 256;
 
 /// The tensors `CudaPacked::upload` copies to the GPU, and the sizes it derives.
-struct Layer {
-    data: Vec<u8>,
-    scales: Vec<f32>,
-    srow: usize,
-    sseg: usize,
-    bias: Option<Vec<f32>>,
+pub(super) struct Layer {
+    pub(super) data: Vec<u8>,
+    pub(super) scales: Vec<f32>,
+    pub(super) srow: usize,
+    pub(super) sseg: usize,
+    pub(super) bias: Option<Vec<f32>>,
     norm: Option<(Vec<f32>, f32)>,
-    out: usize,
-    inp: usize,
+    pub(super) out: usize,
+    pub(super) inp: usize,
     seg: usize,
     segp: usize,
-    nseg: usize,
-    seg_bytes: usize,
-    bits: usize,
+    pub(super) nseg: usize,
+    pub(super) seg_bytes: usize,
+    pub(super) bits: usize,
 }
 
 impl Layer {
-    fn of(l: &PackedBitLinear) -> Layer {
+    pub(super) fn of(l: &PackedBitLinear) -> Layer {
         let w = l.weight();
         let nseg = w.segments_per_row();
         let (srow, sseg) = match w.granularity() {
@@ -58,7 +58,7 @@ impl Layer {
         }
     }
 
-    fn xrow(&self) -> usize {
+    pub(super) fn xrow(&self) -> usize {
         self.nseg * self.segp
     }
 }
@@ -88,7 +88,7 @@ fn load4(bytes: &[u8]) -> [u32; 4] {
 
 /// `bq_quant_token`: the token's padded levels, `m / 127` (NaN for a non-finite token) and its
 /// count of non-finite values. Threads of the block are the loops over `tid`.
-fn quant_token(l: &Layer, xt: &[f32]) -> (Vec<i8>, f32, u32) {
+pub(super) fn quant_token(l: &Layer, xt: &[f32]) -> (Vec<i8>, f32, u32) {
     let inp = l.inp;
     let denom = match &l.norm {
         Some((_, eps)) => {
@@ -161,20 +161,20 @@ fn tree<T: Copy>(mut v: Vec<T>, add: impl Fn(T, T) -> T) -> T {
 
 /// Outputs written by the emulated kernels; a second write of one output is a bug of the
 /// launch shape (two warps owning it), so it panics.
-struct Out {
-    y: Vec<Option<f32>>,
-    out: usize,
+pub(super) struct Out {
+    pub(super) y: Vec<Option<f32>>,
+    pub(super) out: usize,
 }
 
 impl Out {
-    fn put(&mut self, t: usize, row: usize, v: f32) {
+    pub(super) fn put(&mut self, t: usize, row: usize, v: f32) {
         let slot = &mut self.y[t * self.out + row];
         assert!(slot.is_none(), "output ({t}, {row}) written twice");
         *slot = Some(v);
     }
 
     /// Every output, each written once.
-    fn done(self) -> Vec<f32> {
+    pub(super) fn done(self) -> Vec<f32> {
         self.y
             .into_iter()
             .enumerate()
@@ -390,7 +390,7 @@ fn two_launch(l: &Layer, x: &[f32], tokens: usize) -> (Vec<f32>, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::gpu_plan::{FUSED_BLOCKS_PER_SM, FUSED_MAX_LEVEL_BYTES};
     use super::*;
     use crate::{BitLinear, BitLinearConfig, Estimator, Quantizer, RmsNorm, Scheme};
@@ -398,7 +398,13 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// A packed layer `[out, inp]` of random weights with the given quantizer, bias and norm.
-    fn layer(inp: usize, out: usize, q: Quantizer, bias: bool, norm: bool) -> PackedBitLinear {
+    pub(in crate::packed) fn layer(
+        inp: usize,
+        out: usize,
+        q: Quantizer,
+        bias: bool,
+        norm: bool,
+    ) -> PackedBitLinear {
         let mut rng = rand::rngs::StdRng::seed_from_u64((inp * 31 + out) as u64);
         let mut vals = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
             (0..n).map(|_| rng.random_range(lo..hi)).collect()
@@ -419,7 +425,7 @@ mod tests {
     }
 
     /// Input with exact zeros and values on rounding ties of the int8 grid.
-    fn input(tokens: usize, inp: usize, seed: u64) -> Vec<f32> {
+    pub(in crate::packed) fn input(tokens: usize, inp: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..tokens * inp)
             .map(|i| match i % 53 {
@@ -430,7 +436,7 @@ mod tests {
             .collect()
     }
 
-    fn cpu(l: &PackedBitLinear, x: &[f32], tokens: usize) -> Vec<f32> {
+    pub(in crate::packed) fn cpu(l: &PackedBitLinear, x: &[f32], tokens: usize) -> Vec<f32> {
         let (inp, _) = l.dims();
         let x = Tensor::from_vec(x.to_vec(), (tokens, inp), &Device::Cpu).unwrap();
         l.forward(&x)
@@ -441,7 +447,7 @@ mod tests {
             .unwrap()
     }
 
-    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+    pub(in crate::packed) fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
         assert_eq!(got.len(), want.len(), "{what}");
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(

@@ -73,3 +73,16 @@ pub(crate) fn fused_plan(tokens: usize, xrow: usize, out: usize, sms: usize) -> 
         shared_bytes: tokens * xrow,
     })
 }
+
+/// The fewest tokens the tensor-core kernel takes: below, most of its 64-token tile would be
+/// padding, and the `dp4a` kernels reuse each weight load for up to 8 tokens anyway.
+pub(crate) const MMA_MIN_TOKENS: usize = 16;
+
+/// Whether `tokens` rows go to the tensor-core kernel on a GPU of compute capability
+/// `(major, minor)`: `mma.sync` on s8 needs sm_80; older GPUs keep the `dp4a` kernels.
+pub(crate) fn uses_mma(tokens: usize, capability: (i32, i32)) -> bool {
+    tokens >= MMA_MIN_TOKENS && capability.0 >= 8
+}
+
+/// Rows and tokens of one block of the tensor-core kernel (`BQ_TM`, `BQ_TN` in `cuda.rs`).
+pub(crate) const MMA_TILE: (usize, usize) = (64, 64);

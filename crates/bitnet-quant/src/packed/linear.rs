@@ -157,7 +157,8 @@ impl PackedBitLinear {
     /// * A CUDA device (feature `cuda`): the packed codes, scales, bias and norm weight are copied
     ///   to the GPU once, here; each forward then runs the CUDA kernels (up to 4 tokens: one
     ///   launch that quantizes the activations per token, with the optional norm, and does the
-    ///   packed integer matmul; more tokens: the quantization and the matmul as two launches)
+    ///   packed integer matmul; more tokens: the quantization and the matmul as two launches,
+    ///   the matmul on int8 tensor cores from 16 tokens on compute capability 8.0 and later)
     ///   and returns a tensor on that GPU equal to the CPU layer's output (integer sums are
     ///   exact and every float operation is the CPU's, in the same order). The forward does not
     ///   synchronise with the host unless the NaN/infinity check is turned on with

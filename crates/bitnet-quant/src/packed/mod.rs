@@ -33,6 +33,8 @@ pub mod layout;
 pub mod linear;
 mod matmul;
 pub mod mixed;
+#[cfg(test)]
+mod mma_emulation;
 pub mod multibit;
 
 pub use io::{
