@@ -24,10 +24,15 @@ use gpu_common::{
     quantize_backward, scales_and_forward, values,
 };
 
-/// The backward checks run on row-major inputs only: the transposed variants came with the
-/// Metal port and have not yet been run against the CUDA kernels, so turning them on here would
-/// be a new, unverified check rather than the existing one.
-const BACKWARD_TRANSPOSED: bool = false;
+/// The backward checks run on transposed inputs too. Read from the code (not yet run on a GPU
+/// since it was turned on): every CUDA op, forward and backward (`quantize`, `learnable`, `lsq`
+/// and `scales` in `src/ops/*/cuda.rs`), takes each input through `cuda_util::f32_view`, which
+/// copies a non-contiguous layout to a contiguous buffer in logical row-major order with
+/// candle's strided copy, and the op checks compare shapes, not strides. A transposed `x` or
+/// upstream gradient therefore reaches the kernels exactly as its row-major copy does, the
+/// path the transposed forward checks (`scales_and_forward`) and the broadcast upstream of
+/// `autograd` already passed on the H200.
+const BACKWARD_TRANSPOSED: bool = true;
 
 /// A trained-looking layer `[out, inp]` with the weight quantizer `weight` (granularity set),
 /// optional bias and norm (a non-trivial norm weight), packed on the CPU.
