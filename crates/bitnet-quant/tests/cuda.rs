@@ -16,7 +16,8 @@ mod gpu_common;
 
 use bitnet_quant::packed::PackedBitLinear;
 use bitnet_quant::{
-    BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme,
+    check_deferred_finite, defer_finite_checks, BitLinear, BitLinearConfig, Estimator, Granularity,
+    Quantizer, RmsNorm, Scheme,
 };
 use candle_core::{test_device, DType, Device, Module, Result, Tensor};
 use gpu_common::{
@@ -236,6 +237,40 @@ fn packed_errors(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Inside `defer_finite_checks`, a CUDA quantizer given NaN or infinity returns without a host
+/// copy and `check_deferred_finite` reports the accumulated count once (two calls with two bad
+/// values each: 4), then nothing; outside, the error is immediate again. The CPU never defers.
+fn deferred_finite(dev: &Device) -> Result<()> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    let mut v = values(1000 * 37, 9);
+    v[5] = f32::NAN;
+    v[777] = f32::INFINITY;
+    let bad = Tensor::from_vec(v, (1000, 37), dev)?;
+    let good = Tensor::from_vec(values(1000 * 37, 10), (1000, 37), dev)?;
+    check_deferred_finite(dev)?;
+    let deferred = defer_finite_checks();
+    if dev.is_cpu() {
+        assert!(q.quantize(&bad).is_err());
+    } else {
+        q.quantize(&good)?;
+        q.quantize(&bad)?;
+        q.quantize(&bad)?;
+        let e = check_deferred_finite(dev).unwrap_err().to_string();
+        assert!(e.contains("contains 4 NaN or infinite"), "{e}");
+    }
+    check_deferred_finite(dev)?;
+    drop(deferred);
+    let e = q.quantize(&bad).unwrap_err().to_string();
+    assert!(e.contains("contains 2 NaN or infinite"), "{e}");
+    Ok(())
+}
+
+test_device!(
+    deferred_finite,
+    deferred_finite_cpu,
+    deferred_finite_cuda,
+    deferred_finite_metal
+);
 test_device!(
     packed_matmul,
     packed_matmul_cpu,
