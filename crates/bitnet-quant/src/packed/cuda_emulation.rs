@@ -548,7 +548,9 @@ pub(super) mod tests {
     /// of at most `FUSED_BLOCKS_PER_SM` blocks per multiprocessor and at least one.
     #[test]
     fn fused_plans() {
-        let cases: [(usize, usize, usize, usize, Option<(&str, usize)>); 7] = [
+        // (tokens, xrow, out, SMs, the variant and blocks or the two-launch path)
+        type Case = (usize, usize, usize, usize, Option<(&'static str, usize)>);
+        let cases: [Case; 7] = [
             (1, 2560, 6912, 132, Some(("gemv", 264))),
             (1, 14336, 4096, 132, Some(("gemv", 264))),
             (1, 128, 5, 132, Some(("gemv", 1))),

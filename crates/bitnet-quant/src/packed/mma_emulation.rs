@@ -8,6 +8,9 @@
 //! what catches a wrong fragment mapping without a GPU — and that the whole kernel, emulated,
 //! equals the CPU layer bit for bit.
 
+// The loops transcribe the kernel's index loops (fragments, tiles, lanes) one for one.
+#![allow(clippy::needless_range_loop)]
+
 use super::cuda_emulation::{quant_token, Layer, Out};
 use super::gpu_plan::{MAX_GRID_Y, MMA_TILE};
 
