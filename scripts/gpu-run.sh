@@ -41,13 +41,14 @@ chmod +x "$BIN"/*
 # The bundled binary of target NAME of kind KIND (tests.tsv: file, package dir, kind, name).
 binary() { awk -F'\t' -v k="$1" -v n="$2" '$3 == k && $4 == n { print $1; exit }' "$BUNDLE/tests.tsv"; }
 
-# step NAME LIMIT CMD...: runs CMD with a time limit, its output to $OUT/NAME.log.
+# step NAME LIMIT CMD...: runs CMD with a time limit, its output to $OUT/NAME.log. CMD may be one
+# of the functions below (exported: `timeout` runs it in a child bash).
 step() {
   local name=$1 limit=$2 start rc
   shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   start=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" bash -c '"$@"' step "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   log "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)"
   return "$rc"
@@ -61,6 +62,7 @@ gpu_info() {
   echo
   nproc
 }
+export -f gpu_info
 step gpu 30 gpu_info
 DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 DEVICE=${DEVICE:-unknown GPU}
@@ -75,6 +77,8 @@ bench() {
   [ -n "$b" ] || { echo "benches/cuda_packed.rs is not in the bundle (gpu-bundle ... --bench cuda_packed)"; return 3; }
   "$BIN/$b" --bench --warm-up-time 0.5 --measurement-time 2 --noplot
 }
+export -f bench binary
+export BIN BUNDLE
 step bench "${GPU_RUN_BENCH_S:-200}" bench
 if [ -s "$OUT/bench.log" ] && case " $STEPS " in *" bench "*) true ;; *) false ;; esac; then
   [ -f docs/gpu_results.json ] && cp docs/gpu_results.json "$OUT/gpu_results.json"
