@@ -188,6 +188,9 @@ fn train(
     let mut epoch_secs = Vec::new();
     let mut step = 0usize;
     let mut test_accuracy = 0.0;
+    // On CUDA the quantizers' NaN/infinity counts stay on the GPU and are read once per step
+    // below, instead of one host synchronisation per quantizer call.
+    let _deferred = bitnet::quant::defer_finite_checks();
     for epoch in 1..=args.epochs {
         order.shuffle(&mut rng);
         let bar = ProgressBar::new(steps_per_epoch as u64);
@@ -220,6 +223,7 @@ fn train(
             }
             opt.step(&grads)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
+            bitnet::quant::check_deferred_finite(dev)?;
             step += 1;
             bar.inc(1);
         }
@@ -227,6 +231,7 @@ fn train(
         let secs = t0.elapsed().as_secs_f64();
         epoch_secs.push(secs);
         test_accuracy = accuracy(model, &data.test_x, &data.test_y)?;
+        bitnet::quant::check_deferred_finite(dev)?;
         println!(
             "{who} epoch {epoch:>2}  loss {:.4}  test_accuracy {:.4}  seconds {secs:.2}",
             loss_sum / steps_per_epoch as f64,

@@ -25,6 +25,7 @@
 
 pub mod bitlinear;
 pub mod error;
+pub mod finite_check;
 pub mod metrics;
 pub mod ops;
 pub mod packed;
@@ -34,6 +35,7 @@ pub mod scheme;
 
 pub use bitlinear::{BitLinear, BitLinearConfig};
 pub use error::QuantError;
+pub use finite_check::{check_deferred_finite, defer_finite_checks, DeferredFiniteChecks};
 pub use packed::{PackedBitLinear, PackedTernary};
 pub use quantizer::Quantizer;
 pub use rms_norm::RmsNorm;

@@ -16,7 +16,8 @@ mod gpu_common;
 
 use bitnet_quant::packed::PackedBitLinear;
 use bitnet_quant::{
-    BitLinear, BitLinearConfig, Estimator, Granularity, Quantizer, RmsNorm, Scheme,
+    check_deferred_finite, defer_finite_checks, BitLinear, BitLinearConfig, Estimator, Granularity,
+    Quantizer, RmsNorm, Scheme,
 };
 use candle_core::{test_device, DType, Device, Module, Result, Tensor};
 use gpu_common::{
@@ -24,10 +25,15 @@ use gpu_common::{
     quantize_backward, scales_and_forward, values,
 };
 
-/// The backward checks run on row-major inputs only: the transposed variants came with the
-/// Metal port and have not yet been run against the CUDA kernels, so turning them on here would
-/// be a new, unverified check rather than the existing one.
-const BACKWARD_TRANSPOSED: bool = false;
+/// The backward checks run on transposed inputs too. Read from the code (not yet run on a GPU
+/// since it was turned on): every CUDA op, forward and backward (`quantize`, `learnable`, `lsq`
+/// and `scales` in `src/ops/*/cuda.rs`), takes each input through `cuda_util::f32_view`, which
+/// copies a non-contiguous layout to a contiguous buffer in logical row-major order with
+/// candle's strided copy, and the op checks compare shapes, not strides. A transposed `x` or
+/// upstream gradient therefore reaches the kernels exactly as its row-major copy does, the
+/// path the transposed forward checks (`scales_and_forward`) and the broadcast upstream of
+/// `autograd` already passed on the H200.
+const BACKWARD_TRANSPOSED: bool = true;
 
 /// A trained-looking layer `[out, inp]` with the weight quantizer `weight` (granularity set),
 /// optional bias and norm (a non-trivial norm weight), packed on the CPU.
@@ -177,18 +183,41 @@ fn packed_errors(dev: &Device) -> Result<()> {
     assert_eq!(empty.dims(), &[0, 7]);
     assert!(empty.device().same_device(dev));
 
-    let (x_cpu, _) = packed_input(&[3, 300], 6, dev)?;
-    let mut v = host(&x_cpu)?;
-    v[310] = f32::NAN;
-    let bad = Tensor::from_vec(v, (3, 300), dev)?;
-    assert!(text(layer.forward(&bad).unwrap_err()).contains("NaN or infinite"));
-    // Unchecked: the NaN token's outputs are NaN, the others are the CPU layer's.
-    let y = host(&layer.clone().with_finite_check(false).forward(&bad)?)?;
-    let want = host(&cpu.forward(&x_cpu)?)?;
-    assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
-    assert_close("unchecked token 0", &y[..7], &want[..7], 1e-6, 0.0, 0.0);
-    assert_close("unchecked token 2", &y[14..], &want[14..], 1e-6, 0.0, 0.0);
+    // Three tokens take the one-launch kernel on CUDA, nine the two-launch path.
+    for tokens in [3usize, 9] {
+        let (x_cpu, _) = packed_input(&[tokens, 300], 6, dev)?;
+        let mut v = host(&x_cpu)?;
+        v[310] = f32::NAN;
+        v[tokens * 300 - 1] = f32::INFINITY;
+        let bad = Tensor::from_vec(v, (tokens, 300), dev)?;
+        // The count is taken after the norm: the NaN token's 300 values and the infinity.
+        let checked = layer.clone().with_finite_check(true);
+        let e = text(checked.forward(&bad).unwrap_err());
+        assert!(e.contains("contains 301 NaN or infinite"), "{e}");
+        // The default: the CPU checks, CUDA does not (no host synchronisation).
+        assert_eq!(layer.finite_check(), dev.is_cpu());
+        let unchecked = [layer.clone().with_finite_check(false), layer.clone()];
+        for l in &unchecked[..if dev.is_cpu() { 1 } else { 2 }] {
+            // The NaN and infinite tokens' outputs are NaN, the others are the CPU layer's.
+            let y = host(&l.forward(&bad)?)?;
+            let want = host(&cpu.forward(&x_cpu)?)?;
+            let last = (tokens - 1) * 7;
+            assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
+            assert!(y[last..].iter().all(|v| v.is_nan()), "{y:?}");
+            assert_close("unchecked token 0", &y[..7], &want[..7], 1e-6, 0.0, 0.0);
+            assert_close(
+                "unchecked middle",
+                &y[14..last],
+                &want[14..last],
+                1e-6,
+                0.0,
+                0.0,
+            );
+        }
+    }
 
+    let (x_cpu, _) = packed_input(&[3, 300], 6, dev)?;
+    let want = host(&cpu.forward(&x_cpu)?)?;
     if !dev.is_cpu() {
         // The layer lives on the GPU: CPU input is a device mismatch, not a silent copy.
         let e = layer.forward(&x_cpu).unwrap_err();
@@ -208,6 +237,40 @@ fn packed_errors(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Inside `defer_finite_checks`, a CUDA quantizer given NaN or infinity returns without a host
+/// copy and `check_deferred_finite` reports the accumulated count once (two calls with two bad
+/// values each: 4), then nothing; outside, the error is immediate again. The CPU never defers.
+fn deferred_finite(dev: &Device) -> Result<()> {
+    let q = Quantizer::new(Scheme::TernaryAbsmean, Estimator::Identity)?;
+    let mut v = values(1000 * 37, 9);
+    v[5] = f32::NAN;
+    v[777] = f32::INFINITY;
+    let bad = Tensor::from_vec(v, (1000, 37), dev)?;
+    let good = Tensor::from_vec(values(1000 * 37, 10), (1000, 37), dev)?;
+    check_deferred_finite(dev)?;
+    let deferred = defer_finite_checks();
+    if dev.is_cpu() {
+        assert!(q.quantize(&bad).is_err());
+    } else {
+        q.quantize(&good)?;
+        q.quantize(&bad)?;
+        q.quantize(&bad)?;
+        let e = check_deferred_finite(dev).unwrap_err().to_string();
+        assert!(e.contains("contains 4 NaN or infinite"), "{e}");
+    }
+    check_deferred_finite(dev)?;
+    drop(deferred);
+    let e = q.quantize(&bad).unwrap_err().to_string();
+    assert!(e.contains("contains 2 NaN or infinite"), "{e}");
+    Ok(())
+}
+
+test_device!(
+    deferred_finite,
+    deferred_finite_cpu,
+    deferred_finite_cuda,
+    deferred_finite_metal
+);
 test_device!(
     packed_matmul,
     packed_matmul_cpu,

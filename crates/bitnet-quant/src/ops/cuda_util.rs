@@ -143,9 +143,23 @@ pub(crate) fn function(
     src: &str,
     name: &str,
 ) -> Result<CudaFunction> {
+    function_for(dev, cell, module, src, name, None)
+}
+
+/// [`function`] for a virtual architecture (`"compute_80"`), for kernels whose instructions
+/// NVRTC's default target lacks; the module must only be loaded on devices that have it.
+pub(crate) fn function_for(
+    dev: &CudaDevice,
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    module: &str,
+    src: &str,
+    name: &str,
+    arch: Option<&'static str>,
+) -> Result<CudaFunction> {
     let ptx = cell.get_or_init(|| {
         let opts = CompileOptions {
             fmad: Some(false),
+            arch,
             ..Default::default()
         };
         compile_ptx_with_opts(format!("{MATH}{src}"), opts)

@@ -52,8 +52,9 @@ pub struct PackedBitLinear {
     bias: Option<Vec<f32>>,
     norm: Option<RmsNorm>,
     kernel: Kernel,
-    /// Fail on NaN/infinite input; off, such tokens give NaN outputs (see `with_finite_check`).
-    check_finite: bool,
+    /// Fail on NaN/infinite input; off, such tokens give NaN outputs; `None`, the device's
+    /// default (see `with_finite_check`).
+    check_finite: Option<bool>,
     /// The layer's tensors on a CUDA device, when it was moved there; shared by clones.
     #[cfg(feature = "cuda")]
     cuda: Option<std::sync::Arc<super::cuda::CudaPacked>>,
@@ -144,7 +145,7 @@ impl PackedBitLinear {
             bias,
             norm,
             kernel: Kernel::detect(),
-            check_finite: true,
+            check_finite: None,
             #[cfg(feature = "cuda")]
             cuda: None,
         })
@@ -154,11 +155,15 @@ impl PackedBitLinear {
     ///
     /// * [`Device::Cpu`]: the CPU layer (the form every constructor returns).
     /// * A CUDA device (feature `cuda`): the packed codes, scales, bias and norm weight are copied
-    ///   to the GPU once, here; each forward then runs two CUDA kernels (int8 quantization of
-    ///   the activations per token with the optional norm, then the packed integer matmul) and
-    ///   returns a tensor on that GPU equal to the CPU layer's output (integer sums are exact
-    ///   and every float operation is the CPU's, in the same order). Input must be on the same
-    ///   device, else [`QuantError::Device`]. The host copy stays, so [`Self::weight`],
+    ///   to the GPU once, here; each forward then runs the CUDA kernels (up to 4 tokens: one
+    ///   launch that quantizes the activations per token, with the optional norm, and does the
+    ///   packed integer matmul; more tokens: the quantization and the matmul as two launches,
+    ///   the matmul on int8 tensor cores from 16 tokens on compute capability 8.0 and later)
+    ///   and returns a tensor on that GPU equal to the CPU layer's output (integer sums are
+    ///   exact and every float operation is the CPU's, in the same order). The forward does not
+    ///   synchronise with the host unless the NaN/infinity check is turned on with
+    ///   [`Self::with_finite_check`] (off by default on CUDA). Input must be on the same device,
+    ///   else [`QuantError::Device`]. The host copy stays, so [`Self::weight`],
     ///   [`save_packed`](super::save_packed) and `to_device(&Device::Cpu)` keep working.
     /// * Metal, or CUDA without the `cuda` feature: [`QuantError::Unsupported`].
     ///
@@ -227,13 +232,16 @@ impl PackedBitLinear {
         Device::Cpu
     }
 
-    /// The same layer with the NaN/infinity check of the input on (the default) or off.
+    /// The same layer with the NaN/infinity check of the input on or off, on every device.
     ///
     /// With the check on, non-finite input (after the norm) is a [`QuantError::NonFinite`]
-    /// error on every device. On CUDA the check copies a count back to the host, which waits
-    /// for the kernels: one synchronisation per forward, a large part of a batch-1 call on a
-    /// fast GPU. With it off, a CUDA forward never synchronises, and on every device a token
-    /// holding NaN or infinity gets NaN in all of its outputs (the other tokens are unaffected).
+    /// error. With it off, a token holding NaN or infinity gets NaN in all of its outputs (the
+    /// other tokens are unaffected), on every device.
+    ///
+    /// Without a call, each device has its default: on for the CPU, where the check is a scan
+    /// of the input; off for CUDA, where it would copy a count back to the host, which waits
+    /// for the kernels: one synchronisation per forward, most of a batch-1 call on a fast GPU.
+    /// A CUDA forward with the check off never synchronises with the host.
     ///
     /// ```
     /// use bitnet_quant::packed::PackedBitLinear;
@@ -245,19 +253,20 @@ impl PackedBitLinear {
     /// let layer = BitLinear::new(4, 2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     /// let packed = PackedBitLinear::from_trained(&layer)?;
     /// let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0], [f32::NAN, 0.0, 0.0, 0.0]], &Device::Cpu)?;
-    /// assert!(packed.forward(&x).is_err());
+    /// assert!(packed.finite_check() && packed.forward(&x).is_err());
     /// let y = packed.with_finite_check(false).forward(&x)?.to_vec2::<f32>()?;
     /// assert!(y[0].iter().all(|v| v.is_finite()) && y[1].iter().all(|v| v.is_nan()));
     /// # Ok(()) }
     /// ```
     pub fn with_finite_check(mut self, check: bool) -> Self {
-        self.check_finite = check;
+        self.check_finite = Some(check);
         self
     }
 
-    /// Whether [`Module::forward`] fails on NaN/infinite input (see [`Self::with_finite_check`]).
+    /// Whether [`Module::forward`] fails on NaN/infinite input on the layer's device: the value
+    /// given to [`Self::with_finite_check`], else the device's default (CPU on, CUDA off).
     pub fn finite_check(&self) -> bool {
-        self.check_finite
+        self.check_finite.unwrap_or(self.device().is_cpu())
     }
 
     /// The same layer computing with another kernel (an unavailable one falls back to
@@ -435,7 +444,7 @@ impl PackedBitLinear {
         }
         let op = super::cuda::PackedMatmul {
             weights: on_gpu.clone(),
-            check_finite: self.check_finite,
+            check_finite: self.finite_check(),
         };
         x.to_dtype(DType::F32)?
             .apply_op1_no_bwd(&op)?
@@ -482,7 +491,7 @@ impl Module for PackedBitLinear {
             return Tensor::zeros(out_dims, dtype, &device);
         }
         let bad = xs.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 && self.check_finite {
+        if bad > 0 && self.finite_check() {
             return Err(QuantError::NonFinite { op: OP, count: bad }.into());
         }
         let w = &self.weight;

@@ -23,12 +23,18 @@
 mod act_quant;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+mod cuda_emulation;
+#[cfg(any(feature = "cuda", test))]
+mod gpu_plan;
 pub mod io;
 pub mod kernels;
 pub mod layout;
 pub mod linear;
 mod matmul;
 pub mod mixed;
+#[cfg(test)]
+mod mma_emulation;
 pub mod multibit;
 
 pub use io::{

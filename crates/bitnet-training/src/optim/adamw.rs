@@ -105,7 +105,9 @@ struct Slot {
 /// rounding). Parameters without a gradient in the `GradStore` are skipped; the step counter still
 /// advances, as in candle-nn.
 ///
-/// f32 CPU parameters take the fused kernel; other float dtypes and GPU devices take tensor ops.
+/// f32 CPU parameters take the fused kernel, f32 CUDA parameters (feature `cuda`) one fused CUDA
+/// kernel per parameter with the same f32 operations (so the same bits); other float dtypes and
+/// Metal take tensor ops.
 ///
 /// ```
 /// use bitnet_training::optim::{OptimizerState, ParamGroup, ParamsQatAdamW, QatAdamW};
@@ -241,6 +243,25 @@ impl QatAdamW {
                     threshold: self.par_threshold,
                 };
                 apply_fused(slot.var.as_tensor(), g, &mut update)
+            }
+            #[cfg(feature = "cuda")]
+            (Buf::Device(m), Buf::Device(v))
+                if slot.var.device().is_cuda() && slot.var.dtype() == candle_core::DType::F32 =>
+            {
+                // One fused kernel, then the copy of `Var::set`; the moments stay views of the
+                // kernel's `[3, n]` output.
+                let c = AdamCoeffs::new(lr, p.beta1, p.beta2, p.eps, wd, self.step_t, group.clip);
+                let op = super::adamw_gpu::AdamStep {
+                    grad: g.contiguous()?,
+                    c,
+                };
+                let flat = |t: &Tensor| t.flatten_all()?.contiguous();
+                let out =
+                    flat(slot.var.as_tensor())?.apply_op3_no_bwd(&flat(m)?, &flat(v)?, &op)?;
+                let shape = slot.var.shape().clone();
+                *m = out.get(1)?.reshape(&shape)?;
+                *v = out.get(2)?.reshape(&shape)?;
+                slot.var.set(&out.get(0)?.reshape(&shape)?)
             }
             (Buf::Device(m), Buf::Device(v)) => {
                 let t = i32::try_from(self.step_t).unwrap_or(i32::MAX);

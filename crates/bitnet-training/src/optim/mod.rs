@@ -24,6 +24,8 @@
 //! tensors and imports back for a bit-exact resume from a checkpoint.
 
 mod adamw;
+#[cfg(any(feature = "cuda", test))]
+mod adamw_gpu;
 mod bop;
 mod case;
 mod fused;

@@ -163,10 +163,10 @@ fn temperature(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<f32> {
     }
 }
 
-/// The GPU kernels' check of the temperature: the CPU's ([`temperature`]: one value, finite and
-/// > 0, the same errors), on a copy of it read back to the host. That waits for the GPU once
-/// per call, as the scales op before it already does for its non-finite check; the kernels
-/// still read `t` on the device.
+/// The GPU kernels' check of the temperature: the CPU's ([`temperature`]: one value, finite
+/// and above 0, the same errors), on a copy of it read back to the host. That waits for the GPU
+/// once per call, as the scales op before it already does for its non-finite check; the
+/// kernels still read `t` on the device.
 #[cfg(any(feature = "cuda", feature = "metal"))]
 fn device_temperature<S: candle_core::backend::BackendStorage>(
     op: &'static str,

@@ -11,10 +11,10 @@
 use crate::error::QuantError;
 use crate::ops::cuda_util::{cfg, f32_view, function, splits, wrap};
 use crate::ops::math::Kind;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::{Layout, Result};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 const SRC: &str = r#"
 // Partial |x| statistics of chunk (blockIdx.x % splits) of block (blockIdx.x / splits).
@@ -152,7 +152,9 @@ static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 /// `[blocks, 2]` parameters of the values in `s`/`l`, in blocks of `block` values. Non-finite
 /// input is counted on the GPU and reported as [`QuantError::NonFinite`] after one small copy of
-/// the count to the host, as the CPU kernel does.
+/// the count to the host, as the CPU kernel does; inside
+/// [`defer_finite_checks`](crate::defer_finite_checks) the count goes to the device's counter
+/// for [`check_deferred_finite`](crate::check_deferred_finite) instead, with no copy.
 pub(crate) fn block_params(
     op: &'static str,
     kind: Kind,
@@ -179,7 +181,23 @@ pub(crate) fn block_params(
     let mut psigned = unsafe { dev.alloc::<f64>(if centered != 0 { grid } else { 1 })? };
     let mut pmax = unsafe { dev.alloc::<f32>(grid)? };
     let mut params = unsafe { dev.alloc::<f32>(2 * blocks)? };
-    let mut nonfinite = dev.alloc_zeros::<u32>(1)?;
+    // Deferred (see `finite_check`): the device's persistent counter, never copied back here.
+    let deferred = crate::finite_check::finite_checks_deferred();
+    let mut own = if deferred {
+        None
+    } else {
+        Some(dev.alloc_zeros::<u32>(1)?)
+    };
+    let mut counters = if deferred {
+        Some(counters().lock().unwrap_or_else(|e| e.into_inner()))
+    } else {
+        None
+    };
+    let nonfinite: &mut CudaSlice<u32> = match (&mut own, &mut counters) {
+        (Some(c), _) => c,
+        (None, Some(all)) => counter(all, dev)?,
+        (None, None) => unreachable!("one of the two is set"),
+    };
 
     let f = function(dev, &PTX, MODULE, SRC, "bq_abs_partial")?;
     let mut b = stream.launch_builder(&f);
@@ -191,7 +209,7 @@ pub(crate) fn block_params(
     b.arg(&mut psum)
         .arg(&mut psigned)
         .arg(&mut pmax)
-        .arg(&mut nonfinite);
+        .arg(nonfinite);
     // SAFETY: the argument list matches the kernel's signature; the grid covers every chunk.
     unsafe { b.launch(cfg(grid, threads)) }.w()?;
 
@@ -228,9 +246,45 @@ pub(crate) fn block_params(
         unsafe { b.launch(fin_cfg) }.w()?;
     }
 
-    let count = dev.clone_dtoh(&nonfinite)?[0] as usize;
-    if count > 0 {
-        return Err(QuantError::NonFinite { op, count }.into());
+    drop(counters);
+    if let Some(own) = own {
+        let count = dev.clone_dtoh(&own)?[0] as usize;
+        if count > 0 {
+            return Err(QuantError::NonFinite { op, count }.into());
+        }
     }
     Ok(wrap(params, dev))
+}
+
+/// The deferred non-finite counters, one per device.
+type Counters = Vec<(DeviceId, CudaSlice<u32>)>;
+
+fn counters() -> &'static Mutex<Counters> {
+    static COUNTERS: OnceLock<Mutex<Counters>> = OnceLock::new();
+    COUNTERS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// The counter of `dev`, created (zero) on first use.
+fn counter<'a>(all: &'a mut Counters, dev: &CudaDevice) -> Result<&'a mut CudaSlice<u32>> {
+    let i = match all.iter().position(|(id, _)| *id == dev.id()) {
+        Some(i) => i,
+        None => {
+            all.push((dev.id(), dev.alloc_zeros::<u32>(1)?));
+            all.len() - 1
+        }
+    };
+    Ok(&mut all[i].1)
+}
+
+/// Reads and zeroes `dev`'s deferred count (0 if nothing was ever deferred there).
+pub(crate) fn take_deferred(dev: &CudaDevice) -> Result<usize> {
+    let mut all = counters().lock().unwrap_or_else(|e| e.into_inner());
+    let Some((_, c)) = all.iter_mut().find(|(id, _)| *id == dev.id()) else {
+        return Ok(0);
+    };
+    let count = dev.clone_dtoh(&*c)?[0] as usize;
+    if count > 0 {
+        dev.cuda_stream().memset_zeros(c).w()?;
+    }
+    Ok(count)
 }
