@@ -114,7 +114,7 @@ def plot(points, path):
         ax.set_ylabel(what + " to the fp teacher")
         ax.grid(alpha=0.3)
     ax1.set_title("mean cosine (target 0.97 at <= 2.5 bits)")
-    ax2.set_title("top-5 agreement (target 90 %); gray dash: isotropic noise at that cosine")
+    ax2.set_title("top-5 agreement (target 90 %)\ngray dash: isotropic noise at the same cosine", fontsize=10)
     short = min(p["steps"] for p in points)
     long = max(p["steps"] for p in points)
     longer = f", green squares {long} steps" if long > short else ""
@@ -140,17 +140,24 @@ def main():
     a.add_argument("--corpus", default=os.path.join(REPO, "data/shakespeare/shakespeare.txt.gz"))
     a.add_argument("--json", default=os.path.join(REPO, "docs/minilm_tradeoff.json"))
     a.add_argument("--png", default=os.path.join(REPO, "docs/minilm_tradeoff.png"))
+    a.add_argument("--recipes", nargs="*", default=[],
+                   help="run directories of recipe variants at one precision (other flags, same "
+                        "bits): written to the JSON and tabled apart, not plotted")
     a.add_argument("--no-noise", action="store_true", help="skip the noise baseline")
     args = a.parse_args()
     points = load_points(args.runs)
     points.sort(key=lambda p: (p["steps"], p["avg_bits"], p["point"]))
+    recipes = load_points(args.recipes)
     if not args.no_noise:
-        noise_baseline(points, args.model, args.corpus)
+        noise_baseline(points + recipes, args.model, args.corpus)
     with open(args.json, "w") as f:
-        json.dump({"points": points}, f, indent=1)
+        json.dump({"points": points, "recipes": recipes}, f, indent=1)
         f.write("\n")
     plot(points, args.png)
     print(table(points))
+    if recipes:
+        print()
+        print(table(recipes))
 
 
 if __name__ == "__main__":
