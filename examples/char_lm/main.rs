@@ -19,7 +19,8 @@
 //! `DIR/offline` (packed). `--shards N` splits each batch's sequences into N blocks that run
 //! forward and backward side by side (`bitnet_training::data_parallel`); with more than one,
 //! candle's elementwise ops run on each shard's own thread (`elementwise_on_caller`), which is
-//! what makes the shards pay: 1.5x the tokens/s of one shard on 2 cores.
+//! what makes the shards pay: 1.5x the tokens/s of one shard on 2 cores. `--device cuda` (with
+//! `--features cuda`) trains on a GPU, unsharded unless `--shards` says otherwise.
 
 mod plot;
 
@@ -127,9 +128,14 @@ struct Args {
     /// End the run after step N (with a validation and a checkpoint), to resume later.
     #[arg(long, value_parser = common::positive_usize)]
     stop_after: Option<usize>,
-    /// Blocks of each batch run forward and backward side by side [default: one per core].
+    /// Blocks of each batch run forward and backward side by side [default: one per core on the
+    /// CPU, 1 on a GPU].
     #[arg(long, value_parser = common::positive_usize)]
     shards: Option<usize>,
+    /// cpu, auto, cuda[:N] or metal[:N] (a GPU needs the `cuda` or `metal` feature, e.g.
+    /// `cargo run --release --features cuda --example char_lm -- --device cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: bitnet::core::device::Preference,
     /// At the end, save the model as Hugging Face checkpoints: DIR/online and DIR/offline.
     #[arg(long)]
     export: Option<PathBuf>,
@@ -143,9 +149,16 @@ impl Args {
         }
     }
 
-    /// Shards per batch: one per core unless `--shards` says otherwise.
-    fn shards(&self) -> usize {
-        self.shards.unwrap_or_else(common::rayon_threads)
+    /// Shards per batch: one per core on the CPU, one on a GPU (whose kernels already use the
+    /// whole device), unless `--shards` says otherwise.
+    fn shards(&self, dev: &Device) -> usize {
+        self.shards.unwrap_or_else(|| {
+            if dev.is_cpu() {
+                common::rayon_threads()
+            } else {
+                1
+            }
+        })
     }
 
     /// The curve's name in the log and the plot: the mode plus what was added to it.
@@ -230,8 +243,8 @@ fn train(
     args: &Args,
     corpus: &Corpus,
     teacher: Option<&CharLm>,
+    dev: &Device,
 ) -> Result<Outcome> {
-    let dev = Device::Cpu;
     let (seq, label) = (args.config().seq_len, args.label());
     let mut opt = QatAdamW::new(
         checkpoint::sorted_vars(vm),
@@ -275,9 +288,9 @@ fn train(
         let starts: Vec<usize> = (0..args.batch)
             .map(|_| rng.random_range(0..corpus.train.len() - seq - 1))
             .collect();
-        let (x, y) = windows(&corpus.train, &starts, seq, &dev)?;
+        let (x, y) = windows(&corpus.train, &starts, seq, dev)?;
         // Each sequence's tokens are independent rows of the mean loss: shards split sequences.
-        let (l, grads) = sharded_backward(&[&x, &y], args.shards(), |b| {
+        let (l, grads) = sharded_backward(&[&x, &y], args.shards(dev), |b| {
             let (x, y) = (&b[0], b[1].flatten_all()?);
             let logits = model.forward(x)?.reshape(((), VOCAB))?;
             match teacher {
@@ -295,7 +308,7 @@ fn train(
         bar.set_message(format!("{:.0} tok/s", tokens as f64 / train_secs));
         bar.inc(1);
         if (step + 1) % args.eval_every == 0 || step + 1 == end {
-            val_loss = validate(model, &corpus.valid, args, &dev)?;
+            val_loss = validate(model, &corpus.valid, args, dev)?;
             let record = serde_json::json!({
                 "run": run, "label": label, "step": step + 1,
                 "train_loss": loss_sum.0 / loss_sum.1 as f64,
@@ -317,7 +330,7 @@ fn train(
     }
     bar.finish_and_clear();
     if val_loss.is_nan() {
-        val_loss = validate(model, &corpus.valid, args, &dev)?;
+        val_loss = validate(model, &corpus.valid, args, dev)?;
     }
     Ok(Outcome {
         val_loss,
@@ -326,9 +339,9 @@ fn train(
 }
 
 /// The fp teacher: loaded from a `--mode fp --save DIR` checkpoint, or trained here first.
-fn teacher(args: &Args, corpus: &Corpus) -> Result<CharLm> {
+fn teacher(args: &Args, corpus: &Corpus, dev: &Device) -> Result<CharLm> {
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let model = CharLm::new(args.config(), QATConfig::full_precision(), vb)?;
     match &args.teacher {
         Some(dir) => {
@@ -351,16 +364,16 @@ fn teacher(args: &Args, corpus: &Corpus) -> Result<CharLm> {
                 resume: None,
                 ..args.clone()
             };
-            train(&model, &vm, &t_args, corpus, None)?;
+            train(&model, &vm, &t_args, corpus, None, dev)?;
         }
     }
-    let v = validate(&model, &corpus.valid, args, &Device::Cpu)?;
+    let v = validate(&model, &corpus.valid, args, dev)?;
     println!("teacher val_bpc {:.4}", v / std::f64::consts::LN_2);
     Ok(model)
 }
 
 /// `n` bytes continuing `prompt`, sampled at temperature 0.8 with a fixed seed.
-fn sample(model: &CharLm, prompt: &[u8], n: usize, seed: u64) -> Result<String> {
+fn sample(model: &CharLm, prompt: &[u8], n: usize, seed: u64, dev: &Device) -> Result<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut text = prompt.to_vec();
     let seq = model.config().seq_len;
@@ -369,7 +382,7 @@ fn sample(model: &CharLm, prompt: &[u8], n: usize, seed: u64) -> Result<String> 
         let x = Tensor::from_vec(
             ctx.iter().map(|&b| b as u32).collect::<Vec<_>>(),
             (1, ctx.len()),
-            &Device::Cpu,
+            dev,
         )?;
         let last = model.forward(&x)?.get(0)?.get(ctx.len() - 1)?;
         let probs = candle_nn::ops::softmax(&(last / 0.8)?, D::Minus1)?.to_vec1::<f32>()?;
@@ -432,18 +445,22 @@ fn main() -> Result<()> {
             )
             .exit();
     }
+    let selected = bitnet::core::device::select_with_reason(args.device)
+        .map_err(|e| candle_core::Error::Msg(format!("--device: {e}")))?;
+    println!("device: {} ({})", selected.info.name, selected.reason);
+    let device_name = selected.info.name.clone();
+    let dev = selected.device;
     bitnet::core::host_alloc::keep_freed_memory();
     // Shards keep every core busy on their own; candle's spinning elementwise pool would compete
     // with them (unsharded, that pool is what parallelises this model's large elementwise ops).
-    if args.shards() > 1 {
+    if dev.is_cpu() && args.shards(&dev) > 1 {
         if let Err(e) = bitnet::core::host_threads::elementwise_on_caller() {
             eprintln!("note: {e}");
         }
     }
     let corpus = shakespeare::load(&args.data, 8 * args.config().seq_len)?;
-    let dev = Device::Cpu;
     let teacher = match args.distill {
-        true => Some(teacher(&args, &corpus)?),
+        true => Some(teacher(&args, &corpus, &dev)?),
         false => None,
     };
     let vm = VarMap::new();
@@ -460,7 +477,7 @@ fn main() -> Result<()> {
         corpus.train.len(),
         corpus.valid.len()
     );
-    let out = train(&model, &vm, &args, &corpus, teacher.as_ref())?;
+    let out = train(&model, &vm, &args, &corpus, teacher.as_ref(), &dev)?;
     let series = curves(&args.log)?;
     let png = args.log.with_extension("png");
     plot::write_png(
@@ -488,7 +505,7 @@ fn main() -> Result<()> {
     if args.sample > 0 {
         println!(
             "--- sample ---\n{}\n---",
-            sample(&model, b"ROMEO.\n", args.sample, args.seed)?
+            sample(&model, b"ROMEO.\n", args.sample, args.seed, &dev)?
         );
     }
     let modes: serde_json::Map<String, serde_json::Value> = series
@@ -505,6 +522,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "mode": args.mode.name(),
             "label": args.label(),
+            "device": device_name,
             "steps": args.stop_after.map_or(args.steps, |n| n.min(args.steps)),
             "parameters": args.config().parameters(),
             "val_loss": round(out.val_loss),
