@@ -22,6 +22,8 @@ pub mod bitlinear;
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_util;
+#[cfg(test)]
+pub(crate) mod gpu_emulation;
 pub mod learnable;
 pub mod linear;
 pub mod lsq;

@@ -7,6 +7,7 @@
 
 use super::gpu_plan::{fused_plan, Variant, MAX_GRID_Y};
 use super::PackedBitLinear;
+use crate::ops::gpu_emulation::tree;
 use crate::scheme::Granularity;
 
 /// `THREADS` of `cuda_util.rs`: every block of the packed kernels has 256 threads.
@@ -145,18 +146,6 @@ pub(super) fn quant_token(l: &Layer, xt: &[f32]) -> (Vec<i8>, f32, u32) {
         *q = v as i32 as i8;
     }
     (qt, mt, bad)
-}
-
-/// `bq_block_max` / `bq_block_sum`: a tree over the block's values.
-fn tree<T: Copy>(mut v: Vec<T>, add: impl Fn(T, T) -> T) -> T {
-    let mut s = v.len() / 2;
-    while s > 0 {
-        for tid in 0..s {
-            v[tid] = add(v[tid], v[tid + s]);
-        }
-        s /= 2;
-    }
-    v[0]
 }
 
 /// Outputs written by the emulated kernels; a second write of one output is a bug of the

@@ -8,6 +8,7 @@
 //! `ldexp` are flushed to zero, and a subnormal maximum counts as zero.
 
 use super::cpu::block_params;
+use crate::ops::gpu_emulation::tree;
 use crate::ops::math::Kind;
 use crate::ops::reduction_splits;
 
@@ -81,18 +82,6 @@ fn exponent(mx: f32) -> i32 {
 
 fn dd_ldexp(a: Dd, k: i32) -> Dd {
     (ldexp(a.0, k), ldexp(a.1, k))
-}
-
-/// `bq_block_sum` / `bq_block_max`: one value per thread, a tree over `bdim` (a power of two).
-fn tree<T: Copy>(mut v: Vec<T>, add: impl Fn(T, T) -> T) -> T {
-    let mut s = v.len() / 2;
-    while s > 0 {
-        for tid in 0..s {
-            v[tid] = add(v[tid], v[tid + s]);
-        }
-        s /= 2;
-    }
-    v[0]
 }
 
 /// One chunk's per-thread accumulation (`for (i = lo + tid; i < hi; i += bdim)`), reduced.
