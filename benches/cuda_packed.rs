@@ -17,6 +17,8 @@
 //! Without the `cuda` feature, or without a CUDA device, the bench says so and measures nothing.
 //! Env: `BITNET_BENCH_SHAPES` (comma-separated `OUTxIN`, default all four).
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// `[out, in]` of every row.
@@ -27,13 +29,9 @@ const BATCHES: [usize; 3] = [1, 16, 128];
 
 #[cfg(feature = "cuda")]
 fn bench(c: &mut Criterion) {
-    use bitnet::quant::packed::{PackedBitLinear, PackedTernary};
-    use bitnet::quant::Granularity;
+    use bitnet::quant::packed::PackedBitLinear;
     use candle_core::{DType, Device, Module, Tensor};
     use criterion::{BenchmarkId, Throughput};
-    use rand::{Rng, SeedableRng};
-    use std::hint::black_box;
-    use std::time::{Duration, Instant};
 
     let dev = match Device::new_cuda(0) {
         Ok(d) => d,
@@ -52,38 +50,11 @@ fn bench(c: &mut Criterion) {
             .collect(),
         Err(_) => SHAPES.to_vec(),
     };
-    let timed = |iters: u64, f: &dyn Fn() -> Tensor| -> Duration {
-        dev.synchronize().unwrap();
-        let start = Instant::now();
-        for _ in 0..iters {
-            black_box(f());
-        }
-        dev.synchronize().unwrap();
-        start.elapsed()
-    };
+    let timed = |iters: u64, f: &dyn Fn() -> Tensor| common::synchronized(&dev, iters, f);
     let mut g = c.benchmark_group("cuda_packed");
     g.sample_size(20);
     for (out, inp) in shapes {
-        // Uniformly random codes with one scale per row: the kernels' work does not depend on
-        // the values.
-        let mut rng = rand::rngs::StdRng::seed_from_u64((out * 7 + inp) as u64);
-        let row = inp.div_ceil(128) * 32;
-        // Byte b of a 32-byte block holds the block's weights b + 32 j; padding the zero code.
-        let data: Vec<u8> = (0..out * row)
-            .map(|i| {
-                let (block, b) = ((i % row) / 32, i % 32);
-                (0..4).fold(0u8, |acc, j| {
-                    let code = if block * 128 + b + 32 * j < inp {
-                        rng.random_range(0..3u8)
-                    } else {
-                        1
-                    };
-                    acc | (code << (2 * j))
-                })
-            })
-            .collect();
-        let scales: Vec<f32> = (0..out).map(|_| rng.random_range(0.01..0.05f32)).collect();
-        let w = PackedTernary::from_raw(out, inp, Granularity::PerChannel, &data, &scales).unwrap();
+        let w = common::random_ternary(out, inp, (out * 7 + inp) as u64);
         let wq = w.unpack().unwrap();
         let bytes = w.size_bytes() as u64;
         let packed = PackedBitLinear::from_parts(w, None, None)

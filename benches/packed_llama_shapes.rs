@@ -17,11 +17,11 @@
 //! (comma-separated kernel names, default every available one but the scalar reference),
 //! `BITNET_BENCH_THREADS` (default 1).
 
-use bitnet::quant::packed::{Kernel, PackedBitLinear, PackedTernary};
-use bitnet::quant::Granularity;
+mod common;
+
+use bitnet::quant::packed::{Kernel, PackedBitLinear};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rand::{Rng, SeedableRng};
 use std::hint::black_box;
 
 const M: usize = 4096;
@@ -30,13 +30,7 @@ const NS: [usize; 7] = [1, 2, 3, 4, 5, 8, 512];
 
 /// A `[M, K]` layer of uniformly random ternary codes with one scale per row.
 fn layer() -> PackedBitLinear {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
-    let data: Vec<u8> = (0..M * K / 4)
-        .map(|_| (0..4).fold(0u8, |b, j| b | (rng.random_range(0..3u8) << (2 * j))))
-        .collect();
-    let scales: Vec<f32> = (0..M).map(|_| rng.random_range(0.01..0.05f32)).collect();
-    let w = PackedTernary::from_raw(M, K, Granularity::PerChannel, &data, &scales).unwrap();
-    PackedBitLinear::from_parts(w, None, None).unwrap()
+    PackedBitLinear::from_parts(common::random_ternary(M, K, 22), None, None).unwrap()
 }
 
 fn list<T>(var: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {

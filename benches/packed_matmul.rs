@@ -23,6 +23,8 @@
 //! * `cuda_f32`: candle's (cuBLAS) f32 matmul on the dequantized weight, throughput in f32
 //!   weight bytes; the baseline.
 
+mod common;
+
 use bitnet::quant::packed::PackedBitLinear;
 use bitnet::quant::{BitLinear, BitLinearConfig, Estimator, Quantizer, Scheme};
 use candle_core::{Device, Module, Tensor};
@@ -102,7 +104,6 @@ fn bench(c: &mut Criterion) {
 /// there is none).
 #[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
-    use std::time::{Duration, Instant};
     let dev = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
@@ -110,16 +111,7 @@ fn bench_cuda(c: &mut Criterion) {
             return;
         }
     };
-    // Each timing ends with a synchronize so that it covers the kernels, not their launches.
-    let timed = |iters: u64, f: &dyn Fn() -> Tensor| -> Duration {
-        dev.synchronize().unwrap();
-        let start = Instant::now();
-        for _ in 0..iters {
-            black_box(f());
-        }
-        dev.synchronize().unwrap();
-        start.elapsed()
-    };
+    let timed = |iters: u64, f: &dyn Fn() -> Tensor| common::synchronized(&dev, iters, f);
     let mut g = c.benchmark_group("packed_matmul");
     g.sample_size(20);
     for (out, inp) in SHAPES {
