@@ -13,6 +13,13 @@
 //! every token, the same in both runtimes). Threads: run once per count,
 //! `RAYON_NUM_THREADS=1 cargo bench --bench bitnet_generate` and `RAYON_NUM_THREADS=2 ...`
 //! (candle's GEMM and our kernels both read it); the bench names carry the count.
+//!
+//! `BITNET_BENCH_DEVICE=cuda` (with `--features cuda`) runs the same groups on the first CUDA GPU
+//! instead, `decode_cuda_{L}layers_{V}vocab` and `prefill128_cuda_*`, with rows `packed` (f32 embedding and head),
+//! `packed_bf16` (the head in bf16), `bf16` (every weight unpacked to bf16: the model as
+//! transformers runs it in `torch.bfloat16`, cuBLAS GEMMs, the baseline) and `f32`. On a GPU
+//! the real model's size is worth measuring whole: `BITNET_BENCH_LAYERS=30
+//! BITNET_BENCH_VOCAB=128256`.
 
 use bitnet::models::bitnet::{BitNetForCausalLM, Cache, Config};
 use bitnet::training::QATConfig;
@@ -52,6 +59,9 @@ fn ids(n: usize, vocab: usize) -> Tensor {
 }
 
 fn bench(c: &mut Criterion) {
+    if std::env::var("BITNET_BENCH_DEVICE").is_ok_and(|d| d != "cpu") {
+        return gpu::bench(c);
+    }
     let (packed, dense) = models();
     let cfg = packed.config().clone();
     let threads = rayon::current_num_threads();
@@ -81,6 +91,83 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+#[cfg(feature = "cuda")]
+#[path = "common/mod.rs"]
+mod common;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{ids, models};
+    use bitnet::models::bitnet::{BitNetForCausalLM, Cache};
+    use candle_core::{DType, Device, Tensor};
+    use criterion::{Criterion, Throughput};
+
+    pub fn bench(c: &mut Criterion) {
+        let dev = Device::new_cuda(0).expect("BITNET_BENCH_DEVICE=cuda needs a CUDA GPU");
+        let (packed, dense) = models();
+        let cfg = packed.config().clone();
+        let on = |m: &BitNetForCausalLM, dtype| {
+            m.to_weight_dtype(dtype).unwrap().to_device(&dev).unwrap()
+        };
+        let runs: Vec<(&str, BitNetForCausalLM)> = vec![
+            ("packed", on(&packed, DType::F32)),
+            ("packed_bf16", on(&packed, DType::BF16)),
+            ("bf16", on(&dense, DType::BF16)),
+            ("f32", on(&dense, DType::F32)),
+        ];
+        drop((packed, dense));
+        let to_dev = |t: Tensor| t.to_device(&dev).unwrap();
+        let tag = format!(
+            "cuda_{}layers_{}vocab",
+            cfg.num_hidden_layers, cfg.vocab_size
+        );
+        // What each decode step reads at least once, for scripts/gpu_results.py's GB/s.
+        for (name, m) in &runs {
+            println!(
+                "bitnet_generate: {tag}/{name}: weights {} bytes",
+                m.weights_bytes()
+            );
+        }
+        let mut g = c.benchmark_group(format!("bitnet_2b_shapes/decode_{tag}"));
+        g.sample_size(20).throughput(Throughput::Elements(1));
+        let next = to_dev(ids(1, cfg.vocab_size));
+        for (name, m) in &runs {
+            let mut prefilled = Cache::new(true, &cfg);
+            m.forward(&to_dev(ids(64, cfg.vocab_size)), 0, &mut prefilled)
+                .unwrap();
+            g.bench_function(*name, |b| {
+                b.iter_custom(|iters| {
+                    super::common::synchronized(&dev, iters, || {
+                        let mut cache = prefilled.clone();
+                        m.forward(&next, 64, &mut cache).unwrap()
+                    })
+                })
+            });
+        }
+        g.finish();
+        let mut g = c.benchmark_group(format!("bitnet_2b_shapes/prefill128_{tag}"));
+        g.sample_size(10).throughput(Throughput::Elements(128));
+        let prompt = to_dev(ids(128, cfg.vocab_size));
+        for (name, m) in &runs {
+            g.bench_function(*name, |b| {
+                b.iter_custom(|iters| {
+                    super::common::synchronized(&dev, iters, || {
+                        m.forward(&prompt, 0, &mut Cache::new(true, &cfg)).unwrap()
+                    })
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub fn bench(_: &mut criterion::Criterion) {
+        panic!("BITNET_BENCH_DEVICE: this build has no GPU backend; rebuild with --features cuda")
+    }
 }
 
 criterion_group!(benches, bench);

@@ -10,6 +10,9 @@
 //! # a GGUF file of llama.cpp's `bitnet` architecture (TQ1_0, TQ2_0, I2_S), its tokenizer from
 //! # the file's metadata; the blocks are converted to our packed layout at load:
 //! cargo run --release --example bitnet_generate -- --gguf model-tq2_0.gguf --prompt "Hello"
+//! # on a CUDA GPU, packed kernels against the same model in bf16 with cuBLAS:
+//! cargo run --release --features cuda --example bitnet_generate -- --hf DIR --prompt "Hello" --device cuda --dtype bf16
+//! cargo run --release --features cuda --example bitnet_generate -- --hf DIR --prompt "Hello" --device cuda --f32 --dtype bf16
 //! ```
 //! The text is streamed as it is generated; the last line is one JSON object:
 //! `{"prompt_tokens": [...], "new_tokens": [...], "prompt_last_logits": [first K logits at the prompt's last position],
@@ -19,7 +22,7 @@
 use bitnet::io::gguf::{GgufModel, SpmTokenizer};
 use bitnet::io::hf::HfCheckpoint;
 use bitnet::models::bitnet::{generate, BitNetForCausalLM, GenerateConfig, Runtime};
-use candle_core::Result;
+use candle_core::{DType, Result};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
@@ -71,9 +74,27 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     logits: usize,
     /// Run the same model with f32 weights (scale * code) and candle's GEMM instead of the
-    /// packed kernels.
+    /// packed kernels (with `--dtype bf16`, bf16 weights).
     #[arg(long)]
     f32: bool,
+    /// cpu, auto, cuda[:N] (packed inference runs on the CPU and, with the `cuda` feature, on
+    /// CUDA GPUs; `--f32` also on metal[:N] with the `metal` feature).
+    #[arg(long, default_value = "cpu")]
+    device: bitnet::core::device::Preference,
+    /// The dtype of the embedding and output head, and with `--f32` of every projection's
+    /// weight: f32, bf16 or f16. 16 bits halve the head's reads per token; on the CPU take f16
+    /// (candle's bf16 GEMM there is slower than its f32 one).
+    #[arg(long, default_value = "f32", value_parser = weight_dtype)]
+    dtype: DType,
+}
+
+fn weight_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => Err(format!("{s} (allowed: f32, bf16, f16)")),
+    }
 }
 
 fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
@@ -193,7 +214,14 @@ fn main() -> Result<()> {
     } else {
         Runtime::Packed
     };
+    let selected = bitnet::core::device::select_with_reason(args.device)
+        .map_err(|e| candle_core::Error::Msg(format!("--device: {e}")))?;
+    eprintln!("device: {} ({})", selected.info.name, selected.reason);
     let (model, tokenizer, prompt) = load(&args, runtime)?;
+    let model = model
+        .to_weight_dtype(args.dtype)?
+        .to_device(&selected.device)
+        .map_err(|e| candle_core::Error::Msg(format!("--device {}: {e}", selected.info.name)))?;
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -242,6 +270,8 @@ fn main() -> Result<()> {
             "threads": rayon::current_num_threads(),
             "weights_bytes": model.weights_bytes(),
             "runtime": if args.f32 { "f32" } else { "packed" },
+            "device": selected.info.name,
+            "dtype": format!("{:?}", args.dtype).to_lowercase(),
             "peak_rss_bytes": common::peak_rss_json(),
         })
     );

@@ -3,9 +3,12 @@
 # appended to $OUT as each step ends (a step that times out still leaves the earlier ones).
 #
 # Here (the CPU machine), once, from the repository root:
-#   ../shared/tools/gpu-bundle --workspace --lib --tests --bench cuda_packed
+#   ../shared/tools/gpu-bundle --workspace --lib --tests --bench cuda_packed --bench bitnet_generate
 #   echo .gpu-bundle >> .git/info/exclude
-# Then the device tool: run, carry [".gpu-bundle"], command "bash scripts/gpu-run.sh", timeout_s 600.
+# Then the device tool: run, carry [".gpu-bundle"], timeout_s 600. All steps take longer than one
+# call's 600 s, so make two calls while the machine is warm:
+#   GPU_RUN_STEPS="gpu tests" bash scripts/gpu-run.sh
+#   GPU_RUN_STEPS="bench generate" bash scripts/gpu-run.sh
 #
 # Steps (limits in seconds, env overrides):
 #   gpu      nvidia-smi and the CPU's flags (AVX-512 / VNNI decide the CPU packed kernel) -> gpu.txt
@@ -13,8 +16,10 @@
 #   bench    benches/cuda_packed.rs with short criterion times (GPU_RUN_BENCH_S, 200)       -> bench.log
 #            then scripts/gpu_results.py -> gpu_results.json (docs/gpu_results.json merged) and
 #            gpu_results.txt: copy the json to docs/ and commit it.
-# Not here yet: model runs (`char_lm` has no --device option, and gpu-bundle packs test binaries
-# only, not examples).
+#   generate benches/bitnet_generate.rs on the GPU (BITNET_BENCH_DEVICE=cuda) at the real
+#            bitnet-b1.58-2B-4T size, 30 layers and 128256 tokens (GPU_RUN_GENERATE_S, 240):
+#            packed against bf16 and f32 -> generate.log, rows in gpu_results.json too
+# Not here: char_lm --device cuda (gpu-bundle packs test and bench binaries, not examples).
 # steps.log: one line per step with its exit status and seconds (124: the step hit its limit).
 # Env: OUT (default gpu-results), GPU_BUNDLE (default .gpu-bundle), GPU_RUN_STEPS (default
 # "gpu tests bench": a subset to run fewer).
@@ -22,7 +27,7 @@ set -uo pipefail
 
 OUT=${OUT:-gpu-results}
 BUNDLE=${GPU_BUNDLE:-.gpu-bundle}
-STEPS=${GPU_RUN_STEPS:-gpu tests bench}
+STEPS=${GPU_RUN_STEPS:-gpu tests bench generate}
 mkdir -p "$OUT"
 log() { echo "gpu-run: $*" | tee -a "$OUT/steps.log" >&2; }
 
@@ -77,13 +82,25 @@ bench() {
   [ -n "$b" ] || { echo "benches/cuda_packed.rs is not in the bundle (gpu-bundle ... --bench cuda_packed)"; return 3; }
   "$BIN/$b" --bench --warm-up-time 0.5 --measurement-time 2 --noplot
 }
-export -f bench binary
+generate() {
+  local b
+  b=$(binary bench bitnet_generate)
+  [ -n "$b" ] || { echo "benches/bitnet_generate.rs is not in the bundle (gpu-bundle ... --bench bitnet_generate)"; return 3; }
+  BITNET_BENCH_DEVICE=cuda BITNET_BENCH_LAYERS=30 BITNET_BENCH_VOCAB=128256 \
+    "$BIN/$b" --bench --warm-up-time 0.5 --measurement-time 3 --noplot
+}
+export -f bench generate binary
 export BIN BUNDLE
 step bench "${GPU_RUN_BENCH_S:-200}" bench
-if [ -s "$OUT/bench.log" ] && case " $STEPS " in *" bench "*) true ;; *) false ;; esac; then
+step generate "${GPU_RUN_GENERATE_S:-240}" generate
+logs=()
+for l in bench generate; do
+  case " $STEPS " in *" $l "*) [ -s "$OUT/$l.log" ] && logs+=(--log "$OUT/$l.log") ;; esac
+done
+if [ ${#logs[@]} -gt 0 ]; then
   [ -f docs/gpu_results.json ] && cp docs/gpu_results.json "$OUT/gpu_results.json"
-  # Whatever rows the bench finished before a timeout still become results.
-  python3 scripts/gpu_results.py --device "$DEVICE" --log "$OUT/bench.log" \
+  # Whatever rows the benches finished before a timeout still become results.
+  python3 scripts/gpu_results.py --device "$DEVICE" "${logs[@]}" \
     --json "$OUT/gpu_results.json" >"$OUT/gpu_results.txt" 2>&1
   log "gpu_results: exit $? ($(grep -c . "$OUT/gpu_results.txt") lines in gpu_results.txt)"
 fi

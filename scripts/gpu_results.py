@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Turn the output of `benches/cuda_packed.rs` into rows of docs/gpu_results.json.
+"""Turn the output of `benches/cuda_packed.rs` (and `benches/bitnet_generate.rs` on CUDA) into rows of docs/gpu_results.json.
 
-    python3 scripts/gpu_results.py --device "NVIDIA H200" --log bench.log [--json docs/gpu_results.json]
+    python3 scripts/gpu_results.py --device "NVIDIA H200" --log bench.log [--log generate.log] [--json docs/gpu_results.json]
 
 Reads criterion's lines `cuda_packed/<op>/<out>x<in>/b<batch> ... time: [lo mid hi]` (the name on
 the same line or the one before) and the bench's `cuda_packed: <out>x<in>: packed <n> bytes` notes.
@@ -10,6 +10,12 @@ once per call (packed bytes for `packed`, 4 or 2 bytes per weight for cuBLAS f32
 HBM bandwidth (--hbm-gbs, default the H200's 4800 GB/s) and, for `packed`, the time ratios
 cuBLAS / packed (above 1: packed is faster). Rows already in the file for the same device, op,
 shape and batch are replaced; the others are kept. Prints the rows it wrote as a table.
+
+Generation rows (`bitnet_2b_shapes/{decode,prefill128}_cuda_<L>layers_<V>vocab/<runtime>`): op
+`bitnet_decode_<runtime>` or `bitnet_prefill128_<runtime>`, shape [layers, vocab], batch the
+tokens of one forward (1 or 128), us per forward, tokens/s, and for decode the GB/s of the model's
+weights (the bench's `weights N bytes` notes: each decode step reads every weight once) and the
+ratio against the `bf16` runtime's time (above 1: faster than bf16).
 """
 
 import argparse
@@ -22,6 +28,8 @@ UNITS = {"ps": 1e-6, "ns": 1e-3, "us": 1.0, "\u00b5s": 1.0, "\u03bcs": 1.0, "ms"
 NAME = re.compile(r"^(cuda_packed/(\w+)/(\d+)x(\d+)/b(\d+))\b")
 TIME = re.compile(r"time:\s+\[\s*([\d.]+)\s*(\S+)\s+([\d.]+)\s*(\S+)\s+([\d.]+)\s*(\S+)\s*\]")
 NOTE = re.compile(r"cuda_packed: (\d+)x(\d+): packed (\d+) bytes")
+GEN = re.compile(r"^bitnet_2b_shapes/(decode|prefill128)_cuda_(\d+)layers_(\d+)vocab/(\w+)\b")
+GEN_NOTE = re.compile(r"bitnet_generate: cuda_(\d+)layers_(\d+)vocab/(\w+): weights (\d+) bytes")
 
 
 def parse(lines):
@@ -33,9 +41,18 @@ def parse(lines):
         if note:
             packed_bytes[(int(note.group(1)), int(note.group(2)))] = int(note.group(3))
             continue
+        note = GEN_NOTE.search(line)
+        if note:
+            packed_bytes[("bitnet", int(note.group(1)), int(note.group(2)), note.group(3))] = int(note.group(4))
+            continue
         name = NAME.match(line.strip())
         if name:
             pending = (name.group(2), int(name.group(3)), int(name.group(4)), int(name.group(5)))
+        gen = GEN.match(line.strip())
+        if gen:
+            kind, runtime = gen.group(1), gen.group(4)
+            pending = (f"bitnet_{kind}_{runtime}", int(gen.group(2)), int(gen.group(3)),
+                       1 if kind == "decode" else 128)
         t = TIME.search(line)
         if t and pending:
             value, unit = float(t.group(3)), t.group(4)
@@ -49,6 +66,9 @@ def parse(lines):
 def rows(device, times, packed_bytes, hbm_gbs):
     out_rows = []
     for (op, out, inp, batch), us in sorted(times.items()):
+        if op.startswith("bitnet_"):
+            out_rows.append(generation_row(device, op, out, inp, batch, us, times, packed_bytes, hbm_gbs))
+            continue
         if op == "packed":
             if (out, inp) not in packed_bytes:
                 sys.exit(f"gpu_results: no 'packed N bytes' note for {out}x{inp}")
@@ -78,18 +98,43 @@ def rows(device, times, packed_bytes, hbm_gbs):
     return out_rows
 
 
+def generation_row(device, op, layers, vocab, tokens, us, times, packed_bytes, hbm_gbs):
+    row = {
+        "device": device,
+        "op": op,
+        "shape": [layers, vocab],
+        "batch": tokens,
+        "us": round(us, 3),
+        "tokens_per_s": round(tokens / (us * 1e-6), 1),
+    }
+    kind, runtime = op[len("bitnet_"):].split("_", 1)
+    nbytes = packed_bytes.get(("bitnet", layers, vocab, runtime))
+    if kind == "decode" and nbytes is not None:
+        gbs = nbytes / (us * 1e3)
+        row["gb_per_s"] = round(gbs, 1)
+        row["pct_hbm"] = round(100.0 * gbs / hbm_gbs, 2)
+    base = times.get((f"bitnet_{kind}_bf16", layers, vocab, tokens))
+    if base is not None and runtime != "bf16":
+        row["ratio_vs_bf16"] = round(base / us, 3)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", required=True, help="GPU name, as nvidia-smi prints it")
-    ap.add_argument("--log", required=True, help="the bench's output (stdout and stderr)")
+    ap.add_argument("--log", required=True, action="append",
+                    help="a bench's output (stdout and stderr); repeat for several")
     ap.add_argument("--json", default="docs/gpu_results.json")
     ap.add_argument("--hbm-gbs", type=float, default=4800.0, help="HBM bandwidth in GB/s")
     a = ap.parse_args()
-    with open(a.log, encoding="utf-8", errors="replace") as f:
-        times, packed_bytes = parse(f)
+    lines = []
+    for path in a.log:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines.extend(f)
+    times, packed_bytes = parse(lines)
     new = rows(a.device, times, packed_bytes, a.hbm_gbs)
     if not new:
-        sys.exit(f"gpu_results: no cuda_packed rows in {a.log}")
+        sys.exit(f"gpu_results: no bench rows in {', '.join(a.log)}")
     old = []
     if os.path.exists(a.json):
         with open(a.json, encoding="utf-8") as f:
@@ -102,13 +147,13 @@ def main():
         json.dump(merged, f, indent=1)
         f.write("\n")
     os.replace(tmp, a.json)
-    print(f"{'op':12} {'shape':>12} {'batch':>5} {'us':>9} {'GB/s':>8} {'% HBM':>6} {'x f32':>6} {'x bf16':>6}")
+    print(f"{'op':26} {'shape':>12} {'batch':>5} {'us':>9} {'GB/s':>8} {'% HBM':>6} {'x f32':>6} {'x bf16':>6}")
     for r in new:
         shape = "x".join(map(str, r["shape"]))
         f32 = r.get("ratio_vs_cublas_f32", "")
-        bf16 = r.get("ratio_vs_cublas_bf16", "")
-        print(f"{r['op']:12} {shape:>12} {r['batch']:>5} {r['us']:>9} {r['gb_per_s']:>8} "
-              f"{r['pct_hbm']:>6} {f32:>6} {bf16:>6}")
+        bf16 = r.get("ratio_vs_cublas_bf16", r.get("ratio_vs_bf16", ""))
+        print(f"{r['op']:26} {shape:>12} {r['batch']:>5} {r['us']:>9} {r.get('gb_per_s', ''):>8} "
+              f"{r.get('pct_hbm', ''):>6} {f32:>6} {bf16:>6}")
 
 
 if __name__ == "__main__":

@@ -50,10 +50,18 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The fused kernel is CPU/f32 only, and rejects empty input, which the composed ops
-        // map to an empty output of the same shape.
-        if !x.device().is_cpu() || self.weight.dtype() != DType::F32 || x.elem_count() == 0 {
+        // Our fused kernel is CPU/f32 only, and rejects empty input, which the composed ops
+        // map to an empty output of the same shape. Off the CPU, inference (nothing to
+        // differentiate) takes candle's fused kernel: one launch instead of six per norm, which
+        // adds up in a one-token decode step (four norms per layer).
+        if x.elem_count() == 0 || self.weight.dtype() != DType::F32 {
             return self.forward_composed(x);
+        }
+        if !x.device().is_cpu() {
+            if x.track_op() || self.weight.track_op() || x.dtype() != DType::F32 {
+                return self.forward_composed(x);
+            }
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }
         let dtype = x.dtype();
         let y = crate::ops::rms_norm::rms_norm(

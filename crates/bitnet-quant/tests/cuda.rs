@@ -265,6 +265,42 @@ fn deferred_finite(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The norm on `dev` against the CPU's fused op: candle's fused kernel for inference off the CPU
+/// (nothing tracked), the composed ops when the weight is a `Var` (training), each to 1e-5
+/// relative plus 1e-6 of the largest output (a sum of squares in another order), on a
+/// contiguous and a transposed input.
+fn rms_norm_devices(dev: &Device) -> Result<()> {
+    let (rows, dim) = (37, 300);
+    let w = values(dim, 11).iter().map(|v| 1.0 + v).collect::<Vec<_>>();
+    let x = values(rows * dim, 12);
+    let cpu_x = Tensor::from_vec(x.clone(), (rows, dim), &Device::Cpu)?;
+    let cpu_w = Tensor::from_vec(w.clone(), dim, &Device::Cpu)?;
+    let want = host(&RmsNorm::from_weight(cpu_w, 1e-5).forward(&cpu_x)?)?;
+    let want_t = host(
+        &RmsNorm::from_weight(Tensor::from_vec(w.clone(), dim, &Device::Cpu)?, 1e-5)
+            .forward(&Tensor::from_vec(x.clone(), (dim, rows), &Device::Cpu)?.t()?)?,
+    )?;
+    let dx = Tensor::from_vec(x, (rows, dim), dev)?;
+    let dxt = dx.reshape((dim, rows))?.t()?;
+    let inference = Tensor::from_vec(w.clone(), dim, dev)?;
+    let trained = candle_core::Var::from_vec(w, dim, dev)?;
+    for (name, weight) in [
+        ("inference", inference),
+        ("training", trained.as_tensor().clone()),
+    ] {
+        let norm = RmsNorm::from_weight(weight, 1e-5);
+        assert_close(name, &host(&norm.forward(&dx)?)?, &want, 1e-5, 1e-6, 0.0);
+        assert_close(name, &host(&norm.forward(&dxt)?)?, &want_t, 1e-5, 1e-6, 0.0);
+    }
+    Ok(())
+}
+
+test_device!(
+    rms_norm_devices,
+    rms_norm_devices_cpu,
+    rms_norm_devices_cuda,
+    rms_norm_devices_metal
+);
 test_device!(
     deferred_finite,
     deferred_finite_cpu,

@@ -35,6 +35,14 @@ impl RotaryEmbedding {
         })
     }
 
+    /// The same tables on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.to_device(device)?,
+            sin: self.sin.to_device(device)?,
+        })
+    }
+
     /// Rotates `x` `[b, heads, t, head_dim]` at positions `index_pos..index_pos + t`.
     /// `differentiable` takes candle's composed rope (with a backward) instead of the fused one.
     pub fn apply(&self, x: &Tensor, index_pos: usize, differentiable: bool) -> Result<Tensor> {

@@ -201,7 +201,7 @@ pub fn generate(
     let mut sampler = Sampler::new(cfg.clone())?;
     let mut cache = Cache::new(true, model.config());
     let t0 = Instant::now();
-    let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let prompt_logits = model.forward(&input, 0, &mut cache)?.squeeze(0)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -214,7 +214,7 @@ pub fn generate(
         if !go_on || cfg.stop_tokens.contains(&next) || step + 1 == cfg.max_new_tokens {
             break;
         }
-        let input = Tensor::new(&[[next]], &Device::Cpu)?;
+        let input = Tensor::new(&[[next]], model.device())?;
         logits = model
             .forward(&input, prompt.len() + step, &mut cache)?
             .squeeze(0)?;

@@ -4,7 +4,7 @@ use super::weights::ProjectionWeight;
 use bitnet_quant::packed::PackedBitLinear;
 use bitnet_quant::{BitLinear, BitLinearConfig, Estimator, Quantizer, Scheme};
 use bitnet_training::{QATConfig, QATLayer};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// A decoder projection (`q_proj` ... `down_proj`, no bias, no inner norm) in one runtime.
@@ -14,11 +14,12 @@ pub enum Projection {
     Qat(Box<QATLayer>),
     /// Inference: 2-bit codes, int8 activations, integer dot products.
     Packed(PackedBitLinear),
-    /// The same inference with the weights unpacked to f32 (`scale * code`) and candle's GEMM:
-    /// the reference the packed kernels are measured against. `act` quantizes the input as the
+    /// The same inference with the weights unpacked (`scale * code`) and candle's GEMM: the
+    /// reference the packed kernels are measured against. `act` quantizes the input as the
     /// packed layer does (`None` for a full-precision model).
     Dense {
-        /// `[out, in]`, f32.
+        /// `[out, in]`: f32, or the 16-bit type of [`Projection::to_weight_dtype`] (the input is
+        /// cast to it and the output back).
         weight: Tensor,
         /// The activation quantizer.
         act: Option<Quantizer>,
@@ -82,8 +83,9 @@ impl Projection {
             Projection::Dense { weight, act: None } => Ok(ProjectionWeight::Latent(weight.clone())),
             Projection::Dense { weight, .. } => {
                 let q = super::weights::hf_weight_quantizer();
+                let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
                 Ok(ProjectionWeight::Packed(bitnet_quant::PackedTernary::pack(
-                    weight, &q,
+                    &w, &q,
                 )?))
             }
         }
@@ -113,6 +115,39 @@ impl Projection {
                 act: *act,
             }),
             _ => Projection::inference(&self.weight()?, self.quantized(), true),
+        }
+    }
+
+    /// This inference projection on `device`: packed codes through
+    /// [`PackedBitLinear::to_device`] (the CPU, and CUDA GPUs with the `cuda` feature), dense
+    /// weights copied. A training layer is an error: its weight is a `Var` of the `VarMap` it was
+    /// built from, which a copy would leave behind.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        match self {
+            Projection::Qat(_) => candle_core::bail!(
+                "Projection::to_device: a training projection learns in its VarMap; build the model on the device through its VarBuilder"
+            ),
+            Projection::Packed(p) => Ok(Projection::Packed(p.to_device(device)?)),
+            Projection::Dense { weight, act } => Ok(Projection::Dense {
+                weight: weight.to_device(device)?,
+                act: *act,
+            }),
+        }
+    }
+
+    /// This projection with a dense weight stored as `dtype` (F32, BF16 or F16): the 16-bit
+    /// baseline of the packed kernels. Packed and training projections are returned as they
+    /// are.
+    pub fn to_weight_dtype(&self, dtype: DType) -> Result<Self> {
+        match self {
+            Projection::Dense { weight, act } => Ok(Projection::Dense {
+                weight: weight.to_dtype(dtype)?,
+                act: *act,
+            }),
+            Projection::Packed(p) => Ok(Projection::Packed(p.clone())),
+            Projection::Qat(_) => candle_core::bail!(
+                "Projection::to_weight_dtype: a training projection keeps its latent weight in its VarMap's dtype"
+            ),
         }
     }
 
@@ -157,7 +192,9 @@ impl Module for Projection {
                     Some(q) => q.quantize(x)?,
                     None => x.clone(),
                 };
-                candle_nn::Linear::new(weight.clone(), None).forward(&x)
+                candle_nn::Linear::new(weight.clone(), None)
+                    .forward(&x.to_dtype(weight.dtype())?)?
+                    .to_dtype(x.dtype())
             }
         }
     }

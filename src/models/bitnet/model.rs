@@ -325,35 +325,53 @@ impl BitNetForCausalLM {
         })
     }
 
-    fn map_projections(
+    /// A copy with every projection through `f`, then onto `device`; the norms' weights through
+    /// `norm`, the embedding and the untied head through `table`, the rotary tables onto `device`.
+    fn map_parts(
         &self,
         runtime: Runtime,
+        device: &Device,
         f: impl Fn(&Projection) -> Result<Projection>,
+        norm: impl Fn(&Tensor) -> Result<Tensor>,
+        table: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Self> {
-        let detach = |n: &RmsNorm| RmsNorm::from_weight(n.weight().detach(), n.eps());
+        let norm = |n: &RmsNorm| -> Result<RmsNorm> {
+            Ok(RmsNorm::from_weight(norm(n.weight())?, n.eps()))
+        };
+        let f = |p: &Projection| f(p)?.to_device(device);
         Ok(Self {
             config: self.config.clone(),
             embed_tokens: Embedding::new(
-                self.embed_tokens.embeddings().detach(),
+                table(self.embed_tokens.embeddings())?,
                 self.config.hidden_size,
             ),
             layers: self
                 .layers
                 .iter()
                 .map(|l| {
-                    let mut m = l.map(&self.config, &f)?;
-                    m.input_layernorm = detach(&l.input_layernorm);
-                    m.post_attention_layernorm = detach(&l.post_attention_layernorm);
-                    m.self_attn.attn_sub_norm = detach(&l.self_attn.attn_sub_norm);
-                    m.mlp.ffn_sub_norm = detach(&l.mlp.ffn_sub_norm);
+                    let mut m = l.map(&self.config, f)?;
+                    m.input_layernorm = norm(&l.input_layernorm)?;
+                    m.post_attention_layernorm = norm(&l.post_attention_layernorm)?;
+                    m.self_attn.attn_sub_norm = norm(&l.self_attn.attn_sub_norm)?;
+                    m.mlp.ffn_sub_norm = norm(&l.mlp.ffn_sub_norm)?;
                     Ok(m)
                 })
                 .collect::<Result<_>>()?,
-            norm: detach(&self.norm),
-            lm_head: self.lm_head.as_ref().map(Tensor::detach),
-            rope: self.rope.clone(),
+            norm: norm(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(table).transpose()?,
+            rope: self.rope.to_device(device)?,
             runtime,
         })
+    }
+
+    /// [`Self::map_parts`] on this model's device, with the other tensors shared, detached.
+    fn map_projections(
+        &self,
+        runtime: Runtime,
+        f: impl Fn(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        let detach = |t: &Tensor| Ok(t.detach());
+        self.map_parts(runtime, &self.device().clone(), f, detach, detach)
     }
 
     /// The packed inference runtime of this model: training projections are packed with their
@@ -365,6 +383,83 @@ impl BitNetForCausalLM {
     /// The same inference with f32 weights (`scale * code`) and candle's GEMM, for comparison.
     pub fn to_dense(&self) -> Result<Self> {
         self.map_projections(Runtime::Dense, Projection::to_dense)
+    }
+
+    /// This inference model (packed or dense) on `device`, for generation on a GPU: packed
+    /// projections run our CUDA kernels (the `cuda` feature; packed inference has no Metal
+    /// kernels yet), everything else candle's ops on that device. Input ids go to the same
+    /// device ([`Self::device`]); [`super::generate`] puts them there. The training runtime is an
+    /// error: build it on the device through its `VarBuilder` instead, and
+    /// [`Self::to_packed`] keeps the device.
+    ///
+    /// ```
+    /// # use bitnet::models::bitnet::{BitNetForCausalLM, Cache, Config};
+    /// # use bitnet::training::QATConfig;
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// # let cfg = Config::from_json_str(r#"{"vocab_size": 64, "hidden_size": 32,
+    /// #     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+    /// #     "num_key_value_heads": 2, "max_position_embeddings": 16}"#, "config")?;
+    /// # let vm = VarMap::new();
+    /// # let model = BitNetForCausalLM::new(&cfg, QATConfig::ternary_hf(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// // `Device::cuda_if_available(0)?` with the `cuda` feature; the CPU here.
+    /// let device = Device::Cpu;
+    /// let packed = model.to_packed()?.to_device(&device)?;
+    /// let ids = Tensor::new(&[[1u32, 2, 3]], packed.device())?;
+    /// let logits = packed.forward(&ids, 0, &mut Cache::new(true, &cfg))?;
+    /// assert!(logits.device().same_device(&device));
+    /// # Ok(()) }
+    /// ```
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if self.runtime == Runtime::Training {
+            candle_core::bail!("BitNetForCausalLM::to_device moves an inference model (to_packed or to_dense); a training model learns in its VarMap: build it on the device through its VarBuilder");
+        }
+        let move_to = |t: &Tensor| t.detach().to_device(device);
+        self.map_parts(
+            self.runtime,
+            device,
+            |p| p.to_device(device),
+            move_to,
+            move_to,
+        )
+    }
+
+    /// This inference model with its large full-precision matrices stored as `dtype` (F32,
+    /// BF16 or F16): the embedding, the output head, and in the dense runtime the projections'
+    /// weights. Products with them run in `dtype` (candle's GEMM, cuBLAS on a GPU); the residual
+    /// stream, the norms and the attention stay f32. A 16-bit head halves the bytes every token
+    /// reads (128256 x 2560 values in bitnet-b1.58-2B-4T); the dense runtime in BF16 is the
+    /// model as transformers runs it in `torch.bfloat16`, the baseline of the packed kernels.
+    /// On the CPU prefer F16: candle's BF16 GEMM there is slower than its F32 one.
+    pub fn to_weight_dtype(&self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            candle_core::bail!(
+                "BitNetForCausalLM::to_weight_dtype: dtype is {dtype:?}, allowed: F32, BF16, F16"
+            );
+        }
+        if self.runtime == Runtime::Training {
+            candle_core::bail!("BitNetForCausalLM::to_weight_dtype converts an inference model (to_packed or to_dense); a training model keeps its VarMap's dtype");
+        }
+        let detach = |t: &Tensor| Ok(t.detach());
+        let cast = |t: &Tensor| t.detach().to_dtype(dtype);
+        self.map_parts(
+            self.runtime,
+            &self.device().clone(),
+            |p| p.to_weight_dtype(dtype),
+            detach,
+            cast,
+        )
+    }
+
+    /// The device the model computes on (where its input ids go).
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// The dtype of the embedding and output head ([`Self::to_weight_dtype`]).
+    pub fn weight_dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
     }
 
     /// The configuration.
@@ -478,7 +573,7 @@ impl BitNetForCausalLM {
             );
         }
         let train = self.runtime == Runtime::Training;
-        let mut h = self.embed_tokens.forward(input_ids)?;
+        let mut h = self.embed_tokens.forward(input_ids)?.to_dtype(DType::F32)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.kvs.as_mut().map(|k| &mut k[i]);
             h = layer.forward(&h, &self.rope, index_pos, kv, train)?;
@@ -491,7 +586,9 @@ impl BitNetForCausalLM {
             .lm_head
             .as_ref()
             .unwrap_or(self.embed_tokens.embeddings());
-        h.broadcast_matmul(&w.t()?)
+        h.to_dtype(w.dtype())?
+            .broadcast_matmul(&w.t()?)?
+            .to_dtype(DType::F32)
     }
 
     /// The logits `[b, vocab]` at the last position of `input_ids` `[b, t]`, the tokens at
