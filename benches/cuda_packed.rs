@@ -9,6 +9,9 @@
 //!   one launch at batch 1, the tensor-core kernel at 16 and 128 on sm_80 and later.
 //! * `cublas_f32`, `cublas_bf16`: `x.matmul(&w.t())` with the dequantized weight in f32 and in
 //!   bf16 (input of the same dtype), the baselines.
+//! * `cpu_packed` (batch 1 and 128 only): the same layer on the GPU machine's CPU, all its threads,
+//!   with the kernel `Kernel::detect` chose there (printed as `cuda_packed: cpu kernel ...`):
+//!   issue 23 asks what that machine's CPU runs.
 //!
 //! Each timing ends with a device synchronize, so it covers the kernels, not their launches.
 //! `scripts/gpu_results.py` turns the output into `docs/gpu_results.json` rows (µs, GB/s, % of
@@ -51,16 +54,19 @@ fn bench(c: &mut Criterion) {
         Err(_) => SHAPES.to_vec(),
     };
     let timed = |iters: u64, f: &dyn Fn() -> Tensor| common::synchronized(&dev, iters, f);
+    eprintln!(
+        "cuda_packed: cpu kernel {:?}, {} threads",
+        bitnet::quant::packed::Kernel::detect(),
+        rayon::current_num_threads()
+    );
     let mut g = c.benchmark_group("cuda_packed");
     g.sample_size(20);
     for (out, inp) in shapes {
         let w = common::random_ternary(out, inp, (out * 7 + inp) as u64);
         let wq = w.unpack().unwrap();
         let bytes = w.size_bytes() as u64;
-        let packed = PackedBitLinear::from_parts(w, None, None)
-            .unwrap()
-            .to_device(&dev)
-            .unwrap();
+        let on_cpu = PackedBitLinear::from_parts(w, None, None).unwrap();
+        let packed = on_cpu.to_device(&dev).unwrap();
         let wt32 = wq.to_device(&dev).unwrap().t().unwrap();
         let wt16 = wt32.to_dtype(DType::BF16).unwrap();
         eprintln!(
@@ -83,6 +89,13 @@ fn bench(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("cublas_bf16", &id), |b| {
                 b.iter_custom(|n| timed(n, &|| x16.matmul(&wt16).unwrap()))
             });
+            if batch != 16 {
+                let xc = x.to_device(&Device::Cpu).unwrap();
+                g.throughput(Throughput::Bytes(bytes));
+                g.bench_function(BenchmarkId::new("cpu_packed", &id), |b| {
+                    b.iter(|| on_cpu.forward(&xc).unwrap())
+                });
+            }
         }
     }
     g.finish();

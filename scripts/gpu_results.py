@@ -10,6 +10,8 @@ once per call (packed bytes for `packed`, 4 or 2 bytes per weight for cuBLAS f32
 HBM bandwidth (--hbm-gbs, default the H200's 4800 GB/s) and, for `packed`, the time ratios
 cuBLAS / packed (above 1: packed is faster). Rows already in the file for the same device, op,
 shape and batch are replaced; the others are kept. Prints the rows it wrote as a table.
+`cpu_packed` rows (the GPU machine's CPU) carry the kernel it chose and how many times faster the
+GPU's `packed` row is, instead of a share of the HBM bandwidth.
 
 Generation rows (`bitnet_2b_shapes/{decode,prefill128}_cuda_<L>layers_<V>vocab/<runtime>`): op
 `bitnet_decode_<runtime>` or `bitnet_prefill128_<runtime>`, shape [layers, vocab], batch the
@@ -28,6 +30,7 @@ UNITS = {"ps": 1e-6, "ns": 1e-3, "us": 1.0, "\u00b5s": 1.0, "\u03bcs": 1.0, "ms"
 NAME = re.compile(r"^(cuda_packed/(\w+)/(\d+)x(\d+)/b(\d+))\b")
 TIME = re.compile(r"time:\s+\[\s*([\d.]+)\s*(\S+)\s+([\d.]+)\s*(\S+)\s+([\d.]+)\s*(\S+)\s*\]")
 NOTE = re.compile(r"cuda_packed: (\d+)x(\d+): packed (\d+) bytes")
+CPU_NOTE = re.compile(r"cuda_packed: cpu kernel (\S+), (\d+) threads")
 GEN = re.compile(r"^bitnet_2b_shapes/(decode|prefill128)_cuda_(\d+)layers_(\d+)vocab/(\w+)\b")
 GEN_NOTE = re.compile(r"bitnet_generate: cuda_(\d+)layers_(\d+)vocab/(\w+): weights (\d+) bytes")
 
@@ -40,6 +43,10 @@ def parse(lines):
         note = NOTE.search(line)
         if note:
             packed_bytes[(int(note.group(1)), int(note.group(2)))] = int(note.group(3))
+            continue
+        note = CPU_NOTE.search(line)
+        if note:
+            packed_bytes["cpu_kernel"] = f"{note.group(1)} ({note.group(2)} threads)"
             continue
         note = GEN_NOTE.search(line)
         if note:
@@ -69,7 +76,7 @@ def rows(device, times, packed_bytes, hbm_gbs):
         if op.startswith("bitnet_"):
             out_rows.append(generation_row(device, op, out, inp, batch, us, times, packed_bytes, hbm_gbs))
             continue
-        if op == "packed":
+        if op in ("packed", "cpu_packed"):
             if (out, inp) not in packed_bytes:
                 sys.exit(f"gpu_results: no 'packed N bytes' note for {out}x{inp}")
             nbytes = packed_bytes[(out, inp)]
@@ -89,6 +96,13 @@ def rows(device, times, packed_bytes, hbm_gbs):
             "gb_per_s": round(gbs, 1),
             "pct_hbm": round(100.0 * gbs / hbm_gbs, 2),
         }
+        if op == "cpu_packed":
+            # The host's CPU: no share of the GPU's bandwidth; the kernel it chose instead.
+            del row["pct_hbm"]
+            row["cpu_kernel"] = packed_bytes.get("cpu_kernel", "unknown")
+            gpu = times.get(("packed", out, inp, batch))
+            if gpu is not None:
+                row["ratio_gpu_packed_vs_this"] = round(us / gpu, 3)
         if op == "packed":
             for base in ("cublas_f32", "cublas_bf16"):
                 t = times.get((base, out, inp, batch))
