@@ -86,16 +86,8 @@ def rows(device, times, packed_bytes, hbm_gbs):
             nbytes = out * inp * 2
         else:
             sys.exit(f"gpu_results: unknown op {op!r}")
-        gbs = nbytes / (us * 1e3)
-        row = {
-            "device": device,
-            "op": op,
-            "shape": [out, inp],
-            "batch": batch,
-            "us": round(us, 3),
-            "gb_per_s": round(gbs, 1),
-            "pct_hbm": round(100.0 * gbs / hbm_gbs, 2),
-        }
+        row = base_row(device, op, [out, inp], batch, us)
+        row.update(bandwidth(nbytes, us, hbm_gbs))
         if op == "cpu_packed":
             # The host's CPU: no share of the GPU's bandwidth; the kernel it chose instead.
             del row["pct_hbm"]
@@ -112,21 +104,23 @@ def rows(device, times, packed_bytes, hbm_gbs):
     return out_rows
 
 
+def base_row(device, op, shape, batch, us):
+    return {"device": device, "op": op, "shape": shape, "batch": batch, "us": round(us, 3)}
+
+
+def bandwidth(nbytes, us, hbm_gbs):
+    """GB/s of nbytes read once in us, and its share of the HBM bandwidth."""
+    gbs = nbytes / (us * 1e3)
+    return {"gb_per_s": round(gbs, 1), "pct_hbm": round(100.0 * gbs / hbm_gbs, 2)}
+
+
 def generation_row(device, op, layers, vocab, tokens, us, times, packed_bytes, hbm_gbs):
-    row = {
-        "device": device,
-        "op": op,
-        "shape": [layers, vocab],
-        "batch": tokens,
-        "us": round(us, 3),
-        "tokens_per_s": round(tokens / (us * 1e-6), 1),
-    }
+    row = base_row(device, op, [layers, vocab], tokens, us)
+    row["tokens_per_s"] = round(tokens / (us * 1e-6), 1)
     kind, runtime = op[len("bitnet_"):].split("_", 1)
     nbytes = packed_bytes.get(("bitnet", layers, vocab, runtime))
     if kind == "decode" and nbytes is not None:
-        gbs = nbytes / (us * 1e3)
-        row["gb_per_s"] = round(gbs, 1)
-        row["pct_hbm"] = round(100.0 * gbs / hbm_gbs, 2)
+        row.update(bandwidth(nbytes, us, hbm_gbs))
     base = times.get((f"bitnet_{kind}_bf16", layers, vocab, tokens))
     if base is not None and runtime != "bf16":
         row["ratio_vs_bf16"] = round(base / us, 3)
