@@ -3,9 +3,11 @@
 //! ternarized by transformers' quantizer), packed 2-bit kernels against the same model with f32
 //! weights and candle's GEMM, in the same run.
 //!
-//! * `decode/{packed,f32}`: one new token at position 64 (the KV cache holds a 64-token prompt);
-//!   throughput in tokens/s.
-//! * `prefill/{packed,f32}`: a 128-token prompt in one forward; throughput in tokens/s.
+//! * `decode/{packed,packed_bf16,f32}`: one new token at position 64 (the KV cache holds a
+//!   64-token prompt); throughput in tokens/s. `packed_bf16` keeps the embedding and output head
+//!   in bf16 (`to_weight_dtype`), which the head's GEMV reads at half the bytes.
+//! * `prefill/{packed,packed_bf16,f32}`: a 128-token prompt in one forward; throughput in
+//!   tokens/s.
 //!
 //! `BITNET_BENCH_LAYERS` layers (default 2; the real model has 30: time per layer is the
 //! measured time over the layers, the embedding and head aside) and a vocabulary of
@@ -63,12 +65,18 @@ fn bench(c: &mut Criterion) {
         return gpu::bench(c);
     }
     let (packed, dense) = models();
+    let packed16 = packed.to_weight_dtype(DType::BF16).unwrap();
     let cfg = packed.config().clone();
     let threads = rayon::current_num_threads();
     let tag = format!("{}layers_{}threads", cfg.num_hidden_layers, threads);
     let mut g = c.benchmark_group(format!("bitnet_2b_shapes/decode_{tag}"));
     g.sample_size(10).throughput(Throughput::Elements(1));
-    for (name, m) in [("packed", &packed), ("f32", &dense)] {
+    let runs = [
+        ("packed", &packed),
+        ("packed_bf16", &packed16),
+        ("f32", &dense),
+    ];
+    for (name, m) in runs {
         let mut prefilled = Cache::new(true, &cfg);
         m.forward(&ids(64, cfg.vocab_size), 0, &mut prefilled)
             .unwrap();
@@ -85,7 +93,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("bitnet_2b_shapes/prefill128_{tag}"));
     g.sample_size(10).throughput(Throughput::Elements(128));
     let prompt = ids(128, cfg.vocab_size);
-    for (name, m) in [("packed", &packed), ("f32", &dense)] {
+    for (name, m) in runs {
         g.bench_function(name, |b| {
             b.iter(|| black_box(m.forward(&prompt, 0, &mut Cache::new(true, &cfg)).unwrap()))
         });

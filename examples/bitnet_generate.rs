@@ -11,7 +11,7 @@
 //! # the file's metadata; the blocks are converted to our packed layout at load:
 //! cargo run --release --example bitnet_generate -- --gguf model-tq2_0.gguf --prompt "Hello"
 //! # on a CUDA GPU, packed kernels against the same model in bf16 with cuBLAS:
-//! cargo run --release --features cuda --example bitnet_generate -- --hf DIR --prompt "Hello" --device cuda --dtype bf16
+//! cargo run --release --features cuda --example bitnet_generate -- --hf DIR --prompt "Hello" --device cuda
 //! cargo run --release --features cuda --example bitnet_generate -- --hf DIR --prompt "Hello" --device cuda --f32 --dtype bf16
 //! ```
 //! The text is streamed as it is generated; the last line is one JSON object:
@@ -82,18 +82,31 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: bitnet::core::device::Preference,
     /// The dtype of the embedding and output head, and with `--f32` of every projection's
-    /// weight: f32, bf16 or f16. 16 bits halve the head's reads per token; on the CPU take f16
-    /// (candle's bf16 GEMM there is slower than its f32 one).
-    #[arg(long, default_value = "f32", value_parser = weight_dtype)]
-    dtype: DType,
+    /// weight: `auto` (the file's own 16-bit type for the embedding when it has one, which keeps
+    /// every value and halves the head's reads per token; f32 with `--f32`), f32, bf16 or f16.
+    #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
+    dtype: WeightDtype,
 }
 
-fn weight_dtype(s: &str) -> std::result::Result<DType, String> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        _ => Err(format!("{s} (allowed: f32, bf16, f16)")),
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WeightDtype {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    /// The dtype, given the one the file stores the embedding in and whether `--f32` is on.
+    fn resolve(self, stored: Option<DType>, dense: bool) -> DType {
+        match (self, stored) {
+            (WeightDtype::F32, _) => DType::F32,
+            (WeightDtype::Bf16, _) => DType::BF16,
+            (WeightDtype::F16, _) => DType::F16,
+            (WeightDtype::Auto, Some(d @ (DType::BF16 | DType::F16))) if !dense => d,
+            (WeightDtype::Auto, _) => DType::F32,
+        }
     }
 }
 
@@ -138,8 +151,11 @@ impl Tok {
     }
 }
 
-/// The model, its tokenizer, and the prompt's ids from `--prompt` or `--token-ids`.
-fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>, Vec<u32>)> {
+/// What [`load`] gives: the model, its tokenizer, the prompt's ids from `--prompt` or
+/// `--token-ids`, and the dtype the file stores the embedding in.
+type Loaded = (BitNetForCausalLM, Option<Tok>, Vec<u32>, Option<DType>);
+
+fn load(args: &Args, runtime: Runtime) -> Result<Loaded> {
     if let Some(path) = &args.gguf {
         let g = GgufModel::open(path)?.with_hidden_act(&args.hidden_act)?;
         let tok = g.tokenizer()?;
@@ -160,6 +176,7 @@ fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>
             g.load_model(runtime)?,
             tok.map(|t| Tok::Spm(Box::new(t))),
             prompt,
+            g.stored_dtype("token_embd.weight"),
         ));
     }
     let dir = checkpoint_dir(args)?;
@@ -196,6 +213,7 @@ fn load(args: &Args, runtime: Runtime) -> Result<(BitNetForCausalLM, Option<Tok>
         ckpt.load_model(runtime)?,
         tokenizer.map(|t| Tok::Hf(Box::new(t))),
         prompt,
+        ckpt.stored_dtype("model.embed_tokens.weight"),
     ))
 }
 
@@ -217,9 +235,10 @@ fn main() -> Result<()> {
     let selected = bitnet::core::device::select_with_reason(args.device)
         .map_err(|e| candle_core::Error::Msg(format!("--device: {e}")))?;
     eprintln!("device: {} ({})", selected.info.name, selected.reason);
-    let (model, tokenizer, prompt) = load(&args, runtime)?;
+    let (model, tokenizer, prompt, stored) = load(&args, runtime)?;
+    let dtype = args.dtype.resolve(stored, args.f32);
     let model = model
-        .to_weight_dtype(args.dtype)?
+        .to_weight_dtype(dtype)?
         .to_device(&selected.device)
         .map_err(|e| candle_core::Error::Msg(format!("--device {}: {e}", selected.info.name)))?;
     let cfg = GenerateConfig {
@@ -271,7 +290,7 @@ fn main() -> Result<()> {
             "weights_bytes": model.weights_bytes(),
             "runtime": if args.f32 { "f32" } else { "packed" },
             "device": selected.info.name,
-            "dtype": format!("{:?}", args.dtype).to_lowercase(),
+            "dtype": format!("{dtype:?}").to_lowercase(),
             "peak_rss_bytes": common::peak_rss_json(),
         })
     );

@@ -3,10 +3,14 @@
 //! numbers; the training runtime and other dtypes are refused with a message. The same model on a
 //! CUDA GPU against the CPU: the last test, with the `cuda` feature.
 
-use bitnet::models::bitnet::{generate, BitNetForCausalLM, Cache, Config, GenerateConfig};
+use bitnet::io::gguf::GgufModel;
+use bitnet::io::hf::HfCheckpoint;
+use bitnet::models::bitnet::{generate, BitNetForCausalLM, Cache, Config, GenerateConfig, Runtime};
 use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+
+mod bitnet_common;
 
 fn cfg() -> Config {
     Config::from_json_str(
@@ -187,6 +191,64 @@ fn sixteen_bit_models_convert_between_runtimes() {
         let (a, b) = (a.weight().unwrap(), b.weight().unwrap());
         let (a, b) = (a.to_packed().unwrap(), b.to_packed().unwrap());
         assert_eq!(a.levels(), b.levels(), "{name}: codes");
+    }
+}
+
+/// The dtype a file stores a tensor in, as the committed fixtures hold them (read from their
+/// headers by gguf-py and a safetensors header dump): transformers wrote the tied checkpoint's
+/// embedding in bf16 and the untied one's in f32, llama.cpp's converter the GGUF embedding in f16;
+/// quantized and missing tensors have none.
+#[test]
+fn stored_dtypes_are_the_files() {
+    let hf = |rel: &str| HfCheckpoint::open(bitnet_common::reference(rel)).unwrap();
+    let gguf = GgufModel::open(bitnet_common::reference("gguf/tiny-tq2_0.gguf")).unwrap();
+    let (tied, untied) = (hf("bitnet_hf/tied/offline"), hf("bitnet_hf/untied/offline"));
+    let embed = "model.embed_tokens.weight";
+    let cases = [
+        ("hf tied", tied.stored_dtype(embed), Some(DType::BF16)),
+        ("hf untied", untied.stored_dtype(embed), Some(DType::F32)),
+        ("hf missing", tied.stored_dtype("model.nothing"), None),
+        (
+            "gguf embedding",
+            gguf.stored_dtype("token_embd.weight"),
+            Some(DType::F16),
+        ),
+        (
+            "gguf ternary",
+            gguf.stored_dtype("blk.0.attn_q.weight"),
+            None,
+        ),
+        ("gguf missing", gguf.stored_dtype("nothing"), None),
+    ];
+    for (name, got, want) in cases {
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// In the 16-bit type its file stores the embedding in, a model keeps every value: the logits
+/// are the f32 model's up to the order of the head's sums (1e-5 of the largest, against the
+/// percent that rounding into another type costs, as in the test above). The GGUF fixture's
+/// embedding is f16, the tied checkpoint's bf16.
+#[test]
+fn the_files_own_sixteen_bits_lose_nothing() {
+    let hf = HfCheckpoint::open(bitnet_common::reference("bitnet_hf/tied/offline")).unwrap();
+    let gguf = GgufModel::open(bitnet_common::reference("gguf/tiny-tq2_0.gguf")).unwrap();
+    let cases = [
+        (
+            "hf bf16",
+            hf.load_model(Runtime::Packed).unwrap(),
+            DType::BF16,
+        ),
+        (
+            "gguf f16",
+            gguf.load_model(Runtime::Packed).unwrap(),
+            DType::F16,
+        ),
+    ];
+    for (name, model, dtype) in cases {
+        let sixteen = model.to_weight_dtype(dtype).unwrap();
+        let err = max_rel(&logits(&sixteen), &logits(&model));
+        assert!(err <= 1e-5, "{name}: logits moved by {err} of the largest");
     }
 }
 

@@ -36,7 +36,7 @@ use crate::models::bitnet::model::{layer_norms, projection_shapes};
 use crate::models::bitnet::{BitNetForCausalLM, Config, ProjectionWeight, Runtime, WeightSource};
 use bitnet_quant::packed::PackedTernary;
 use bitnet_quant::Granularity;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use std::path::Path;
 
 /// The architecture name.
@@ -295,6 +295,18 @@ impl GgufModel {
         let shape = info.shape();
         let v = dequantize(name, info.dtype, &shape, bytes).map_err(|e| self.file.err(e))?;
         Ok((shape, v))
+    }
+
+    /// The float dtype tensor `name` (GGUF name) is stored in; `None` for a quantized type or a
+    /// missing tensor. The embedding's tells which 16-bit type keeps it exactly
+    /// ([`BitNetForCausalLM::to_weight_dtype`]).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match self.file.tensor_info(name)?.dtype {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::BF16 => Some(DType::BF16),
+            _ => None,
+        }
     }
 
     /// Tensor `name` (GGUF name) as f32 values in candle's shape, dequantized as llama.cpp does.

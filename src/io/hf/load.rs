@@ -352,6 +352,15 @@ impl HfCheckpoint {
             .collect()
     }
 
+    /// The dtype tensor `name` is stored in (`None`: no such tensor, or a type candle lacks).
+    /// The embedding's tells which 16-bit type keeps it exactly
+    /// ([`BitNetForCausalLM::to_weight_dtype`]).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let i = *self.routing.get(name)?;
+        let view = self.files[i].1.get(name).ok()?;
+        DType::try_from(view.dtype()).ok()
+    }
+
     /// Tensor `name` as stored (its own dtype), on the CPU.
     fn raw(&self, name: &str) -> Result<Tensor> {
         let i = *self.routing.get(name).ok_or_else(|| {

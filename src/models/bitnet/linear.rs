@@ -192,9 +192,11 @@ impl Module for Projection {
                     Some(q) => q.quantize(x)?,
                     None => x.clone(),
                 };
-                candle_nn::Linear::new(weight.clone(), None)
-                    .forward(&x.to_dtype(weight.dtype())?)?
-                    .to_dtype(x.dtype())
+                // f32 stays candle's GEMM: the baseline the packed kernels are measured against.
+                if weight.dtype() == DType::F32 {
+                    return candle_nn::Linear::new(weight.clone(), None).forward(&x);
+                }
+                bitnet_quant::ops::gemv::linear_t(&x, weight)?.to_dtype(x.dtype())
             }
         }
     }

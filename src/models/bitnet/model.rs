@@ -586,9 +586,8 @@ impl BitNetForCausalLM {
             .lm_head
             .as_ref()
             .unwrap_or(self.embed_tokens.embeddings());
-        h.to_dtype(w.dtype())?
-            .broadcast_matmul(&w.t()?)?
-            .to_dtype(DType::F32)
+        // A decode step's head on the CPU: a threaded GEMV that reads 16-bit weights as they are.
+        bitnet_quant::ops::gemv::linear_t(h, w)
     }
 
     /// The logits `[b, vocab]` at the last position of `input_ids` `[b, t]`, the tokens at

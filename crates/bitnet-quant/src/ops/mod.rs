@@ -14,6 +14,7 @@
 //! * [`attention`]: causal softmax attention whose backward recomputes the scores (memory).
 //! * [`relu`]: ReLU with a one-pass backward, for the activations between BitLinear layers.
 //! * [`sparse`]: products with a mostly-zero input, which [`bitlinear`] takes for sparse data.
+//! * [`gemv`]: `x w^T` for a few rows against a large f32/f16/bf16 weight (an output head).
 
 pub mod attention;
 #[doc(hidden)]
@@ -22,6 +23,7 @@ pub mod bitlinear;
 pub(crate) mod cpu_util;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_util;
+pub mod gemv;
 #[cfg(test)]
 pub(crate) mod gpu_emulation;
 pub mod learnable;
