@@ -38,6 +38,8 @@ pub mod rms_norm;
 pub mod scales;
 pub(crate) mod slot;
 pub mod sparse;
+#[cfg(test)]
+pub(crate) mod test_values;
 
 pub use math::{EstKind, Kind};
 

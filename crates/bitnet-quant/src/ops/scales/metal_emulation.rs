@@ -11,6 +11,7 @@ use super::cpu::block_params;
 use crate::ops::gpu_emulation::tree;
 use crate::ops::math::Kind;
 use crate::ops::reduction_splits;
+use crate::ops::test_values::uniform;
 
 /// `BQ_NO_EXP`.
 const NO_EXP: i32 = -100_000;
@@ -193,19 +194,6 @@ fn kinds() -> [Kind; 4] {
             scaled: true,
         },
     ]
-}
-
-/// A deterministic generator of values in `[-1, 1)`.
-fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 /// The device tests' tolerance for parameters from a mean, 2e-6 relative; a signed mean (the
