@@ -265,83 +265,59 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
     }
 
-    dot!(
-        dot512_f32,
-        "avx512f",
-        f32,
-        __m512,
-        16,
-        _mm512_setzero_ps,
-        _mm512_fmadd_ps,
-        _mm512_loadu_ps,
-        sum512,
-        |p| _mm512_loadu_ps(p)
-    );
-    dot!(
-        dot512_f16,
-        "avx512f",
-        f16,
-        __m512,
-        16,
-        _mm512_setzero_ps,
-        _mm512_fmadd_ps,
-        _mm512_loadu_ps,
-        sum512,
-        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    );
+    /// [`dot!`] on 16 lanes of AVX-512F.
+    macro_rules! dot512 {
+        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
+            dot!(
+                $name,
+                "avx512f",
+                $t,
+                __m512,
+                16,
+                _mm512_setzero_ps,
+                _mm512_fmadd_ps,
+                _mm512_loadu_ps,
+                sum512,
+                |$p| $load
+            );
+        };
+    }
+
+    /// [`dot!`] on 8 lanes of AVX2 with FMA and F16C.
+    macro_rules! dot256 {
+        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
+            dot!(
+                $name,
+                "avx2,fma,f16c",
+                $t,
+                __m256,
+                8,
+                _mm256_setzero_ps,
+                _mm256_fmadd_ps,
+                _mm256_loadu_ps,
+                sum256,
+                |$p| $load
+            );
+        };
+    }
+
+    dot512!(dot512_f32, f32, |p| _mm512_loadu_ps(p));
+    dot512!(dot512_f16, f16, |p| _mm512_cvtph_ps(_mm256_loadu_si256(
+        p as *const __m256i
+    )));
     // bf16 is the top half of an f32: widen to 32 bits and shift.
-    dot!(
-        dot512_bf16,
-        "avx512f",
-        bf16,
-        __m512,
-        16,
-        _mm512_setzero_ps,
-        _mm512_fmadd_ps,
-        _mm512_loadu_ps,
-        sum512,
-        |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p as *const __m256i)
+    dot512!(dot512_bf16, bf16, |p| _mm512_castsi512_ps(
+        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+            p as *const __m256i
         )))
-    );
-    dot!(
-        dot256_f32,
-        "avx2,fma,f16c",
-        f32,
-        __m256,
-        8,
-        _mm256_setzero_ps,
-        _mm256_fmadd_ps,
-        _mm256_loadu_ps,
-        sum256,
-        |p| _mm256_loadu_ps(p)
-    );
-    dot!(
-        dot256_f16,
-        "avx2,fma,f16c",
-        f16,
-        __m256,
-        8,
-        _mm256_setzero_ps,
-        _mm256_fmadd_ps,
-        _mm256_loadu_ps,
-        sum256,
-        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    );
-    dot!(
-        dot256_bf16,
-        "avx2,fma,f16c",
-        bf16,
-        __m256,
-        8,
-        _mm256_setzero_ps,
-        _mm256_fmadd_ps,
-        _mm256_loadu_ps,
-        sum256,
-        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p as *const __m128i)
-        )))
-    );
+    ));
+    dot256!(dot256_f32, f32, |p| _mm256_loadu_ps(p));
+    dot256!(dot256_f16, f16, |p| _mm256_cvtph_ps(_mm_loadu_si128(
+        p as *const __m128i
+    )));
+    dot256!(dot256_bf16, bf16, |p| _mm256_castsi256_ps(
+        _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))
+    ));
 }
 
 #[cfg(test)]
