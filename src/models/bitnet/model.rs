@@ -431,7 +431,9 @@ impl BitNetForCausalLM {
     /// stream, the norms and the attention stay f32. A 16-bit head halves the bytes every token
     /// reads (128256 x 2560 values in bitnet-b1.58-2B-4T); the dense runtime in BF16 is the
     /// model as transformers runs it in `torch.bfloat16`, the baseline of the packed kernels.
-    /// On the CPU prefer F16: candle's BF16 GEMM there is slower than its F32 one.
+    /// On the CPU the head's product (and a 16-bit dense projection's) is
+    /// [`bitnet_quant::ops::gemv::linear_t`], which keeps the activations in f32; on a GPU it is
+    /// cuBLAS in `dtype`.
     pub fn to_weight_dtype(&self, dtype: DType) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             candle_core::bail!(
