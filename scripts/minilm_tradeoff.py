@@ -116,8 +116,8 @@ def plot(points, path):
     ax1.set_title("mean cosine (target 0.97 at <= 2.5 bits)")
     ax2.set_title("top-5 agreement (target 90 %)\ngray dash: isotropic noise at the same cosine", fontsize=10)
     short = min(p["steps"] for p in points)
-    long = max(p["steps"] for p in points)
-    longer = f", green squares {long} steps" if long > short else ""
+    budgets = sorted({p["steps"] for p in points if p["steps"] > short})
+    longer = f", green squares {' and '.join(map(str, budgets))} steps" if budgets else ""
     fig.suptitle(f"all-MiniLM-L6-v2 distilled to fewer bits: blue {short} steps{longer}, red x random layers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -90,9 +90,11 @@ def main(model_dir, corpus, targets, out):
           f"{np.median(top[:, 0]):.3f}; gap to the second nearest: median {np.median(gap):.4f}, "
           f"under 0.01 for {np.mean(gap < 0.01) * 100:.0f} %, under 0.02 for "
           f"{np.mean(gap < 0.02) * 100:.0f} %")
-    rng = np.random.default_rng(0)
     rows = []
     for target in targets:
+        # One generator per target, seeded by it: a target's draw does not depend on which other
+        # targets are in the list, so adding a point leaves the others' baselines as they were.
+        rng = np.random.default_rng(int(round(target * 1e6)))
         # Noise orthogonal in expectation: cos = 1 / sqrt(1 + sigma^2 d), so sigma for the target.
         d = teacher.shape[1]
         sigma = math.sqrt((1.0 / target ** 2 - 1.0) / d)
