@@ -102,7 +102,6 @@ fn bench(c: &mut Criterion) {
 }
 
 #[cfg(feature = "cuda")]
-#[path = "common/mod.rs"]
 mod common;
 
 #[cfg(feature = "cuda")]

@@ -18,8 +18,8 @@ pub enum Projection {
     /// reference the packed kernels are measured against. `act` quantizes the input as the
     /// packed layer does (`None` for a full-precision model).
     Dense {
-        /// `[out, in]`: f32, or the 16-bit type of [`Projection::to_weight_dtype`] (the input is
-        /// cast to it and the output back).
+        /// `[out, in]`: f32, or the 16-bit type of [`Projection::to_weight_dtype`] (multiplied
+        /// through [`bitnet_quant::ops::gemv::linear_t`], the output in the input's dtype).
         weight: Tensor,
         /// The activation quantizer.
         act: Option<Quantizer>,

@@ -325,8 +325,9 @@ impl BitNetForCausalLM {
         })
     }
 
-    /// A copy with every projection through `f`, then onto `device`; the norms' weights through
-    /// `norm`, the embedding and the untied head through `table`, the rotary tables onto `device`.
+    /// A copy with every projection through `f`, the norms' weights through `norm`, the embedding
+    /// and the untied head through `table`, the rotary tables onto `device` (where `f`, `norm`
+    /// and `table` put the rest).
     fn map_parts(
         &self,
         runtime: Runtime,
@@ -338,7 +339,6 @@ impl BitNetForCausalLM {
         let norm = |n: &RmsNorm| -> Result<RmsNorm> {
             Ok(RmsNorm::from_weight(norm(n.weight())?, n.eps()))
         };
-        let f = |p: &Projection| f(p)?.to_device(device);
         Ok(Self {
             config: self.config.clone(),
             embed_tokens: Embedding::new(
@@ -349,7 +349,7 @@ impl BitNetForCausalLM {
                 .layers
                 .iter()
                 .map(|l| {
-                    let mut m = l.map(&self.config, f)?;
+                    let mut m = l.map(&self.config, &f)?;
                     m.input_layernorm = norm(&l.input_layernorm)?;
                     m.post_attention_layernorm = norm(&l.post_attention_layernorm)?;
                     m.self_attn.attn_sub_norm = norm(&l.self_attn.attn_sub_norm)?;
@@ -364,14 +364,17 @@ impl BitNetForCausalLM {
         })
     }
 
-    /// [`Self::map_parts`] on this model's device, with the other tensors shared, detached.
+    /// [`Self::map_parts`] on this model's device (a projection `f` builds elsewhere, as packing
+    /// does on the CPU, is moved back), with the other tensors shared, detached.
     fn map_projections(
         &self,
         runtime: Runtime,
         f: impl Fn(&Projection) -> Result<Projection>,
     ) -> Result<Self> {
+        let device = self.device();
         let detach = |t: &Tensor| Ok(t.detach());
-        self.map_parts(runtime, &self.device().clone(), f, detach, detach)
+        let f = |p: &Projection| f(p)?.to_device(device);
+        self.map_parts(runtime, device, f, detach, detach)
     }
 
     /// The packed inference runtime of this model: training projections are packed with their
@@ -447,7 +450,7 @@ impl BitNetForCausalLM {
         let cast = |t: &Tensor| t.detach().to_dtype(dtype);
         self.map_parts(
             self.runtime,
-            &self.device().clone(),
+            self.device(),
             |p| p.to_weight_dtype(dtype),
             detach,
             cast,

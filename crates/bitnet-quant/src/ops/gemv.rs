@@ -52,10 +52,7 @@ pub fn linear_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         && !x.track_op()
         && !w.track_op();
     if !fast {
-        return x
-            .to_dtype(w.dtype())?
-            .broadcast_matmul(&w.t()?)?
-            .to_dtype(DType::F32);
+        return matmul_in_w_dtype(x, w);
     }
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let path = Path::detect();
@@ -67,15 +64,19 @@ pub fn linear_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Storage::Cpu(CpuStorage::BF16(v)) => gemv_rows(path, &v[span], &xs, n, k),
         _ => {
             drop(storage);
-            return x
-                .to_dtype(w.dtype())?
-                .broadcast_matmul(&w.t()?)?
-                .to_dtype(DType::F32);
+            return matmul_in_w_dtype(x, w);
         }
     };
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = n;
     Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// What [`linear_t`] falls back to: candle's matmul in `w`'s dtype, cast to f32.
+fn matmul_in_w_dtype(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.to_dtype(w.dtype())?
+        .broadcast_matmul(&w.t()?)?
+        .to_dtype(DType::F32)
 }
 
 /// The instruction set the dot products run on.
