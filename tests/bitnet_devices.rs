@@ -5,7 +5,7 @@
 
 use bitnet::io::gguf::GgufModel;
 use bitnet::io::hf::HfCheckpoint;
-use bitnet::models::bitnet::{generate, BitNetForCausalLM, Cache, Config, GenerateConfig, Runtime};
+use bitnet::models::bitnet::{BitNetForCausalLM, Cache, Config, Runtime};
 use bitnet::training::QATConfig;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -51,8 +51,8 @@ fn trained(cfg: &Config) -> BitNetForCausalLM {
     model
 }
 
-/// Prefill logits of 5 tokens, then 2 one-token steps, concatenated.
-fn logits(m: &BitNetForCausalLM) -> Vec<f32> {
+/// Prefill logits of 5 tokens, then 2 one-token steps, concatenated, on the CPU.
+fn logits(m: &BitNetForCausalLM) -> Tensor {
     let dev = m.device();
     let mut cache = Cache::new(true, m.config());
     let mut out = Vec::new();
@@ -65,16 +65,7 @@ fn logits(m: &BitNetForCausalLM) -> Vec<f32> {
             .unwrap();
     }
     out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    out
-}
-
-/// The largest difference as a share of the largest reference logit.
-fn max_rel(got: &[f32], want: &[f32]) -> f32 {
-    let max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
-        / max
+    Tensor::new(out, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -118,7 +109,7 @@ fn sixteen_bit_weights_round_the_logits_and_halve_their_bytes() {
             "{name}: bytes saved"
         );
         let got = logits(&converted);
-        let err = max_rel(&got, &want);
+        let err = bitnet_common::rel_diff(&got, &want);
         assert!(err <= tol, "{name}: logits moved by {err} of the largest");
         if tol > 0.0 {
             assert!(err > 0.0, "{name}: the conversion changed nothing");
@@ -132,14 +123,14 @@ fn a_model_moved_to_the_cpu_computes_the_same() {
     for m in [model.to_packed().unwrap(), model.to_dense().unwrap()] {
         let moved = m.to_device(&Device::Cpu).unwrap();
         assert!(moved.device().is_cpu());
-        assert_eq!(logits(&moved), logits(&m));
-        let g = GenerateConfig {
-            max_new_tokens: 6,
-            ..Default::default()
-        };
-        let a = generate(&m, &[1, 2, 3], &g, |_| Ok(true)).unwrap();
-        let b = generate(&moved, &[1, 2, 3], &g, |_| Ok(true)).unwrap();
-        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(
+            logits(&moved).to_vec1::<f32>().unwrap(),
+            logits(&m).to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            bitnet_common::greedy(&moved, &[1, 2, 3], 6),
+            bitnet_common::greedy(&m, &[1, 2, 3], 6)
+        );
     }
 }
 
@@ -247,7 +238,7 @@ fn the_files_own_sixteen_bits_lose_nothing() {
     ];
     for (name, model, dtype) in cases {
         let sixteen = model.to_weight_dtype(dtype).unwrap();
-        let err = max_rel(&logits(&sixteen), &logits(&model));
+        let err = bitnet_common::rel_diff(&logits(&sixteen), &logits(&model));
         assert!(err <= 1e-5, "{name}: logits moved by {err} of the largest");
     }
 }
@@ -277,14 +268,13 @@ fn the_model_on_cuda_computes_what_the_cpu_does() {
     for (name, cpu) in cases {
         let on_gpu = cpu.to_device(&gpu).unwrap();
         assert!(on_gpu.device().same_device(&gpu), "{name}");
-        let err = max_rel(&logits(&on_gpu), &logits(&cpu));
+        let err = bitnet_common::rel_diff(&logits(&on_gpu), &logits(&cpu));
         assert!(err <= 0.05, "{name}: logits moved by {err} of the largest");
-        let g = GenerateConfig {
-            max_new_tokens: 6,
-            ..Default::default()
-        };
-        let out = generate(&on_gpu, &[1, 2, 3], &g, |_| Ok(true)).unwrap();
-        assert_eq!(out.tokens.len(), 6, "{name}");
+        assert_eq!(
+            bitnet_common::greedy(&on_gpu, &[1, 2, 3], 6).len(),
+            6,
+            "{name}"
+        );
         let repacked = on_gpu.to_packed().unwrap();
         assert!(repacked.device().same_device(&gpu), "{name}: to_packed");
     }
